@@ -1,0 +1,59 @@
+# dreambooth_pl: `make help` lists the targets.
+SHELL := bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+SUBJECT ?= can
+MODEL ?=
+ARGS ?=
+SHARED_DATA := $(abspath ../shared/data/dreambooth)
+DATA_URL := https://github.com/google/dreambooth
+
+# MODEL=tiny (or tiny-v) layers the offline CPU config and never touches the network.
+CONFIGS = --config experiments/base.yaml --config experiments/subjects/$(SUBJECT).yaml \
+	$(if $(filter tiny tiny-v,$(MODEL)),--config experiments/tiny.yaml) \
+	$(if $(MODEL),--model.pretrained $(MODEL))
+OFFLINE = $(if $(filter tiny tiny-v,$(MODEL)),HF_HUB_OFFLINE=1)
+
+.PHONY: help install demo test test-slow lint data fit tiny-model clean
+
+help: ## list the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -c constraints.txt -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed ## create .venv and install the project (torch pinned by constraints.txt)
+
+demo: install data ## offline demo: fine-tune the tiny random model on SUBJECT (default can) on CPU, export it
+	$(MAKE) --no-print-directory fit MODEL=tiny SUBJECT=$(SUBJECT)
+
+test: install ## run the test suite (fast tests; no GPU, no network)
+	$(PY) -m pytest -q
+
+test-slow: install ## run the slow tests too (SD 1.5/2.1-size random components on CPU)
+	$(PY) -m pytest -q -m "slow or not slow"
+
+lint: install ## ruff
+	$(VENV)/bin/ruff check dreambooth_pl tests benchmarks
+
+data: ## get the DreamBooth dataset into data/dreambooth (links ../shared/data/dreambooth when present)
+	@mkdir -p data
+	@if [ -e data/dreambooth ]; then echo "data/dreambooth is present"; \
+	elif [ -d "$(SHARED_DATA)" ]; then ln -s "$(SHARED_DATA)" data/dreambooth && echo "linked data/dreambooth -> $(SHARED_DATA)"; \
+	else git clone --depth 1 $(DATA_URL) data/dreambooth && $(PY) -m dreambooth_pl dreambench-files data/dreambooth; fi
+
+fit: install ## fine-tune SUBJECT (MODEL=tiny for the offline CPU config; ARGS=... for overrides)
+	$(OFFLINE) $(PY) -m dreambooth_pl fit $(CONFIGS) $(ARGS)
+
+tiny-model: install ## write the tiny random model to cache/models/tiny
+	$(PY) -m dreambooth_pl tiny-model cache/models/tiny
+
+clean: ## remove outputs/, lightning_logs/ and wandb/ (keeps .venv, data and cache)
+	rm -rf outputs lightning_logs wandb

@@ -1,0 +1,1 @@
+"""DreamBooth fine-tuning of Stable Diffusion with PyTorch Lightning."""

@@ -1,0 +1,175 @@
+"""Command line: LightningCLI for fit/validate plus the project's own subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
+from pytorch_lightning.loggers import WandbLogger
+
+from .data import DreamBoothDataModule
+from .module import DreamBoothModule
+
+# LightningCLI (fit, validate, ...) handles these; everything else is a project subcommand below.
+LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
+def git_sha() -> str:
+    """The checkout's commit (with `-dirty` when it has changes), or `unknown` outside git."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=5).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def wandb_online() -> bool:
+    """Online only with an API key and no WANDB_MODE=offline/disabled: never wait on an unreachable server."""
+    return bool(os.environ.get("WANDB_API_KEY")) and os.environ.get("WANDB_MODE", "") not in ("offline", "disabled")
+
+
+class AutoWandbLogger(WandbLogger):
+    """WandbLogger that runs online with WANDB_API_KEY and offline otherwise (`offline=None`), saying which."""
+
+    def __init__(self, save_dir: str = ".", name: str | None = None, project: str = "dreambooth_pl",
+                 group: str | None = None, offline: bool | None = None, log_model: bool = False, **kwargs):
+        offline = not wandb_online() if offline is None else offline
+        Path(save_dir).mkdir(parents=True, exist_ok=True)
+        where = (f"offline in {save_dir}/wandb (set WANDB_API_KEY to log online; `wandb sync` uploads it later)"
+                 if offline else "online (WANDB_API_KEY is set)")
+        print(f"W&B: logging {where}", file=sys.stderr)
+        super().__init__(name=name, save_dir=save_dir, project=project, group=group, offline=offline,
+                         log_model=log_model, **kwargs)
+
+
+class LogConfigCallback(SaveConfigCallback):
+    """Writes config.yaml into the run folder and makes the parsed config the W&B run config."""
+
+    def save_config(self, trainer, pl_module, stage) -> None:
+        if trainer.logger is not None:
+            cfg = self.config.as_dict()
+            cfg.pop("config", None)  # the list of YAML paths; the merged values are what count
+            trainer.logger.log_hyperparams({"config": cfg, "git_sha": git_sha()})
+
+
+class DreamBoothCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--output_dir", type=str | None, default=None, help="run folder; default outputs/<data.subject>")
+        parser.add_argument("--export", type=bool, default=True, help="export a diffusers pipeline to <output_dir>/model after fit")
+        parser.add_argument("--probe_learning", type=bool, default=False,
+                            help="after fit, print the denoising MSE of base vs fine-tuned model on the instance photos")
+        parser.link_arguments("seed_everything", "data.seed")
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        subject = cfg.data.subject
+        out = Path(cfg.output_dir or Path("outputs") / subject)
+        cfg.output_dir = str(out)
+        cfg.trainer.default_root_dir = str(out)
+        # The run folder and run name follow the subject unless the config sets them.
+        for logger in _as_list(cfg.trainer.logger):
+            args = getattr(logger, "init_args", None)
+            if args is not None and "save_dir" in args and args.save_dir in (None, "."):
+                args.save_dir = str(out)
+            if args is not None and "name" in args and args.name is None:
+                args.name = subject
+        for cb in _as_list(cfg.trainer.callbacks):
+            args = getattr(cb, "init_args", None)
+            if cb.class_path.endswith("ModelCheckpoint") and args.dirpath is None:
+                args.dirpath = str(out / "checkpoints")
+
+    def after_fit(self) -> None:
+        try:
+            self._after_fit()
+        finally:
+            # Close the W&B run so its log is complete before anything else reads it (in-process callers).
+            for logger in self.trainer.loggers:
+                if isinstance(logger, WandbLogger) and logger._experiment is not None:
+                    logger.experiment.finish()
+
+    def _after_fit(self) -> None:
+        cfg = self.config.fit
+        if not self.trainer.is_global_zero or self.trainer.interrupted:
+            return
+        out = Path(cfg.output_dir)
+        dm = self.datamodule
+        if cfg.export:
+            meta = dict(
+                subject=dm.hparams.subject, class_noun=dm.hparams.class_noun, identifier=dm.hparams.identifier,
+                instance_prompt=dm.instance_prompt, class_prompt=dm.class_prompt, steps=self.trainer.global_step,
+                seed=cfg.seed_everything, git_sha=git_sha(),
+            )
+            path = self.model.export(out / "model", metadata=meta)
+            print(f"Exported the fine-tuned pipeline to {path} (StableDiffusionPipeline.from_pretrained loads it)")
+        if cfg.probe_learning:
+            from .module import learning_probe
+
+            base, tuned = learning_probe(self.model, dm)
+            print(f"Denoising MSE on the instance photos (fixed noise): base {base:.4f} -> fine-tuned {tuned:.4f} "
+                  f"({100 * (tuned - base) / base:+.1f}%)")
+            for logger in self.trainer.loggers:
+                logger.log_metrics({"probe/denoising_mse_base": base, "probe/denoising_mse_tuned": tuned},
+                                   step=self.trainer.global_step)
+
+
+def _lightning_cli(args: list[str] | None = None, run: bool = True) -> DreamBoothCLI:
+    return DreamBoothCLI(
+        DreamBoothModule,
+        DreamBoothDataModule,
+        save_config_callback=LogConfigCallback,
+        auto_configure_optimizers=False,  # the optimizer is model config (model.learning_rate, ...)
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        run=run,
+        parser_kwargs={"default_env": False, "allow_abbrev": False},
+    )
+
+
+class _ParseOnlyCLI(DreamBoothCLI):
+    def instantiate_classes(self) -> None:
+        pass
+
+
+def parse_config(args: list[str]):
+    """Parse and validate a config (YAML files + overrides) without building the model or trainer."""
+    return _ParseOnlyCLI(
+        DreamBoothModule, DreamBoothDataModule, save_config_callback=None, auto_configure_optimizers=False, args=args, run=False,
+        parser_kwargs={"default_env": False, "allow_abbrev": False},
+    ).config
+
+
+def _as_list(x) -> list:
+    return x if isinstance(x, list) else [] if x in (None, True, False) else [x]
+
+
+def _tiny_model(argv: list[str]) -> None:
+    from . import components
+
+    p = argparse.ArgumentParser(prog="python -m dreambooth_pl tiny-model", description="Write a tiny random Stable Diffusion (diffusers layout).")
+    p.add_argument("dir", help="output folder")
+    p.add_argument("--arch", default=components.TINY, choices=components.TINY_MODELS)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    path = components.build_random(a.arch, a.dir, seed=a.seed)
+    print(f"Wrote the tiny random model ({a.arch}, seed {a.seed}) to {path}; random weights: for tests and demos only.")
+
+
+COMMANDS = {"tiny-model": _tiny_model}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # The VAE and text encoder are frozen in eval mode on purpose.
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode")
+    if argv and argv[0] in COMMANDS:
+        COMMANDS[argv[0]](argv[1:])
+        return
+    if argv and not argv[0].startswith("-") and argv[0] not in LIGHTNING_SUBCOMMANDS:
+        sys.exit(f"unknown command {argv[0]!r}: choose one of {', '.join(LIGHTNING_SUBCOMMANDS + tuple(COMMANDS))}")
+    _lightning_cli(argv)

@@ -1,0 +1,338 @@
+"""Subject/class image folders, DreamBooth dataset, batch collation and the Lightning DataModule."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+SUBJECT_TYPES = ("object", "live")
+
+
+class DataError(ValueError):
+    """Bad training data or data config; the message names the path and the fix."""
+
+
+def instance_prompt(identifier: str, class_noun: str) -> str:
+    """Prompt for the subject's own photos, e.g. 'a sks dog'."""
+    return f"a {identifier} {class_noun}"
+
+
+def class_prompt(class_noun: str) -> str:
+    """Prompt for prior-preservation class images, e.g. 'a dog'."""
+    return f"a {class_noun}"
+
+
+def benchmark_prompts(template_file: str | Path, identifier: str, class_noun: str) -> list[str]:
+    """DreamBench prompts from a template file ('{0}' = identifier, '{1}' = class noun)."""
+    path = Path(template_file)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise DataError(f"cannot read prompt template file {path}: {e}; check the path") from e
+    prompts = []
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            text = line.format(identifier, class_noun)
+        except (IndexError, KeyError, ValueError) as e:
+            raise DataError(
+                f"bad template on line {lineno} of {path}: {line!r} ({e}); use only {{0}} and {{1}}"
+            ) from e
+        # Collapse runs of spaces so an empty identifier gives 'a dog in the snow', not 'a  dog ...'.
+        prompts.append(re.sub(r"\s+", " ", text).strip())
+    if not prompts:
+        raise DataError(f"prompt template file {path} holds no templates: add one per line")
+    return prompts
+
+
+def load_image(path: Path, min_size: int = 0) -> Image.Image:
+    """Open an image upright (EXIF applied) as fully-loaded RGB; raise DataError if unusable."""
+    path = Path(path)
+    try:
+        with Image.open(path) as f:
+            # exif_transpose returns a new image (a copy when no rotation), decoupled from the file.
+            img = ImageOps.exif_transpose(f)
+            img.load()  # decode now so truncated files fail here, not inside a worker
+        img = _to_rgb(img)
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
+        raise DataError(f"cannot read image {path}: {e}; remove or replace it") from e
+    if min(img.size) < min_size:
+        w, h = img.size
+        raise DataError(
+            f"image {path} is {w}x{h} px, smaller than the {min_size} px minimum "
+            f"(data.min_image_size): use a larger photo"
+        )
+    return img
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any mode to RGB, compositing transparency onto white."""
+    has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        img.mode in ("P", "L", "RGB") and "transparency" in img.info
+    )
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def list_images(folder: str | Path, min_size: int = 0, what: str = "instance") -> list[Path]:
+    """Sorted, validated image files directly inside `folder` (hidden files ignored)."""
+    folder = Path(folder)
+    # `what` is 'instance' or 'class' and maps to the config key data.<what>_dir.
+    key = f"data.{what}_dir"
+    fill = "put your photos there" if what == "instance" else "put images there"
+    if not folder.exists():
+        raise DataError(f"{what} folder {folder} does not exist: {fill} or set {key}")
+    if not folder.is_dir():
+        raise DataError(f"{what} folder {folder} is not a folder: set {key} to a folder of photos")
+    paths = sorted(
+        p
+        for p in folder.iterdir()
+        if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file()
+    )
+    if not paths:
+        exts = ", ".join(sorted(IMAGE_EXTENSIONS))
+        raise DataError(
+            f"{what} folder {folder} holds no images (accepted extensions: {exts}): "
+            f"add photos there or set {key}"
+        )
+    for p in paths:
+        load_image(p, min_size=min_size).close()
+    return paths
+
+
+class DreamBoothDataset(Dataset):
+    """Instance photos (repeated) paired with prior-preservation class images, loaded lazily."""
+
+    def __init__(
+        self,
+        instance_images: list[Path],
+        instance_prompt: str,
+        class_images: list[Path] | None = None,
+        class_prompt: str | None = None,
+        resolution: int = 512,
+        center_crop: bool = False,
+        random_flip: bool = True,
+        repeats: int = 1,
+        min_image_size: int = 0,
+    ) -> None:
+        if not instance_images:
+            raise DataError("DreamBoothDataset got no instance images: check data.instance_dir")
+        if class_images is not None and not class_images:
+            raise DataError("DreamBoothDataset got an empty class image list: check data.class_dir")
+        if class_images is not None and class_prompt is None:
+            raise DataError("DreamBoothDataset got class images but no class_prompt: pass class_prompt")
+        if resolution < 1:
+            raise DataError(f"resolution must be positive, got {resolution}: set data.resolution")
+        if repeats < 1:
+            raise DataError(f"repeats must be >= 1, got {repeats}: set data.repeats")
+        self.instance_images = [Path(p) for p in instance_images]
+        self.instance_prompt = instance_prompt
+        self.class_images = [Path(p) for p in class_images] if class_images is not None else None
+        self.class_prompt = class_prompt
+        self.resolution = resolution
+        self.center_crop = center_crop
+        self.random_flip = random_flip
+        self.repeats = repeats
+        self.min_image_size = min_image_size
+
+    def __len__(self) -> int:
+        n = len(self.instance_images) * self.repeats
+        if self.class_images is not None:
+            # An epoch covers every class image at least once; instances cycle to fill it.
+            n = max(n, len(self.class_images))
+        return n
+
+    def transform(self, img: Image.Image) -> tuple[torch.Tensor, bool]:
+        """Resize shorter side, crop to square, maybe flip; returns ((3, R, R) in [-1, 1], flipped)."""
+        r = self.resolution
+        x = TF.pil_to_tensor(img)  # (3, H, W) uint8
+        x = TF.resize(x, r, interpolation=InterpolationMode.BILINEAR, antialias=True)  # shorter side = R
+        h, w = x.shape[-2:]
+        if self.center_crop:
+            top, left = (h - r) // 2, (w - r) // 2
+        else:
+            # torch RNG (not python random) so seed_everything / DataLoader worker seeding reproduce it.
+            top = int(torch.randint(0, h - r + 1, (1,)).item())
+            left = int(torch.randint(0, w - r + 1, (1,)).item())
+        x = x[:, top : top + r, left : left + r]
+        flipped = bool(self.random_flip and torch.rand(()).item() < 0.5)
+        if flipped:
+            x = x.flip(-1)
+        x = x.to(torch.float32).div_(127.5).sub_(1.0)  # (3, R, R) in [-1, 1]
+        return x.contiguous(), flipped
+
+    def _load(self, path: Path) -> tuple[torch.Tensor, bool]:
+        with load_image(path, min_size=self.min_image_size) as img:
+            return self.transform(img)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        if not 0 <= i < len(self):
+            raise IndexError(f"index {i} out of range for dataset of length {len(self)}")
+        idx = i % len(self.instance_images)
+        pixels, flipped = self._load(self.instance_images[idx])
+        example: dict[str, Any] = {
+            "instance_pixel_values": pixels,
+            "instance_prompt": self.instance_prompt,
+            "instance_index": idx,
+            "instance_flipped": flipped,
+        }
+        if self.class_images is not None:
+            cidx = i % len(self.class_images)
+            pixels, flipped = self._load(self.class_images[cidx])
+            example.update(
+                class_pixel_values=pixels,
+                class_prompt=self.class_prompt,
+                class_index=cidx,
+                class_flipped=flipped,
+            )
+        return example
+
+
+def collate(examples: list[dict]) -> dict[str, Any]:
+    """Batch examples: instance rows [0, B) then class rows [B, 2B) when class images are present."""
+    pixels = [e["instance_pixel_values"] for e in examples]
+    prompts = [e["instance_prompt"] for e in examples]
+    index = [e["instance_index"] for e in examples]
+    flipped = [e["instance_flipped"] for e in examples]
+    if examples and "class_pixel_values" in examples[0]:
+        pixels += [e["class_pixel_values"] for e in examples]
+        prompts += [e["class_prompt"] for e in examples]
+        index += [e["class_index"] for e in examples]
+        flipped += [e["class_flipped"] for e in examples]
+    # (2B, 3, R, R) with class images, else (B, 3, R, R); plain layout so the VAE sees NCHW.
+    pixel_values = torch.stack(pixels).contiguous(memory_format=torch.contiguous_format)
+    return {
+        "pixel_values": pixel_values,
+        "prompts": prompts,
+        "image_index": torch.tensor(index, dtype=torch.long),  # index into its own (instance or class) list
+        "flipped": torch.tensor(flipped, dtype=torch.bool),
+        "num_instance": len(examples),
+    }
+
+
+class DreamBoothDataModule(pl.LightningDataModule):
+    """Subject photos + optional class images for one DreamBooth run (the `data:` config section)."""
+
+    def __init__(
+        self,
+        subject: str = "subject",
+        class_noun: str = "object",
+        subject_type: str = "object",
+        instance_dir: str = "data/subjects/subject",
+        identifier: str = "sks",
+        class_dir: str | None = None,
+        with_prior_preservation: bool = True,
+        resolution: int = 512,
+        center_crop: bool = False,
+        random_flip: bool = True,
+        repeats: int = 1,
+        batch_size: int = 1,
+        num_workers: int = 0,
+        min_image_size: int = 64,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if subject_type not in SUBJECT_TYPES:
+            raise DataError(
+                f"data.subject_type is {subject_type!r} for subject {subject!r}: set it to 'object' or 'live'"
+            )
+        for name, value, low in (
+            ("resolution", resolution, 1),
+            ("repeats", repeats, 1),
+            ("batch_size", batch_size, 1),
+        ):
+            if value < low:
+                raise DataError(f"data.{name} must be >= {low}, got {value}: fix it in the config")
+        self.save_hyperparameters()
+        self.subject = subject
+        self.class_noun = class_noun
+        self.subject_type = subject_type
+        self.instance_dir = instance_dir
+        self.identifier = identifier
+        self.class_dir = class_dir
+        self.with_prior_preservation = with_prior_preservation
+        self.resolution = resolution
+        self.center_crop = center_crop
+        self.random_flip = random_flip
+        self.repeats = repeats
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.min_image_size = min_image_size
+        self.seed = seed
+        self.instance_images: list[Path] = []
+        self.class_images: list[Path] = []
+        self.dataset: DreamBoothDataset | None = None
+
+    @property
+    def instance_prompt(self) -> str:
+        """Prompt paired with the subject's photos."""
+        return instance_prompt(self.identifier, self.class_noun)
+
+    @property
+    def class_prompt(self) -> str:
+        """Prompt paired with the class images."""
+        return class_prompt(self.class_noun)
+
+    @property
+    def num_instance_images(self) -> int:
+        """Number of distinct instance photos found by setup()."""
+        return len(self.instance_images)
+
+    @property
+    def num_class_images(self) -> int:
+        """Number of class images found by setup() (0 without prior preservation)."""
+        return len(self.class_images)
+
+    def setup(self, stage: str | None = None) -> None:
+        """List and validate the image folders, then build `self.dataset`."""
+        self.instance_images = list_images(self.instance_dir, min_size=self.min_image_size, what="instance")
+        self.class_images = []
+        if self.with_prior_preservation:
+            if self.class_dir is None:
+                raise DataError(
+                    f"data.with_prior_preservation is on but data.class_dir is not set for subject "
+                    f"{self.subject!r}: set data.class_dir to a folder of '{self.class_prompt}' images "
+                    f"(or set data.with_prior_preservation: false)"
+                )
+            self.class_images = list_images(self.class_dir, min_size=self.min_image_size, what="class")
+        self.dataset = DreamBoothDataset(
+            instance_images=self.instance_images,
+            instance_prompt=self.instance_prompt,
+            class_images=self.class_images if self.with_prior_preservation else None,
+            class_prompt=self.class_prompt if self.with_prior_preservation else None,
+            resolution=self.resolution,
+            center_crop=self.center_crop,
+            random_flip=self.random_flip,
+            repeats=self.repeats,
+            min_image_size=self.min_image_size,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled loader; order (and worker RNG seeds) come from a generator seeded with `seed`."""
+        if self.dataset is None:
+            self.setup("fit")
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(
+            self.dataset,
+            batch_size=self.batch_size,
+            shuffle=True,
+            generator=generator,
+            drop_last=False,
+            collate_fn=collate,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=False,
+        )

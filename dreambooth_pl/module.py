@@ -1,0 +1,244 @@
+"""DreamBoothModule: frozen VAE + text encoder, trainable UNet, the two-term DreamBooth loss."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from contextlib import nullcontext
+from functools import partial
+from pathlib import Path
+from typing import Literal
+
+import pytorch_lightning as pl
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+
+from . import components
+from .losses import diffusion_target, lr_lambda, prior_preservation_loss, q_sample
+
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite."""
+
+
+class DreamBoothModule(pl.LightningModule):
+    """Fine-tunes a Stable Diffusion UNet (and optionally its text encoder) on one subject."""
+
+    def __init__(
+        self,
+        pretrained: str = DEFAULT_MODEL,
+        revision: str | None = None,
+        variant: str | None = None,
+        single_file_config: str | None = None,
+        learning_rate: float = 5e-6,
+        text_encoder_learning_rate: float | None = None,
+        lr_schedule: Literal["constant", "cosine"] = "constant",
+        lr_warmup_steps: int = 0,
+        adam_beta1: float = 0.9,
+        adam_beta2: float = 0.999,
+        adam_weight_decay: float = 1e-2,
+        adam_epsilon: float = 1e-8,
+        prior_loss_weight: float = 1.0,
+        train_text_encoder: bool = False,
+        gradient_checkpointing: bool = False,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        parts = components.load_components(pretrained, revision=revision, variant=variant, single_file_config=single_file_config)
+        self.tokenizer = parts.tokenizer
+        self.text_encoder = parts.text_encoder
+        self.vae = parts.vae
+        self.unet = parts.unet
+        self.noise_scheduler = parts.noise_scheduler
+        self.scheduler_config = parts.scheduler_config
+        # Frozen parts never change: no grads, eval mode (kept so by `train()` below).
+        self.vae.requires_grad_(False).eval()
+        self.text_encoder.requires_grad_(train_text_encoder)
+        if not train_text_encoder:
+            self.text_encoder.eval()
+        # from_pretrained returns eval-mode modules and Lightning keeps modes as it finds them.
+        self.unet.requires_grad_(True).train()
+        if train_text_encoder:
+            self.text_encoder.train()
+        if gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+            if train_text_encoder:
+                self.text_encoder.gradient_checkpointing_enable()
+        # (T,) cumulative alphas of the training noise schedule; not saved (it comes from the config).
+        self.register_buffer("alphas_cumprod", self.noise_scheduler.alphas_cumprod.clone().float(), persistent=False)
+        # Checkpoints hold only the trainable weights, so loading one leaves the frozen ones as loaded.
+        self.strict_loading = False
+
+    # ----------------------------------------------------------------------------------------- parts
+
+    def parts(self) -> components.SDComponents:
+        """The current (fine-tuned) components, sharing this module's weights."""
+        return components.SDComponents(
+            tokenizer=self.tokenizer,
+            text_encoder=self.text_encoder,
+            vae=self.vae,
+            unet=self.unet,
+            noise_scheduler=self.noise_scheduler,
+            scheduler_config=self.scheduler_config,
+            source=self.hparams.pretrained,
+        )
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.vae.eval()
+        if not self.hparams.train_text_encoder:
+            self.text_encoder.eval()
+        return self
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    # ----------------------------------------------------------------------------------------- math
+
+    @torch.no_grad()
+    def encode_images(self, pixel_values: torch.Tensor, generator: torch.Generator | None = None, sample: bool = True) -> torch.Tensor:
+        """(N, 3, H, W) in [-1, 1] -> (N, 4, H/8, W/8) scaled latents."""
+        dist = self.vae.encode(pixel_values.to(self.vae.dtype)).latent_dist
+        latents = dist.sample(generator) if sample else dist.mode()
+        return latents * self.vae.config.scaling_factor
+
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """N prompts -> (N, 77, D) text-encoder hidden states (with grad only when it trains)."""
+        ids = self.tokenizer(
+            prompts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids.to(self.device)
+        ctx = nullcontext() if self.hparams.train_text_encoder and self.training else torch.no_grad()
+        with ctx:
+            return self.text_encoder(ids)[0]
+
+    def diffusion_step(
+        self,
+        pixel_values: torch.Tensor,
+        prompts: list[str],
+        generator: torch.Generator | None = None,
+        timesteps: torch.Tensor | None = None,
+        sample_latents: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Noise the images' latents at random timesteps; return (UNet prediction, target), each (N, 4, h, w)."""
+        latents = self.encode_images(pixel_values, generator, sample=sample_latents)
+        cond = self.encode_prompts(prompts)
+        noise = randn_tensor(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+        n = latents.shape[0]
+        if timesteps is None:
+            t_max = self.noise_scheduler.config.num_train_timesteps
+            timesteps = torch.randint(0, t_max, (n,), generator=generator, device=generator.device if generator else None)
+        timesteps = timesteps.to(latents.device).long()
+        noisy = q_sample(latents, noise, timesteps, self.alphas_cumprod)
+        pred = self.unet(noisy, timesteps, encoder_hidden_states=cond).sample
+        target = diffusion_target(self.noise_scheduler.config.prediction_type, latents, noise, timesteps, self.alphas_cumprod)
+        return pred, target
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        pred, target = self.diffusion_step(batch["pixel_values"], batch["prompts"])
+        n = batch["num_instance"]
+        loss, parts = prior_preservation_loss(pred, target, n, self.hparams.prior_loss_weight)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"train/loss is {loss.item()} at step {self.global_step}: the weights diverged; likely causes are a "
+                f"learning rate too high (model.learning_rate={self.hparams.learning_rate}) or fp16 overflow "
+                f"(try trainer.precision=bf16-mixed or 32)."
+            )
+        self.log_dict(
+            {"train/loss": loss, "train/loss_instance": parts["instance"], "train/loss_prior": parts["prior"]},
+            prog_bar=True, batch_size=n,
+        )
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=n)
+        return loss
+
+    @torch.no_grad()
+    def denoising_mse(self, pixel_values: torch.Tensor, prompts: list[str], seed: int = 0, repeats: int = 4) -> float:
+        """Mean diffusion loss with fixed noise and timesteps: a deterministic 'has it learnt' probe."""
+        was_training = self.training
+        self.eval()
+        g = torch.Generator("cpu").manual_seed(seed)
+        total = 0.0
+        for _ in range(repeats):
+            pred, target = self.diffusion_step(pixel_values.to(self.device), prompts, generator=g, sample_latents=False)
+            total += torch.nn.functional.mse_loss(pred.float(), target.float()).item()
+        self.train(was_training)
+        return total / repeats
+
+    # ----------------------------------------------------------------------------------------- optim
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        groups = [{"params": [p for p in self.unet.parameters() if p.requires_grad], "lr": hp.learning_rate}]
+        if hp.train_text_encoder:
+            te_lr = hp.text_encoder_learning_rate or hp.learning_rate
+            groups.append({"params": [p for p in self.text_encoder.parameters() if p.requires_grad], "lr": te_lr})
+        opt = torch.optim.AdamW(
+            groups, betas=(hp.adam_beta1, hp.adam_beta2), weight_decay=hp.adam_weight_decay, eps=hp.adam_epsilon
+        )
+        total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 1
+        fn = partial(lr_lambda, warmup_steps=hp.lr_warmup_steps, total_steps=total, schedule=hp.lr_schedule)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, fn)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ----------------------------------------------------------------------------------------- checkpoints
+
+    def trainable_state_names(self) -> set[str]:
+        return {n for n, p in self.named_parameters() if p.requires_grad}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Drop the frozen gigabytes: they come back from `pretrained` when the module is rebuilt.
+        keep = self.trainable_state_names()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        missing = sorted(self.trainable_state_names() - set(checkpoint["state_dict"]))
+        if missing:
+            raise KeyError(
+                f"checkpoint lacks {len(missing)} trainable weights (first: {missing[0]}): it was saved by a "
+                f"run with other trainable parts (train_text_encoder, LoRA) than this one."
+            )
+
+    # ----------------------------------------------------------------------------------------- export
+
+    def export(self, folder: str | Path, sampler: str = "default", metadata: dict | None = None) -> Path:
+        """Write a complete diffusers `StableDiffusionPipeline` (safetensors) with the fine-tuned weights."""
+        folder = Path(folder)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        pipe = components.pipeline(self.parts(), sampler=sampler)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        tmp.chmod(0o755)  # mkdtemp makes 0700; the result is a normal shared folder
+        try:
+            pipe.save_pretrained(tmp, safe_serialization=True)
+            info = {"base_model": self.hparams.pretrained, "revision": self.hparams.revision, **(metadata or {})}
+            (tmp / "dreambooth_pl.json").write_text(json.dumps(info, indent=2, default=str))
+            # Swap in atomically; an earlier export is replaced only once the new one is complete.
+            if folder.exists():
+                old = folder.with_name(f".{folder.name}.old")
+                shutil.rmtree(old, ignore_errors=True)
+                folder.rename(old)
+                tmp.rename(folder)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                tmp.rename(folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return folder
+
+
+def learning_probe(model: DreamBoothModule, datamodule, max_images: int = 8, seed: int = 0) -> tuple[float, float]:
+    """Denoising MSE on the instance photos under the instance prompt: (base model, `model`)."""
+    from .data import DreamBoothDataset
+
+    paths = datamodule.instance_images[:max_images]
+    ds = DreamBoothDataset(paths, datamodule.instance_prompt, resolution=datamodule.hparams.resolution,
+                           center_crop=True, random_flip=False)
+    # (N, 3, R, R) in [-1, 1], center-cropped and unflipped: the probe must not depend on augmentation.
+    pixels = torch.stack([ds[i]["instance_pixel_values"] for i in range(len(paths))])
+    prompts = [datamodule.instance_prompt] * len(paths)
+    tuned = model.denoising_mse(pixels, prompts, seed=seed)
+    hp = model.hparams
+    base = DreamBoothModule(pretrained=hp.pretrained, revision=hp.revision, variant=hp.variant,
+                            single_file_config=hp.single_file_config).to(model.device)
+    return base.denoising_mse(pixels, prompts, seed=seed), tuned

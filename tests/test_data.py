@@ -1,0 +1,439 @@
+"""Tests for dreambooth_pl.data: folders, image loading, dataset transforms, collation, DataModule."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dreambooth_pl.data import (
+    IMAGE_EXTENSIONS,
+    DataError,
+    DreamBoothDataModule,
+    DreamBoothDataset,
+    benchmark_prompts,
+    class_prompt,
+    collate,
+    instance_prompt,
+    list_images,
+    load_image,
+)
+
+DREAMBENCH = Path(__file__).resolve().parents[2] / "shared/data/dreambooth"
+RED = (255, 0, 0)
+BLUE = (0, 0, 255)
+
+
+def _photo(
+    path: Path, size: tuple[int, int] = (80, 96), color: tuple[int, int, int] | None = None, seed: int = 0
+) -> Path:
+    """Write a random-noise (or solid `color`) RGB image of `size` = (W, H); format from the suffix."""
+    w, h = size
+    if color is None:
+        arr = np.random.default_rng(seed).integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+    else:
+        arr = np.broadcast_to(np.array(color, dtype=np.uint8), (h, w, 3)).copy()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path, **({"quality": 95} if path.suffix.lower() in {".jpg", ".jpeg"} else {}))
+    return path
+
+
+def _folder(
+    root: Path, n: int, color: tuple[int, int, int] | None = None, seed: int = 0, size=(80, 96)
+) -> list[Path]:
+    """n photos 00.jpg.. in `root`."""
+    return [_photo(root / f"{i:02d}.jpg", size=size, color=color, seed=seed + i) for i in range(n)]
+
+
+def _asymmetric(path: Path, size: tuple[int, int] = (64, 64)) -> Path:
+    """Lossless image whose left half is a gradient and right half dark, so flips are visible."""
+    w, h = size
+    arr = np.zeros((h, w, 3), dtype=np.uint8)
+    arr[:, : w // 2, 0] = np.linspace(50, 250, w // 2, dtype=np.uint8)
+    arr[: h // 2, :, 1] = 200
+    Image.fromarray(arr).save(path)
+    return path
+
+
+# ---------------------------------------------------------------- prompts
+
+
+def test_prompt_builders():
+    assert instance_prompt("sks", "dog") == "a sks dog"
+    assert class_prompt("dog") == "a dog"
+
+
+def test_benchmark_prompts_formats_and_collapses_spaces(tmp_path):
+    tpl = tmp_path / "prompts.txt"
+    tpl.write_text("a {0} {1} in the jungle\n\n  \na red {0} {1}\n{0} {1} on the beach\n")
+    assert benchmark_prompts(tpl, "sks", "backpack") == [
+        "a sks backpack in the jungle",
+        "a red sks backpack",
+        "sks backpack on the beach",
+    ]
+    plain = benchmark_prompts(tpl, "", "backpack")
+    assert plain == ["a backpack in the jungle", "a red backpack", "backpack on the beach"]
+    assert all("  " not in p and p == p.strip() for p in plain)
+
+
+def test_benchmark_prompts_missing_file_names_path(tmp_path):
+    with pytest.raises(DataError, match="nope.txt"):
+        benchmark_prompts(tmp_path / "nope.txt", "sks", "dog")
+
+
+# ---------------------------------------------------------------- load_image
+
+
+def test_exif_orientation_applied(tmp_path):
+    path = tmp_path / "rot.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 CW to display
+    Image.new("RGB", (80, 40), (10, 200, 30)).save(path, exif=exif.tobytes())
+    with Image.open(path) as raw:
+        assert raw.size == (80, 40)  # stored landscape
+    img = load_image(path)
+    assert img.size == (40, 80)
+    assert img.mode == "RGB"
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "LA", "P", "CMYK"])
+def test_modes_converted_to_rgb(tmp_path, mode):
+    rgb = Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 48, 3), dtype=np.uint8))
+    img = rgb.convert(mode)
+    path = tmp_path / ("x.jpg" if mode == "CMYK" else "x.png")
+    img.save(path)
+    out = load_image(path)
+    assert out.mode == "RGB"
+    assert out.size == (48, 40)
+
+
+def test_transparent_pixels_become_white(tmp_path):
+    arr = np.zeros((8, 8, 4), dtype=np.uint8)  # fully transparent black
+    Image.fromarray(arr, "RGBA").save(tmp_path / "t.png")
+    out = np.asarray(load_image(tmp_path / "t.png"))
+    assert (out == 255).all()
+
+
+def test_non_image_jpg_raises_with_path(tmp_path):
+    bad = tmp_path / "notes.jpg"
+    bad.write_text("this is not a jpeg")
+    with pytest.raises(DataError, match="cannot read image") as e:
+        load_image(bad)
+    assert str(bad) in str(e.value)
+    assert "remove or replace" in str(e.value)
+
+
+def test_truncated_jpeg_raises_with_path(tmp_path):
+    good = _photo(tmp_path / "good.jpg")
+    data = good.read_bytes()
+    bad = tmp_path / "cut.jpg"
+    bad.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError) as e:
+        load_image(bad)
+    assert str(bad) in str(e.value)
+    # ...and a folder holding it fails listing, naming the file.
+    with pytest.raises(DataError, match="cut.jpg"):
+        list_images(tmp_path)
+
+
+def test_small_image_raises_with_size(tmp_path):
+    small = _photo(tmp_path / "small.jpg", size=(32, 40))
+    load_image(small, min_size=32)  # exactly the minimum is fine
+    with pytest.raises(DataError) as e:
+        load_image(small, min_size=64)
+    msg = str(e.value)
+    assert str(small) in msg and "32x40" in msg and "64 px" in msg and "data.min_image_size" in msg
+    with pytest.raises(DataError, match="32x40"):
+        list_images(tmp_path, min_size=64)
+
+
+# ---------------------------------------------------------------- list_images
+
+
+def test_list_images_sorted_filtered(tmp_path):
+    _photo(tmp_path / "b.JPG", seed=1)
+    _photo(tmp_path / "a.png", seed=2)
+    _photo(tmp_path / "c.webp", seed=3)
+    _photo(tmp_path / ".hidden.jpg", seed=4)
+    (tmp_path / "readme.txt").write_text("hi")
+    (tmp_path / "sub.jpg").mkdir()  # a folder named like an image is skipped
+    assert [p.name for p in list_images(tmp_path)] == ["a.png", "b.JPG", "c.webp"]
+
+
+def test_list_images_missing_folder(tmp_path):
+    missing = tmp_path / "data" / "x"
+    with pytest.raises(DataError) as e:
+        list_images(missing)
+    msg = str(e.value)
+    assert str(missing) in msg and "does not exist" in msg and "data.instance_dir" in msg
+    with pytest.raises(DataError, match="data.class_dir"):
+        list_images(missing, what="class")
+
+
+def test_list_images_path_is_file(tmp_path):
+    f = _photo(tmp_path / "one.jpg")
+    with pytest.raises(DataError, match="not a folder") as e:
+        list_images(f)
+    assert str(f) in str(e.value)
+
+
+def test_list_images_empty_folder(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match="no images") as e:
+        list_images(empty)
+    assert str(empty) in str(e.value)
+    assert all(ext in str(e.value) for ext in IMAGE_EXTENSIONS)
+
+
+def test_list_images_only_non_images(tmp_path):
+    d = tmp_path / "docs"
+    d.mkdir()
+    (d / "notes.txt").write_text("x")
+    (d / "photo.gif").write_bytes(b"GIF89a")
+    _photo(d / ".DS_Store.jpg")
+    with pytest.raises(DataError, match="no images") as e:
+        list_images(d)
+    assert str(d) in str(e.value)
+
+
+# ---------------------------------------------------------------- dataset
+
+
+@pytest.mark.parametrize(
+    ("n_instance", "repeats", "n_class", "expected"),
+    [(3, 2, 10, 10), (3, 2, 4, 6), (3, 2, None, 6), (2, 1, 2, 2)],
+)
+def test_dataset_length(tmp_path, n_instance, repeats, n_class, expected):
+    inst = _folder(tmp_path / "inst", n_instance)
+    cls = _folder(tmp_path / "cls", n_class, seed=100) if n_class else None
+    ds = DreamBoothDataset(inst, "a sks dog", cls, "a dog" if cls else None, resolution=32, repeats=repeats)
+    assert len(ds) == expected
+    ex = ds[len(ds) - 1]
+    assert ex["instance_index"] == (len(ds) - 1) % n_instance
+    if n_class:
+        assert ex["class_index"] == (len(ds) - 1) % n_class
+    with pytest.raises(IndexError):
+        ds[len(ds)]
+
+
+def test_collate_instance_rows_then_class_rows(tmp_path):
+    inst = _folder(tmp_path / "inst", 2, color=RED)
+    cls = _folder(tmp_path / "cls", 5, color=BLUE)
+    ds = DreamBoothDataset(inst, "a sks dog", cls, "a dog", resolution=32)
+    b = 3
+    batch = collate([ds[i] for i in range(b)])
+    px = batch["pixel_values"]
+    assert px.shape == (2 * b, 3, 32, 32)
+    assert batch["num_instance"] == b
+    red = px[:b].mean(dim=(2, 3))  # (B, 3) per-channel means
+    blue = px[b:].mean(dim=(2, 3))
+    assert (red[:, 0] > 0.9).all() and (red[:, 2] < -0.9).all()
+    assert (blue[:, 2] > 0.9).all() and (blue[:, 0] < -0.9).all()
+    assert batch["prompts"] == ["a sks dog"] * b + ["a dog"] * b
+    assert batch["image_index"].dtype == torch.long
+    assert batch["image_index"].tolist() == [0, 1, 0, 0, 1, 2]
+    assert batch["flipped"].dtype == torch.bool and batch["flipped"].shape == (2 * b,)
+
+
+def test_collate_without_class_images(tmp_path):
+    inst = _folder(tmp_path / "inst", 3)
+    ds = DreamBoothDataset(inst, "a sks dog", resolution=32)
+    ex = ds[0]
+    assert not any(k.startswith("class_") for k in ex)
+    batch = collate([ds[0], ds[1]])
+    assert batch["pixel_values"].shape == (2, 3, 32, 32)
+    assert batch["prompts"] == ["a sks dog"] * 2
+    assert batch["num_instance"] == 2
+    assert batch["image_index"].tolist() == [0, 1]
+
+
+def test_output_shape_dtype_range(tmp_path):
+    # Lossless black and white instance photos pin the ends of the [-1, 1] mapping.
+    inst = [
+        _photo(tmp_path / "black.png", color=(0, 0, 0)),
+        _photo(tmp_path / "white.png", color=(255, 255, 255)),
+    ]
+    cls = _folder(tmp_path / "cls", 2, seed=50)
+    ds = DreamBoothDataset(inst, "p", cls, "q", resolution=48)
+    batch = collate([ds[0], ds[1]])
+    px = batch["pixel_values"]
+    assert px.shape == (4, 3, 48, 48)
+    assert px.dtype == torch.float32
+    assert px.is_contiguous()
+    assert px.min() >= -1.0 and px.max() <= 1.0
+    assert (px[0] == -1.0).all() and (px[1] == 1.0).all()
+
+
+def test_center_crop_deterministic_random_crop_varies(tmp_path):
+    inst = _folder(tmp_path / "inst", 1)  # 80x96 -> resized 32x38, so crops can differ
+    center = DreamBoothDataset(inst, "p", resolution=32, center_crop=True, random_flip=False)
+    torch.manual_seed(0)
+    a = center[0]["instance_pixel_values"]
+    torch.manual_seed(1)
+    b = center[0]["instance_pixel_values"]
+    assert torch.equal(a, b)
+    rand = DreamBoothDataset(inst, "p", resolution=32, center_crop=False, random_flip=False)
+    torch.manual_seed(0)
+    crops = [rand[0]["instance_pixel_values"] for _ in range(10)]
+    assert any(not torch.equal(crops[0], c) for c in crops[1:])
+    torch.manual_seed(0)
+    assert all(torch.equal(c, rand[0]["instance_pixel_values"]) for c in crops)  # torch RNG drives it
+
+
+def test_random_flip_flag_matches_pixels(tmp_path):
+    path = _asymmetric(tmp_path / "asym.png")
+    ref = DreamBoothDataset([path], "p", resolution=32, center_crop=True, random_flip=False)[0]
+    ref_px = ref["instance_pixel_values"]
+    assert not ref["instance_flipped"]
+    assert not torch.equal(ref_px, ref_px.flip(-1))  # the image really is asymmetric
+    ds = DreamBoothDataset([path], "p", [path], "q", resolution=32, center_crop=True, random_flip=True)
+    torch.manual_seed(0)
+    flags = []
+    for _ in range(30):
+        ex = ds[0]
+        for prefix in ("instance", "class"):
+            flipped = ex[f"{prefix}_flipped"]
+            assert isinstance(flipped, bool)
+            expected = ref_px.flip(-1) if flipped else ref_px
+            assert torch.equal(ex[f"{prefix}_pixel_values"], expected)
+            flags.append(flipped)
+    assert any(flags) and not all(flags)
+
+
+def test_dataset_rejects_bad_arguments(tmp_path):
+    inst = _folder(tmp_path / "inst", 1)
+    with pytest.raises(DataError):
+        DreamBoothDataset([], "p")
+    with pytest.raises(DataError):
+        DreamBoothDataset(inst, "p", inst, None)
+    with pytest.raises(DataError):
+        DreamBoothDataset(inst, "p", repeats=0)
+
+
+# ---------------------------------------------------------------- DataModule
+
+
+def _dm(tmp_path: Path, **kw) -> DreamBoothDataModule:
+    inst = tmp_path / "subject"
+    cls = tmp_path / "class"
+    if not inst.exists():
+        _folder(inst, 5)
+        _folder(cls, 7, seed=100)
+    args = dict(
+        subject="dog",
+        class_noun="dog",
+        instance_dir=str(inst),
+        class_dir=str(cls),
+        resolution=32,
+        batch_size=2,
+        min_image_size=64,
+        seed=0,
+    )
+    args.update(kw)
+    return DreamBoothDataModule(**args)
+
+
+def _first_batch(dm: DreamBoothDataModule) -> dict:
+    return next(iter(dm.train_dataloader()))
+
+
+def test_datamodule_end_to_end(tmp_path):
+    dm = _dm(tmp_path)
+    dm.setup("fit")
+    assert dm.num_instance_images == 5 and dm.num_class_images == 7
+    assert len(dm.dataset) == 7
+    assert dm.instance_prompt == "a sks dog" and dm.class_prompt == "a dog"
+    assert dm.hparams.instance_dir == dm.instance_dir
+    batch = _first_batch(dm)
+    assert batch["pixel_values"].shape == (4, 3, 32, 32)
+    assert batch["num_instance"] == 2
+    assert batch["prompts"] == ["a sks dog", "a sks dog", "a dog", "a dog"]
+
+
+def test_datamodule_same_seed_same_batches(tmp_path):
+    dm = _dm(tmp_path)
+    dm.setup("fit")
+    torch.manual_seed(123)  # what seed_everything does for the in-process crop/flip RNG
+    a = _first_batch(dm)
+    torch.manual_seed(123)
+    b = _first_batch(dm)
+    assert torch.equal(a["pixel_values"], b["pixel_values"])
+    assert torch.equal(a["image_index"], b["image_index"]) and torch.equal(a["flipped"], b["flipped"])
+
+    def order(seed: int) -> list[int]:
+        dm.seed = seed
+        return [i for bt in dm.train_dataloader() for i in bt["image_index"][: bt["num_instance"]].tolist()]
+
+    assert order(0) == order(0)
+    assert order(0) != order(1)  # seed drives the shuffle
+
+
+def test_datamodule_worker_seeding_reproducible(tmp_path):
+    # With workers, crop/flip RNG is seeded from the loader's generator, so no global seeding is needed.
+    dm = _dm(tmp_path, num_workers=1)
+    dm.setup("fit")
+    a = _first_batch(dm)
+    b = _first_batch(dm)
+    assert torch.equal(a["pixel_values"], b["pixel_values"])
+
+
+def test_datamodule_without_prior_preservation(tmp_path):
+    dm = _dm(tmp_path, with_prior_preservation=False, class_dir=None, repeats=2)
+    dm.setup("fit")
+    assert dm.num_class_images == 0
+    assert len(dm.dataset) == 10
+    batch = _first_batch(dm)
+    assert batch["pixel_values"].shape == (2, 3, 32, 32)
+    assert batch["num_instance"] == 2
+    assert batch["prompts"] == ["a sks dog"] * 2
+
+
+def test_datamodule_missing_class_dir(tmp_path):
+    dm = _dm(tmp_path, class_dir=None)
+    with pytest.raises(DataError, match="data.class_dir"):
+        dm.setup("fit")
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty"])
+def test_datamodule_bad_instance_dir_raises_at_setup(tmp_path, kind):
+    bad = tmp_path / "nobody"
+    if kind == "empty":
+        bad.mkdir()
+    dm = _dm(tmp_path, instance_dir=str(bad))
+    with pytest.raises(DataError) as e:
+        dm.setup("fit")
+    assert str(bad) in str(e.value)
+
+
+def test_datamodule_small_instance_image_raises_at_setup(tmp_path):
+    dm = _dm(tmp_path)
+    small = _photo(tmp_path / "subject" / "99.jpg", size=(48, 60))
+    with pytest.raises(DataError) as e:
+        dm.setup("fit")
+    assert str(small) in str(e.value) and "48x60" in str(e.value)
+
+
+def test_datamodule_bad_subject_type(tmp_path):
+    with pytest.raises(DataError, match="subject_type"):
+        DreamBoothDataModule(subject_type="animal")
+
+
+# ---------------------------------------------------------------- DreamBench (optional)
+
+
+@pytest.mark.skipif(not (DREAMBENCH / "dataset" / "can").is_dir(), reason="DreamBench data not present")
+def test_dreambench_can():
+    can = DREAMBENCH / "dataset" / "can"
+    images = list_images(can, min_size=64)
+    assert len(images) >= 1 and all(p.parent == can for p in images)
+    ds = DreamBoothDataset(images, instance_prompt("sks", "can"), resolution=64, center_crop=True)
+    batch = collate([ds[0], ds[len(ds) - 1]])
+    assert batch["pixel_values"].shape == (2, 3, 64, 64)
+    assert batch["pixel_values"].min() >= -1 and batch["pixel_values"].max() <= 1
+    prompts = benchmark_prompts(DREAMBENCH / "prompts_object.txt", "sks", "can")
+    assert len(prompts) == 25
+    assert prompts[0] == "a sks can in the jungle"

@@ -1,0 +1,50 @@
+"""Every YAML in experiments/ parses (litgpt's config-hub test) and subject files match DreamBench."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+
+from dreambooth_pl.cli import parse_config
+
+REPO = Path(__file__).resolve().parents[1]
+EXP = REPO / "experiments"
+SUBJECTS = sorted((EXP / "subjects").glob("*.yaml"))
+SHARED = REPO.parent / "shared" / "data" / "dreambooth"
+
+
+def layered(*files: Path) -> list[str]:
+    return [a for f in (EXP / "base.yaml", *files) for a in ("--config", str(f))]
+
+
+@pytest.mark.parametrize("subject", SUBJECTS, ids=lambda p: p.stem)
+def test_subject_config_parses(subject):
+    cfg = parse_config(layered(subject))
+    assert cfg.data.subject == subject.stem
+    assert cfg.data.class_noun and cfg.data.subject_type in ("object", "live")
+    assert cfg.model.learning_rate == 5e-6 and cfg.model.prior_loss_weight == 1.0
+
+
+@pytest.mark.parametrize("extra", sorted(p for p in EXP.glob("*.yaml") if p.name != "base.yaml"), ids=lambda p: p.stem)
+def test_overlay_config_parses(extra):
+    cfg = parse_config(layered(EXP / "subjects" / "can.yaml", extra))
+    assert cfg.data.subject == "can"
+
+
+def test_tiny_overlay_is_offline_and_small():
+    cfg = parse_config(layered(EXP / "subjects" / "can.yaml", EXP / "tiny.yaml"))
+    assert cfg.model.pretrained == "tiny" and cfg.data.resolution == 64 and cfg.trainer.accelerator == "cpu"
+
+
+def test_every_dreambench_subject_has_a_config():
+    if not (SHARED / "subjects.csv").is_file():
+        pytest.skip("DreamBench data absent")
+    rows = list(csv.DictReader((SHARED / "subjects.csv").open()))
+    assert len(rows) == 30
+    for row in rows:
+        cfg = parse_config(layered(EXP / "subjects" / f"{row['subject_name']}.yaml"))
+        assert (cfg.data.class_noun, cfg.data.subject_type) == (row["class"], row["type"])
+        assert cfg.data.instance_dir == f"data/dreambooth/dataset/{row['subject_name']}"
+        assert (SHARED / "dataset" / row["subject_name"]).is_dir()

@@ -1,0 +1,212 @@
+"""Tests for dreambooth_pl.losses: forward noising, training targets, prior-preservation loss, LR schedule."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from dreambooth_pl.losses import diffusion_target, lr_lambda, prior_preservation_loss, q_sample
+
+SD_SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+
+
+def sd_alphas_cumprod() -> np.ndarray:
+    """SD's scaled_linear schedule in float64 numpy: betas = linspace(sqrt(b0), sqrt(b1), 1000) ** 2."""
+    betas = np.linspace(np.sqrt(0.00085), np.sqrt(0.012), 1000, dtype=np.float64) ** 2
+    return np.cumprod(1.0 - betas)
+
+
+def batch(seed: int = 0, b: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(latents, noise, timesteps) with one distinct timestep per row, first and last included."""
+    g = torch.Generator().manual_seed(seed)
+    latents = torch.randn(b, 4, 8, 8, generator=g)
+    noise = torch.randn(b, 4, 8, 8, generator=g)
+    timesteps = torch.tensor([0, 1, 500, 999][:b])
+    return latents, noise, timesteps
+
+
+def per_row(coef: np.ndarray) -> np.ndarray:
+    return coef.reshape(-1, 1, 1, 1)
+
+
+# ------------------------------------------------------------------------------------------ q_sample
+
+
+def test_numpy_schedule_matches_diffusers_scaled_linear():
+    """The reference schedule used below is the one diffusers builds for SD (guards the references)."""
+    sched = DDPMScheduler(**SD_SCHEDULE)
+    np.testing.assert_allclose(sched.alphas_cumprod.double().numpy(), sd_alphas_cumprod(), rtol=1e-5)
+
+
+def test_q_sample_matches_numpy_forward_diffusion():
+    """x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps, each row with its own timestep."""
+    latents, noise, t = batch()
+    ac = sd_alphas_cumprod()
+    out = q_sample(latents, noise, t, torch.from_numpy(ac))
+    a = per_row(ac[t.numpy()])
+    expected = np.sqrt(a) * latents.double().numpy() + np.sqrt(1 - a) * noise.double().numpy()
+    assert out.shape == latents.shape and out.dtype == latents.dtype
+    np.testing.assert_allclose(out.numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_q_sample_matches_diffusers_add_noise():
+    """Same result as DDPMScheduler.add_noise with SD's schedule."""
+    latents, noise, t = batch(seed=1)
+    sched = DDPMScheduler(**SD_SCHEDULE)
+    torch.testing.assert_close(q_sample(latents, noise, t, sched.alphas_cumprod), sched.add_noise(latents, noise, t))
+
+
+# ------------------------------------------------------------------------------------- diffusion_target
+
+
+def test_epsilon_target_is_the_noise():
+    """Epsilon prediction trains the UNet to output the added noise."""
+    latents, noise, t = batch()
+    out = diffusion_target("epsilon", latents, noise, t, torch.from_numpy(sd_alphas_cumprod()))
+    assert torch.equal(out, noise)
+
+
+def test_v_prediction_target_matches_numpy():
+    """v = sqrt(a_t) eps - sqrt(1 - a_t) x0 per row."""
+    latents, noise, t = batch(seed=3)
+    ac = sd_alphas_cumprod()
+    out = diffusion_target("v_prediction", latents, noise, t, torch.from_numpy(ac))
+    a = per_row(ac[t.numpy()])
+    expected = np.sqrt(a) * noise.double().numpy() - np.sqrt(1 - a) * latents.double().numpy()
+    np.testing.assert_allclose(out.numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_v_prediction_target_matches_diffusers_get_velocity():
+    """Same result as DDPMScheduler(prediction_type='v_prediction').get_velocity."""
+    latents, noise, t = batch(seed=4)
+    sched = DDPMScheduler(**SD_SCHEDULE, prediction_type="v_prediction")
+    out = diffusion_target("v_prediction", latents, noise, t, sched.alphas_cumprod)
+    torch.testing.assert_close(out, sched.get_velocity(latents, noise, t))
+
+
+@pytest.mark.parametrize("kind", ["sample", "flow"])
+def test_unsupported_prediction_type_raises_naming_it(kind):
+    """Any prediction type other than epsilon / v_prediction is a ValueError that names it."""
+    latents, noise, t = batch()
+    with pytest.raises(ValueError, match=kind):
+        diffusion_target(kind, latents, noise, t, torch.from_numpy(sd_alphas_cumprod()))
+
+
+# ------------------------------------------------------------------------------- prior_preservation_loss
+
+
+def rows(seed: int, n_rows: int) -> torch.Tensor:
+    return torch.randn(n_rows, 4, 8, 8, generator=torch.Generator().manual_seed(seed))
+
+
+def mse(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(np.mean((a.double().numpy() - b.double().numpy()) ** 2))
+
+
+def test_prior_loss_is_instance_plus_weighted_class_mse():
+    """total = mse(rows [0, n)) + weight * mse(rows [n, 2n)), checked in numpy."""
+    n, w = 2, 0.7
+    pred, target = rows(0, 2 * n), rows(1, 2 * n)
+    total, parts = prior_preservation_loss(pred, target, n, w)
+    inst, prior = mse(pred[:n], target[:n]), mse(pred[n:], target[n:])
+    assert parts["instance"].item() == pytest.approx(inst, rel=1e-5)
+    assert parts["prior"].item() == pytest.approx(prior, rel=1e-5)
+    assert total.item() == pytest.approx(inst + w * prior, rel=1e-5)
+
+
+def test_prior_weight_zero_gives_instance_loss():
+    """With weight 0 the class rows do not contribute to the total."""
+    pred, target = rows(2, 6), rows(3, 6)
+    total, parts = prior_preservation_loss(pred, target, 3, 0.0)
+    assert parts["prior"].item() > 0
+    assert total.item() == pytest.approx(mse(pred[:3], target[:3]), rel=1e-5)
+
+
+@pytest.mark.parametrize("perturbed", ["instance", "prior"])
+def test_prior_loss_row_order(perturbed):
+    """Rows [0, n) feed only 'instance' and rows [n, 2n) only 'prior'."""
+    n = 2
+    pred, target = rows(4, 2 * n), rows(5, 2 * n)
+    _, before = prior_preservation_loss(pred, target, n)
+    changed = pred.clone()
+    changed[slice(0, n) if perturbed == "instance" else slice(n, 2 * n)] += 1.0
+    _, after = prior_preservation_loss(changed, target, n)
+    other = "prior" if perturbed == "instance" else "instance"
+    assert after[perturbed].item() != pytest.approx(before[perturbed].item(), rel=1e-3)
+    assert after[other].item() == before[other].item()
+
+
+def test_prior_loss_without_class_rows():
+    """A batch of instance rows only: prior is 0 and total equals the instance loss."""
+    pred, target = rows(6, 3), rows(7, 3)
+    total, parts = prior_preservation_loss(pred, target, 3, 1.0)
+    assert parts["prior"].item() == 0.0
+    assert total.item() == parts["instance"].item() == pytest.approx(mse(pred, target), rel=1e-5)
+
+
+def test_prior_loss_reduces_half_precision_in_float32():
+    """bf16 predictions give a float32 loss equal to the float32 computation on the same values."""
+    pred, target = rows(8, 4).bfloat16(), rows(9, 4).bfloat16()
+    total, _ = prior_preservation_loss(pred, target, 2)
+    ref, _ = prior_preservation_loss(pred.float(), target.float(), 2)
+    assert total.dtype == torch.float32
+    assert total.item() == ref.item()
+
+
+# ------------------------------------------------------------------------------------------ lr_lambda
+
+
+def test_linear_warmup():
+    """Warm-up rises linearly from 1/warmup at step 0 to 1.0 at step warmup-1."""
+    warmup = 5
+    values = [lr_lambda(s, warmup, 100) for s in range(warmup)]
+    assert values[0] == pytest.approx(1 / warmup)
+    assert values[-1] == pytest.approx(1.0)
+    np.testing.assert_allclose(np.diff(values), 1 / warmup)
+
+
+def test_constant_schedule_stays_one():
+    """After warm-up the constant schedule is 1.0 at every step, including past total_steps."""
+    assert all(lr_lambda(s, 3, 50, "constant") == 1.0 for s in range(3, 80))
+    assert lr_lambda(0, 0, 10, "constant") == 1.0
+
+
+def test_cosine_schedule():
+    """Cosine: 1.0 after warm-up, 0.5 * (1 + min) halfway, min_ratio at total_steps and beyond."""
+    warmup, total, lo = 10, 110, 0.1
+    f = [lr_lambda(s, warmup, total, "cosine", lo) for s in range(total + 20)]
+    assert f[warmup] == pytest.approx(1.0)
+    assert f[warmup + (total - warmup) // 2] == pytest.approx(0.5 * (1 + lo))
+    assert f[total] == pytest.approx(lo)
+    assert f[-1] == pytest.approx(lo)
+    assert all(b <= a + 1e-12 for a, b in zip(f[warmup:], f[warmup + 1 :], strict=False))
+    # independent closed form at an arbitrary step
+    s = 37
+    assert f[s] == pytest.approx(lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * (s - warmup) / (total - warmup))))
+
+
+def test_cosine_without_warmup_starts_at_one():
+    """With no warm-up the cosine schedule starts at 1.0 and ends at 0 by default."""
+    assert lr_lambda(0, 0, 40, "cosine") == pytest.approx(1.0)
+    assert lr_lambda(40, 0, 40, "cosine") == pytest.approx(0.0, abs=1e-12)
+
+
+def test_unknown_schedule_raises():
+    """An unknown schedule name is a ValueError that names it."""
+    with pytest.raises(ValueError, match="linear"):
+        lr_lambda(10, 5, 100, "linear")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="losses.py:61-69 returns the warm-up ramp before looking at `schedule`, so an unknown schedule "
+    "is only rejected at step == warmup_steps (LambdaLR's step-0 call at construction does not catch it)",
+)
+def test_unknown_schedule_raises_during_warmup():
+    """An unknown schedule is rejected at the first step, not only once warm-up ends."""
+    with pytest.raises(ValueError, match="linear"):
+        lr_lambda(0, 5, 100, "linear")
