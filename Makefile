@@ -18,7 +18,7 @@ CONFIGS = --config experiments/base.yaml --config experiments/subjects/$(SUBJECT
 	$(if $(MODEL),--model.pretrained $(MODEL))
 OFFLINE = $(if $(filter tiny tiny-v,$(MODEL)),HF_HUB_OFFLINE=1)
 
-.PHONY: help install demo test test-slow lint data fit tiny-model clean
+.PHONY: help install demo test test-slow lint data priors fit tiny-model clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -51,6 +51,9 @@ data: ## get the DreamBooth dataset into data/dreambooth (links ../shared/data/d
 
 fit: install ## fine-tune SUBJECT (MODEL=tiny for the offline CPU config; ARGS=... for overrides)
 	$(OFFLINE) $(PY) -m dreambooth_pl fit $(CONFIGS) $(ARGS)
+
+priors: install ## make SUBJECT's class-prior images once (content-keyed cache/priors/); fit reuses them
+	$(OFFLINE) $(PY) -m dreambooth_pl priors $(subst --model.pretrained,--model,$(CONFIGS)) $(ARGS)
 
 tiny-model: install ## write the tiny random model to cache/models/tiny
 	$(PY) -m dreambooth_pl tiny-model cache/models/tiny

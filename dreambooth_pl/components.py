@@ -174,6 +174,8 @@ def build_random(name: str, folder: str | Path, seed: int = 0) -> Path:
 
     arch = architecture(name)
     folder = Path(folder)
+    if folder.exists() and any(folder.iterdir()) and not (folder / "TINY_VERSION").is_file():
+        raise FileExistsError(f"{folder} exists and is not a model built by dreambooth_pl: choose a new or empty folder")
     # Build in a sibling temp folder and rename: a crash never leaves a half-written model behind.
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
@@ -290,15 +292,26 @@ def load_components(
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
+        if local.is_dir():
+            absent = [d for d in ("tokenizer", "text_encoder", "vae", "unet", "scheduler") if not (local / d).is_dir()]
+            if absent:
+                raise ModelLoadError(f"Cannot load model '{pretrained}': {local} lacks {', '.join(absent)}/ (a diffusers "
+                                     f"Stable Diffusion folder has tokenizer, text_encoder, vae, unet and scheduler).")
         tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kw)
         text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=dtype, **wkw)
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype, **wkw)
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype, **wkw)
         scheduler_config = dict(DDPMScheduler.load_config(path, subfolder="scheduler", **kw))
+    except ModelLoadError:
+        raise
     except (OSError, ValueError) as err:
         if local.is_dir():
             raise ModelLoadError(f"Cannot load model '{pretrained}' from {local}: {err}") from err
         raise _unreachable(pretrained, err) from err
+    # transformers 5 returns an empty 2-token tokenizer for a broken tokenizer/ folder instead of raising.
+    if len(tokenizer) < 1000:
+        raise ModelLoadError(f"Cannot load model '{pretrained}': its tokenizer has {len(tokenizer)} tokens; "
+                             f"the tokenizer/ folder is incomplete (needs vocab.json and merges.txt).")
     return SDComponents(
         tokenizer=tokenizer,
         text_encoder=text_encoder,

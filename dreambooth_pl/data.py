@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -235,6 +236,17 @@ class DreamBoothDataModule(pl.LightningDataModule):
         identifier: str = "sks",
         class_dir: str | None = None,
         with_prior_preservation: bool = True,
+        num_class_images: int = 200,
+        prior_sampler: str = "dpm++",
+        prior_steps: int = 25,
+        prior_guidance_scale: float = 7.5,
+        prior_negative_prompt: str = "",
+        prior_batch_size: int | None = None,
+        prior_seed: int = 0,
+        pretrained: str = "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        revision: str | None = None,
+        variant: str | None = None,
+        single_file_config: str | None = None,
         resolution: int = 512,
         center_crop: bool = False,
         random_flip: bool = True,
@@ -257,6 +269,7 @@ class DreamBoothDataModule(pl.LightningDataModule):
             if value < low:
                 raise DataError(f"data.{name} must be >= {low}, got {value}: fix it in the config")
         self.save_hyperparameters()
+        self.num_class_images_wanted = num_class_images
         self.subject = subject
         self.class_noun = class_noun
         self.subject_type = subject_type
@@ -296,18 +309,64 @@ class DreamBoothDataModule(pl.LightningDataModule):
         """Number of class images found by setup() (0 without prior preservation)."""
         return len(self.class_images)
 
+    def prior_settings(self):
+        """What the generated class images depend on (their cache key)."""
+        from .priors import PriorSettings
+
+        hp = self.hparams
+        return PriorSettings(
+            model=hp.pretrained, revision=hp.revision, variant=hp.variant, single_file_config=hp.single_file_config,
+            prompt=self.class_prompt, negative_prompt=hp.prior_negative_prompt, sampler=hp.prior_sampler,
+            steps=hp.prior_steps, guidance_scale=hp.prior_guidance_scale, resolution=self.resolution,
+            base_seed=hp.prior_seed,
+        )
+
+    def class_folder(self) -> Path:
+        """`class_dir` when set, else the content-keyed cache folder cache/priors/<key>/."""
+        from .priors import default_folder
+
+        return Path(self.class_dir) if self.class_dir is not None else default_folder(self.prior_settings())
+
+    def _user_photos(self, folder: Path) -> bool:
+        # A folder the user filled with real class photos: images present, no generator settings file.
+        from .priors import SETTINGS
+
+        return folder.is_dir() and not (folder / SETTINGS).exists() and any(
+            p.suffix.lower() in IMAGE_EXTENSIONS for p in folder.iterdir()
+        )
+
+    def prepare_data(self) -> None:
+        """Make the missing class images (once, on local rank zero) before fitting."""
+        if not self.with_prior_preservation:
+            return
+        folder = self.class_folder()
+        if self._user_photos(folder):
+            return  # validated like instance photos in setup()
+        from .priors import generate
+
+        trainer = getattr(self, "trainer", None)
+        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        result = generate(self.prior_settings(), self.num_class_images_wanted, folder=folder,
+                          batch_size=self.hparams.prior_batch_size, device=device)
+        print(f"Class images: {result}", file=sys.stderr)
+
     def setup(self, stage: str | None = None) -> None:
         """List and validate the image folders, then build `self.dataset`."""
         self.instance_images = list_images(self.instance_dir, min_size=self.min_image_size, what="instance")
         self.class_images = []
         if self.with_prior_preservation:
-            if self.class_dir is None:
+            folder = self.class_folder()
+            if not folder.is_dir():
                 raise DataError(
-                    f"data.with_prior_preservation is on but data.class_dir is not set for subject "
-                    f"{self.subject!r}: set data.class_dir to a folder of '{self.class_prompt}' images "
-                    f"(or set data.with_prior_preservation: false)"
+                    f"class-image folder {folder} does not exist for subject {self.subject!r}: run "
+                    f"`python -m dreambooth_pl priors` (or fit, which makes them in prepare_data), point "
+                    f"data.class_dir at a folder of '{self.class_prompt}' photos, or set data.with_prior_preservation: false"
                 )
-            self.class_images = list_images(self.class_dir, min_size=self.min_image_size, what="class")
+            self.class_images = list_images(folder, min_size=self.min_image_size, what="class")
+            if not self._user_photos(folder):
+                # Generated folders can hold more images than asked for (an earlier, larger run): use 0..N-1.
+                self.class_images = self.class_images[: self.num_class_images_wanted]
+            self._log_class_grid()
         self.dataset = DreamBoothDataset(
             instance_images=self.instance_images,
             instance_prompt=self.instance_prompt,
@@ -319,6 +378,17 @@ class DreamBoothDataModule(pl.LightningDataModule):
             repeats=self.repeats,
             min_image_size=self.min_image_size,
         )
+
+    def _log_class_grid(self) -> None:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or not self.class_images:
+            return
+        from .priors import image_grid
+
+        grid = image_grid(self.class_images[:16], cols=4)
+        for logger in trainer.loggers:
+            if hasattr(logger, "log_image"):
+                logger.log_image("priors/class_images", [grid], caption=[f"{self.class_prompt} ({len(self.class_images)} images)"])
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled loader; order (and worker RNG seeds) come from a generator seeded with `seed`."""

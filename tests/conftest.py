@@ -15,6 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
+torch.set_flush_denormal(True)  # as the CLI does: denormals in random weights slow CPU kernels 30x
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data" / "dreambooth"
 

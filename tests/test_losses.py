@@ -11,7 +11,9 @@ from diffusers import DDPMScheduler
 
 from dreambooth_pl.losses import diffusion_target, lr_lambda, prior_preservation_loss, q_sample
 
-SD_SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+SD_SCHEDULE = dict(
+    num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012
+)
 
 
 def sd_alphas_cumprod() -> np.ndarray:
@@ -57,7 +59,9 @@ def test_q_sample_matches_diffusers_add_noise():
     """Same result as DDPMScheduler.add_noise with SD's schedule."""
     latents, noise, t = batch(seed=1)
     sched = DDPMScheduler(**SD_SCHEDULE)
-    torch.testing.assert_close(q_sample(latents, noise, t, sched.alphas_cumprod), sched.add_noise(latents, noise, t))
+    torch.testing.assert_close(
+        q_sample(latents, noise, t, sched.alphas_cumprod), sched.add_noise(latents, noise, t)
+    )
 
 
 # ------------------------------------------------------------------------------------- diffusion_target
@@ -186,7 +190,9 @@ def test_cosine_schedule():
     assert all(b <= a + 1e-12 for a, b in zip(f[warmup:], f[warmup + 1 :], strict=False))
     # independent closed form at an arbitrary step
     s = 37
-    assert f[s] == pytest.approx(lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * (s - warmup) / (total - warmup))))
+    assert f[s] == pytest.approx(
+        lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * (s - warmup) / (total - warmup)))
+    )
 
 
 def test_cosine_without_warmup_starts_at_one():
@@ -201,11 +207,6 @@ def test_unknown_schedule_raises():
         lr_lambda(10, 5, 100, "linear")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="losses.py:61-69 returns the warm-up ramp before looking at `schedule`, so an unknown schedule "
-    "is only rejected at step == warmup_steps (LambdaLR's step-0 call at construction does not catch it)",
-)
 def test_unknown_schedule_raises_during_warmup():
     """An unknown schedule is rejected at the first step, not only once warm-up ends."""
     with pytest.raises(ValueError, match="linear"):
