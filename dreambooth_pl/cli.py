@@ -77,6 +77,8 @@ class DreamBoothCLI(LightningCLI):
         out = Path(cfg.output_dir or Path("outputs") / subject)
         cfg.output_dir = str(out)
         cfg.trainer.default_root_dir = str(out)
+        if "weights_only" in cfg and cfg.weights_only is None:
+            cfg.weights_only = True  # checkpoints hold tensors and plain values only: load them safely
         # The run folder and run name follow the subject unless the config sets them.
         for logger in _as_list(cfg.trainer.logger):
             args = getattr(logger, "init_args", None)
@@ -218,7 +220,17 @@ def _priors(argv: list[str]) -> None:
     print(result)
 
 
-COMMANDS = {"tiny-model": _tiny_model, "priors": _priors}
+def _dreambench_files(argv: list[str]) -> None:
+    from .data import write_benchmark_files
+
+    p = argparse.ArgumentParser(prog="python -m dreambooth_pl dreambench-files",
+                                description="Write subjects.csv and prompts_{object,live}.txt into a clone of the DreamBooth dataset repo.")
+    p.add_argument("root")
+    for path in write_benchmark_files(p.parse_args(argv).root):
+        print(f"wrote {path}")
+
+
+COMMANDS = {"tiny-model": _tiny_model, "priors": _priors, "dreambench-files": _dreambench_files}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -406,3 +406,28 @@ class DreamBoothDataModule(pl.LightningDataModule):
             persistent_workers=self.num_workers > 0,
             pin_memory=False,
         )
+
+
+def write_benchmark_files(root: str | Path) -> list[Path]:
+    """From a clone of the DreamBooth dataset repo, write subjects.csv and prompts_{object,live}.txt.
+
+    The public repo keeps classes and both prompt lists in `dataset/prompts_and_classes.txt`; the
+    project reads them as three plain files (`{0}` identifier, `{1}` class noun), as the shared copy has.
+    """
+    root = Path(root)
+    src = root / "dataset" / "prompts_and_classes.txt"
+    if not src.is_file():
+        raise DataError(f"{src} not found: {root} is not a clone of the DreamBooth dataset repository")
+    text = src.read_text(encoding="utf-8")
+    classes = re.findall(r"^([a-z0-9_]+),([a-z ]+)$", text.split("Prompts")[0], flags=re.M)
+    rows = [(name, cls) for name, cls in classes if name != "subject_name"]
+    lists = [re.findall(r"'(a .*?)'\.format", part) for part in re.split(r"prompt_list = \[", text)[1:]]
+    if len(rows) != 30 or len(lists) != 2 or any(len(x) != 25 for x in lists):
+        raise DataError(f"unexpected layout in {src}: found {len(rows)} subjects and prompt lists of {[len(x) for x in lists]}")
+    live = {"cat", "dog"}
+    out = [root / "subjects.csv", root / "prompts_object.txt", root / "prompts_live.txt"]
+    out[0].write_text("subject_name,class,type\n" + "".join(
+        f"{n},{c},{'live' if c in live else 'object'}\n" for n, c in rows))
+    out[1].write_text("\n".join(lists[0]) + "\n")
+    out[2].write_text("\n".join(lists[1]) + "\n")
+    return out

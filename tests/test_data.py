@@ -437,3 +437,19 @@ def test_dreambench_can():
     prompts = benchmark_prompts(DREAMBENCH / "prompts_object.txt", "sks", "can")
     assert len(prompts) == 25
     assert prompts[0] == "a sks can in the jungle"
+
+
+def test_benchmark_files_rebuilt_from_public_layout(tmp_path):
+    """`make data` after a git clone rebuilds subjects.csv and the prompt lists exactly as the shared copy has them."""
+    from dreambooth_pl.data import write_benchmark_files
+
+    shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "dreambooth"
+    if not (shared / "dataset" / "prompts_and_classes.txt").is_file():
+        pytest.skip("DreamBench data absent")
+    (tmp_path / "dataset").mkdir()
+    (tmp_path / "dataset" / "prompts_and_classes.txt").write_bytes((shared / "dataset" / "prompts_and_classes.txt").read_bytes())
+    write_benchmark_files(tmp_path)
+    for name in ("subjects.csv", "prompts_object.txt", "prompts_live.txt"):
+        assert (tmp_path / name).read_text().split() == (shared / name).read_text().split(), name
+    with pytest.raises(DataError, match="not a clone"):
+        write_benchmark_files(tmp_path / "nowhere")
