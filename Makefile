@@ -18,7 +18,7 @@ CONFIGS = --config experiments/base.yaml --config experiments/subjects/$(SUBJECT
 	$(if $(MODEL),--model.pretrained $(MODEL))
 OFFLINE = $(if $(filter tiny tiny-v,$(MODEL)),HF_HUB_OFFLINE=1)
 
-.PHONY: help install demo test test-slow lint data priors fit tiny-model clean
+.PHONY: help install demo test test-slow lint data priors fit experiment dreambench sweep tiny-model clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -54,6 +54,20 @@ fit: install ## fine-tune SUBJECT (MODEL=tiny for the offline CPU config; ARGS=.
 
 priors: install ## make SUBJECT's class-prior images once (content-keyed cache/priors/); fit reuses them
 	$(OFFLINE) $(PY) -m dreambooth_pl priors $(subst --model.pretrained,--model,$(CONFIGS)) $(ARGS)
+
+experiment: install data ## the whole study for SUBJECT: priors -> fit (+ scores before/after) -> export -> report
+	$(OFFLINE) $(PY) -m dreambooth_pl priors $(subst --model.pretrained,--model,$(CONFIGS))
+	$(OFFLINE) $(PY) -m dreambooth_pl fit $(CONFIGS) $(ARGS)
+	$(PY) -m dreambooth_pl report outputs/$(SUBJECT)
+
+SUBJECTS ?= can dog backpack
+dreambench: install data ## experiment over SUBJECTS="a b c", then one mean ± 95% CI table (outputs/dreambench.md)
+	@for s in $(SUBJECTS); do $(MAKE) --no-print-directory experiment SUBJECT=$$s MODEL=$(MODEL) ARGS='$(ARGS)' || exit 1; done
+	$(PY) -m dreambooth_pl report $(addprefix outputs/,$(SUBJECTS)) --aggregate outputs/dreambench.md
+
+SWEEP ?= experiments/sweeps/can_lr_steps_lambda.yaml
+sweep: install data ## create the W&B sweep in SWEEP (needs WANDB_API_KEY); then run the agent it prints
+	$(VENV)/bin/wandb sweep $(SWEEP)
 
 tiny-model: install ## write the tiny random model to cache/models/tiny
 	$(PY) -m dreambooth_pl tiny-model cache/models/tiny

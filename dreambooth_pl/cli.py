@@ -10,10 +10,12 @@ import warnings
 from pathlib import Path
 
 import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import WandbLogger
 
 from . import components
+from .callbacks import SampleAndScore
 from .data import DreamBoothDataModule
 from .module import DreamBoothModule
 
@@ -66,10 +68,14 @@ class DreamBoothCLI(LightningCLI):
         parser.add_argument("--export", type=bool, default=True, help="export a diffusers pipeline to <output_dir>/model after fit")
         parser.add_argument("--probe_learning", type=bool, default=False,
                             help="after fit, print the denoising MSE of base vs fine-tuned model on the instance photos")
+        # Callbacks as config groups (`checkpoint:`, `eval:`): an overlay changes one setting, not the whole list.
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(SampleAndScore, "eval")
         parser.link_arguments("seed_everything", "data.seed")
         # Class images are made with the model being fine-tuned: one setting, read by both.
-        for key in ("pretrained", "revision", "variant", "single_file_config"):
-            parser.link_arguments(f"model.{key}", f"data.{key}")
+        for src, dst in (("pretrained", "model"), ("revision", "revision"), ("variant", "variant"),
+                         ("single_file_config", "single_file_config")):
+            parser.link_arguments(f"model.{src}", f"data.prior_{dst}")
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
@@ -86,10 +92,8 @@ class DreamBoothCLI(LightningCLI):
                 args.save_dir = str(out)
             if args is not None and "name" in args and args.name is None:
                 args.name = subject
-        for cb in _as_list(cfg.trainer.callbacks):
-            args = getattr(cb, "init_args", None)
-            if cb.class_path.endswith("ModelCheckpoint") and args.dirpath is None:
-                args.dirpath = str(out / "checkpoints")
+        if cfg.checkpoint.dirpath is None:
+            cfg.checkpoint.dirpath = str(out / "checkpoints")
 
     def after_fit(self) -> None:
         try:
@@ -230,7 +234,82 @@ def _dreambench_files(argv: list[str]) -> None:
         print(f"wrote {path}")
 
 
-COMMANDS = {"tiny-model": _tiny_model, "priors": _priors, "dreambench-files": _dreambench_files}
+def _evaluate(argv: list[str]) -> None:
+    import json
+
+    import torch
+
+    from .callbacks import FILE_RE, PAPER_ROWS, protocol_prompts, real_vs_real, score, write_json
+    from .data import list_images, load_image
+    from .encoders import load_encoders
+
+    p = argparse.ArgumentParser(
+        prog="python -m dreambooth_pl evaluate",
+        description="Score a folder of generated images against a subject's photos with the DreamBench protocol "
+        "(DINO, CLIP-I, CLIP-T with and without the identifier, DIV; PRES from class_<seed>.png files). "
+        "Images are named <prompt index>_<seed>.png, the index into prompts_<type>.txt, as `fit` writes them.",
+    )
+    p.add_argument("--images", help="folder of generated images (<prompt index>_<seed>.png, class_<seed>.png)")
+    p.add_argument("--subject", required=True, help="folder of the subject's real photos")
+    p.add_argument("--class-noun", help="class noun in the prompts, e.g. 'can'")
+    p.add_argument("--type", default="object", choices=("object", "live"), help="which DreamBench prompt list")
+    p.add_argument("--identifier", default="sks")
+    p.add_argument("--prompts-dir", default="data/dreambooth", help="folder holding prompts_object.txt / prompts_live.txt")
+    p.add_argument("--encoders", default="real", choices=("real", "tiny"), help="tiny: offline random encoders (uncalibrated)")
+    p.add_argument("--real-vs-real", action="store_true", help="score the photos against each other (paper's real-image row)")
+    p.add_argument("--out", default=None, help="metrics.json path (default: <images>/metrics.json or <subject>/.. )")
+    a = p.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    enc = load_encoders(a.encoders, device=device)
+    real = [load_image(x) for x in list_images(a.subject)]
+    info = {"subject": a.subject, "encoders": {k: getattr(v, "name", k) for k, v in enc.items()},
+            "calibrated": all(getattr(v, "calibrated", False) for v in enc.values()), "reference": PAPER_ROWS}
+    if a.real_vs_real:
+        result = {**info, "real_vs_real": real_vs_real(enc, real), "num_photos": len(real)}
+        out = Path(a.out or "metrics_real_vs_real.json")
+    else:
+        if not a.images or not a.class_noun:
+            p.error("--images and --class-noun are required (or --real-vs-real)")
+        prompts = {ep.index: ep for ep in protocol_prompts(a.prompts_dir, a.type, a.identifier, a.class_noun)}
+        groups: dict[int, list[tuple[int, Path]]] = {}
+        for f in sorted(Path(a.images).iterdir()):
+            mt = FILE_RE.match(f.name)
+            if mt:
+                groups.setdefault(int(mt.group(1)), []).append((int(mt.group(2)), f))
+        if not groups:
+            sys.exit(f"no <prompt index>_<seed>.png files in {a.images}: name generated images so")
+        bad = sorted(set(groups) - set(prompts))
+        if bad:
+            sys.exit(f"{a.images} has images for prompt indices {bad} but prompts_{a.type}.txt has {len(prompts)} prompts")
+        triples = [(prompts[i], [s for s, _ in sorted(g)], [load_image(f) for _, f in sorted(g)]) for i, g in sorted(groups.items())]
+        pres = [load_image(f) for f in sorted(Path(a.images).glob("class_*.png"))] or None
+        scored = score(enc, real, triples, pres)
+        result = {**info, "images": a.images, "metrics": scored.metrics, "per_prompt": scored.per_prompt, "rows": scored.rows}
+        out = Path(a.out or Path(a.images) / "metrics.json")
+    write_json(out, result)
+    print(json.dumps(result.get("metrics", result.get("real_vs_real")), indent=2))
+    if not result["calibrated"]:
+        print("(tiny random encoders: uncalibrated smoke numbers)")
+    print(f"wrote {out}")
+
+
+def _report(argv: list[str]) -> None:
+    from .report import aggregate, write_report
+
+    p = argparse.ArgumentParser(prog="python -m dreambooth_pl report",
+                                description="Write report.md + figures for run folders; with --aggregate, one DreamBench table.")
+    p.add_argument("runs", nargs="+", help="run folders (outputs/<subject>)")
+    p.add_argument("--aggregate", default=None, help="write a mean ± 95%% CI table over the runs to this file")
+    a = p.parse_args(argv)
+    if a.aggregate:
+        print(f"wrote {aggregate([Path(r) / 'metrics.json' for r in a.runs], a.aggregate)}")
+    else:
+        for r in a.runs:
+            print(f"wrote {write_report(r)}")
+
+
+COMMANDS = {"tiny-model": _tiny_model, "priors": _priors, "dreambench-files": _dreambench_files,
+            "evaluate": _evaluate, "report": _report}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -243,10 +243,10 @@ class DreamBoothDataModule(pl.LightningDataModule):
         prior_negative_prompt: str = "",
         prior_batch_size: int | None = None,
         prior_seed: int = 0,
-        pretrained: str = "stable-diffusion-v1-5/stable-diffusion-v1-5",
-        revision: str | None = None,
-        variant: str | None = None,
-        single_file_config: str | None = None,
+        prior_model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        prior_revision: str | None = None,
+        prior_variant: str | None = None,
+        prior_single_file_config: str | None = None,
         resolution: int = 512,
         center_crop: bool = False,
         random_flip: bool = True,
@@ -315,7 +315,8 @@ class DreamBoothDataModule(pl.LightningDataModule):
 
         hp = self.hparams
         return PriorSettings(
-            model=hp.pretrained, revision=hp.revision, variant=hp.variant, single_file_config=hp.single_file_config,
+            model=hp.prior_model, revision=hp.prior_revision, variant=hp.prior_variant,
+            single_file_config=hp.prior_single_file_config,
             prompt=self.class_prompt, negative_prompt=hp.prior_negative_prompt, sampler=hp.prior_sampler,
             steps=hp.prior_steps, guidance_scale=hp.prior_guidance_scale, resolution=self.resolution,
             base_seed=hp.prior_seed,

@@ -20,6 +20,7 @@ def run_args(photos, tmp_path, monkeypatch):
         "--data.instance_dir", str(photos["instance"]), "--data.class_dir", str(photos["class"]),
         "--output_dir", str(tmp_path / "out"), "--trainer.enable_progress_bar", "false",
         "--probe_learning", "false",
+        "--eval.every_n_steps", "0", "--eval.evaluate_base", "false", "--eval.final", "false",  # tested in test_callbacks
     ]
 
 
@@ -48,8 +49,7 @@ def test_fit_writes_run_folder_export_and_wandb(run_args, tmp_path, wandb_run, t
 
 def test_resume_from_last_checkpoint_continues(run_args, tmp_path, tiny_dir):
     cli._lightning_cli(["fit", *run_args, "--trainer.max_steps", "4", "--export", "false",
-                        "--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.save_last=true",
-                        "--trainer.callbacks.every_n_train_steps=2"])
+                        "--checkpoint.every_n_train_steps", "2"])
     assert (tmp_path / "out" / "checkpoints" / "last.ckpt").is_file()
     c = cli._lightning_cli(["fit", *run_args, "--trainer.max_steps", "6", "--export", "false", "--ckpt_path", "last"])
     assert c.trainer.global_step == 6

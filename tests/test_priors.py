@@ -112,7 +112,7 @@ def test_resume_after_kill_equals_uninterrupted_run(tiny_dir, tmp_path):
 
 def datamodule(instance: Path, **kw) -> DreamBoothDataModule:
     args = dict(subject="t", class_noun="can", instance_dir=str(instance), resolution=64, batch_size=2,
-                min_image_size=64, pretrained="tiny", prior_steps=4, prior_batch_size=4)
+                min_image_size=64, prior_model="tiny", prior_steps=4, prior_batch_size=4)
     return DreamBoothDataModule(**{**args, **kw})
 
 

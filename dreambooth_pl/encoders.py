@@ -1,0 +1,338 @@
+"""Evaluation encoders: DINO and CLIP embeddings and LPIPS distances, pretrained (`real`) or random (`tiny`).
+
+Encoders only turn images and texts into unit embeddings (or image pairs into distances); averaging
+them into scores is `dreambooth_pl.metrics`' job.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor, nn
+from torchvision import transforms as T
+
+KINDS = ("real", "tiny")
+DINO_MODEL = "vit_small_patch16_224.dino"  # timm: ViT-S/16 trained with DINO (Caron et al. 2021)
+CLIP_MODEL, CLIP_PRETRAINED = "ViT-B-32", "openai"  # open_clip: CLIP ViT-B/32 with OpenAI's weights
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+TINY_SEED = 0
+TINY_DIM = 64
+LPIPS_SIZE = 256
+
+
+class EncoderLoadError(RuntimeError):
+    """An evaluation backbone could not be loaded; the message says which and what to do."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _rgb(images: Sequence[Image.Image], what: str = "images") -> list[Image.Image]:
+    if isinstance(images, Image.Image):
+        raise TypeError(f"{what} must be a list of PIL images, got a single image: wrap it as [image]")
+    out = []
+    for i, im in enumerate(images):
+        if not isinstance(im, Image.Image):
+            raise TypeError(f"{what}[{i}] is a {type(im).__name__}, not a PIL image: convert arrays with "
+                            f"PIL.Image.fromarray (uint8, HxWx3)")
+        out.append(im if im.mode == "RGB" else im.convert("RGB"))
+    return out
+
+
+def _first_param(module: nn.Module) -> Tensor:
+    return next(module.parameters())
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+
+
+@contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    # Fixed weights for the tiny encoders without disturbing the caller's CPU random stream.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"unknown encoder kind {kind!r}: choose 'real' (pretrained weights, needs them "
+                         f"downloaded once) or 'tiny' (random, offline, uncalibrated)")
+
+
+def _hub_offline() -> bool:
+    # Read at call time (not import time) so HF_HUB_OFFLINE set by the CLI or tests is honoured.
+    from huggingface_hub import constants
+
+    return bool(getattr(constants, "HF_HUB_OFFLINE", False))
+
+
+def _hf_cached(repo_id: str, filenames: Sequence[str], cache_dir: str | Path | None) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return any(isinstance(try_to_load_from_cache(repo_id, f, cache_dir=cache_dir), str) for f in filenames)
+
+
+def _unavailable(backbone: str, reason: str) -> EncoderLoadError:
+    # One sentence; the underlying exception stays chained as __cause__ for the details.
+    return EncoderLoadError(
+        f"Cannot load the {backbone}: {reason}; its pretrained weights need network access once (they are "
+        f"cached after) or a local cache holding them, and kind='tiny' (EVAL=tiny) runs offline but uncalibrated."
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoders
+
+
+class _EvalOnly(nn.Module):
+    """A module that stays in eval mode (no dropout, drop-path) whatever `.train()` asks."""
+
+    def train(self, mode: bool = True) -> _EvalOnly:
+        # A LightningModule holding an encoder calls .train() on all its children every epoch.
+        return super().train(False)
+
+
+def dino_transform() -> T.Compose:
+    """DINO evaluation preprocessing: resize 256 (bicubic, shorter side), center crop 224, ImageNet normalisation."""
+    return T.Compose([
+        T.Resize(256, interpolation=T.InterpolationMode.BICUBIC),
+        T.CenterCrop(224),
+        T.ToTensor(),
+        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+class DinoEncoder(_EvalOnly):
+    """A timm ViT as an image embedder: the last layer's CLS token after the final norm, L2-normalised."""
+
+    def __init__(self, model: nn.Module, *, name: str, calibrated: bool) -> None:
+        super().__init__()
+        if getattr(model, "cls_token", None) is None:
+            raise ValueError(f"DinoEncoder needs a ViT with a CLS token, got {type(model).__name__} without one")
+        self.model = model.eval().requires_grad_(False)
+        self.transform = dino_transform()
+        self.name = name
+        self.calibrated = calibrated
+        self.dim: int = model.num_features
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        """(B, 3, 224, 224) normalised pixels -> (B, D) float32 unit vectors."""
+        tokens = self.model.forward_features(pixels)  # (B, 1 + patches, D), after the final norm
+        return F.normalize(tokens[:, 0].float(), dim=-1)
+
+    def encode_images(self, images: Sequence[Image.Image], *, batch_size: int = 32) -> Tensor:
+        """(N, D) float32 unit embeddings on the module's device."""
+        _check_batch_size(batch_size)
+        images = _rgb(images)
+        p = _first_param(self)
+        out = [torch.empty(0, self.dim, device=p.device)]
+        for i in range(0, len(images), batch_size):
+            pixels = torch.stack([self.transform(im) for im in images[i : i + batch_size]])
+            with torch.inference_mode():
+                out.append(self(pixels.to(p.device, p.dtype)))
+        return torch.cat(out)  # outside inference mode: an ordinary tensor callers may use with autograd
+
+
+def clip_preprocess() -> T.Compose:
+    """open_clip's inference preprocessing for ViT-B-32/openai, built from its pretrained config (no download)."""
+    import open_clip
+
+    cfg = open_clip.get_pretrained_cfg(CLIP_MODEL, CLIP_PRETRAINED)
+    return open_clip.image_transform(
+        224, is_train=False, mean=cfg["mean"], std=cfg["std"],
+        interpolation=cfg["interpolation"], resize_mode=cfg["resize_mode"],
+    )
+
+
+class ClipEncoder(_EvalOnly):
+    """An open_clip model with its own preprocessing and tokenizer: images and texts to unit embeddings."""
+
+    def __init__(self, model: nn.Module, preprocess: Any, tokenizer: Any, *, name: str, calibrated: bool) -> None:
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+        self.preprocess = preprocess
+        self.tokenizer = tokenizer
+        self.name = name
+        self.calibrated = calibrated
+        self.dim: int = model.visual.output_dim
+
+    def encode_images(self, images: Sequence[Image.Image], *, batch_size: int = 32) -> Tensor:
+        """(N, D) float32 unit image embeddings on the module's device."""
+        _check_batch_size(batch_size)
+        images = _rgb(images)
+        p = _first_param(self)
+        out = [torch.empty(0, self.dim, device=p.device)]
+        for i in range(0, len(images), batch_size):
+            pixels = torch.stack([self.preprocess(im) for im in images[i : i + batch_size]])
+            with torch.inference_mode():
+                out.append(self.model.encode_image(pixels.to(p.device, p.dtype), normalize=True).float())
+        return torch.cat(out)
+
+    def encode_texts(self, texts: Sequence[str], *, batch_size: int = 256) -> Tensor:
+        """(N, D) float32 unit text embeddings on the module's device."""
+        _check_batch_size(batch_size)
+        if isinstance(texts, str):
+            raise TypeError(f"texts must be a list of strings, got the string {texts!r}: wrap it as [prompt]")
+        texts = list(texts)
+        if not all(isinstance(t, str) for t in texts):
+            raise TypeError(f"texts must be a list of strings, got {[type(t).__name__ for t in texts]}")
+        p = _first_param(self)
+        out = [torch.empty(0, self.dim, device=p.device)]
+        for i in range(0, len(texts), batch_size):
+            tokens = self.tokenizer(list(texts[i : i + batch_size]))  # (B, 77) ids: 49406 ... 49407, 0-padded
+            with torch.inference_mode():
+                out.append(self.model.encode_text(tokens.to(p.device), normalize=True).float())
+        return torch.cat(out)
+
+
+class LpipsDistance(_EvalOnly):
+    """LPIPS (AlexNet) distance between image pairs; 0 for identical images, higher = more different.
+
+    Every image is resized (bicubic, shorter side) to `size` and center-cropped to size x size, so
+    images of different sizes or aspect ratios are compared on the same grid, then scaled to [-1, 1].
+    """
+
+    def __init__(self, net: nn.Module, *, name: str, calibrated: bool, size: int = LPIPS_SIZE) -> None:
+        super().__init__()
+        if size < 32:
+            raise ValueError(f"LPIPS size must be >= 32 pixels (smaller images vanish in AlexNet's strided layers), got {size}")
+        self.net = net.eval().requires_grad_(False)
+        self.size = size
+        self.transform = T.Compose([
+            T.Resize(size, interpolation=T.InterpolationMode.BICUBIC),
+            T.CenterCrop(size),
+            T.ToTensor(),
+            T.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # [0, 1] -> [-1, 1], the range LPIPS expects
+        ])
+        self.name = name
+        self.calibrated = calibrated
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        """(B, 3, H, W) pixels in [-1, 1] twice -> (B,) float32 distances."""
+        return self.net(x, y).reshape(-1).float()  # net gives (B, 1, 1, 1)
+
+    def distances(self, a: Sequence[Image.Image], b: Sequence[Image.Image], *, batch_size: int = 16) -> Tensor:
+        """(N,) float32 distances of the pairs (a[i], b[i]) on the module's device."""
+        _check_batch_size(batch_size)
+        a, b = _rgb(a, "a"), _rgb(b, "b")
+        if len(a) != len(b):
+            raise ValueError(f"LPIPS scores pairs (a[i], b[i]): got {len(a)} and {len(b)} images; pass equal-length "
+                             f"lists (use metrics.within_group_pairs to form the pairs of one group)")
+        p = _first_param(self)
+        out = [torch.empty(0, device=p.device)]
+        for i in range(0, len(a), batch_size):
+            x = torch.stack([self.transform(im) for im in a[i : i + batch_size]]).to(p.device, p.dtype)
+            y = torch.stack([self.transform(im) for im in b[i : i + batch_size]]).to(p.device, p.dtype)
+            with torch.inference_mode():
+                out.append(self(x, y))
+        return torch.cat(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loaders
+
+
+def load_dino(kind: str = "real", device: str | torch.device = "cpu", *, cache_dir: str | Path | None = None) -> DinoEncoder:
+    """DINO ViT-S/16 (`real`, via timm) or a 2-layer random ViT with D=64 (`tiny`)."""
+    _check_kind(kind)
+    import timm
+
+    if kind == "tiny":
+        from timm.models.vision_transformer import VisionTransformer
+
+        with _seeded(TINY_SEED):
+            model = VisionTransformer(img_size=224, patch_size=16, embed_dim=TINY_DIM, depth=2, num_heads=2,
+                                      num_classes=0, global_pool="token")
+        return DinoEncoder(model, name="dino-tiny-uncalibrated", calibrated=False).to(device)
+
+    backbone = f"DINO ViT-S/16 backbone (timm '{DINO_MODEL}')"
+    repo = timm.models.get_pretrained_cfg(DINO_MODEL).hf_hub_id
+    # Offline, timm would build the model (~2 s) before finding no weights: check the hub cache first.
+    if repo and _hub_offline() and not _hf_cached(repo, ("model.safetensors", "pytorch_model.bin"), cache_dir):
+        raise _unavailable(backbone, f"HF_HUB_OFFLINE is set and {repo} is not in the Hugging Face cache")
+    try:
+        kw = {} if cache_dir is None else {"cache_dir": cache_dir}  # older timm 1.0.x lacks the argument
+        model = timm.create_model(DINO_MODEL, pretrained=True, num_classes=0, **kw)
+    except (OSError, RuntimeError, ValueError) as err:
+        raise _unavailable(backbone, f"loading the weights failed ({type(err).__name__})") from err
+    return DinoEncoder(model, name="dino-vits16", calibrated=True).to(device)
+
+
+def load_clip(kind: str = "real", device: str | torch.device = "cpu", *, cache_dir: str | Path | None = None) -> ClipEncoder:
+    """CLIP ViT-B/32 with OpenAI weights (`real`, via open_clip) or a 2-layer random CLIP with D=64 (`tiny`)."""
+    _check_kind(kind)
+    import open_clip
+
+    tokenizer = open_clip.get_tokenizer(CLIP_MODEL)  # CLIP's BPE, shipped inside the open_clip wheel
+    if kind == "tiny":
+        with _seeded(TINY_SEED):
+            model = open_clip.CLIP(
+                embed_dim=TINY_DIM,
+                vision_cfg=open_clip.CLIPVisionCfg(layers=2, width=64, head_width=32, patch_size=32, image_size=224),
+                text_cfg=open_clip.CLIPTextCfg(context_length=77, vocab_size=49408, width=64, heads=2, layers=2),
+                quick_gelu=True,  # as OpenAI's ViT-B/32
+            )
+        return ClipEncoder(model, clip_preprocess(), tokenizer, name="clip-tiny-uncalibrated", calibrated=False).to(device)
+
+    # open_clip fetches the weights before building the model, so it fails fast offline without a pre-check.
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            CLIP_MODEL, pretrained=CLIP_PRETRAINED, cache_dir=None if cache_dir is None else str(cache_dir)
+        )
+    except (OSError, RuntimeError, ValueError) as err:
+        raise _unavailable(f"CLIP ViT-B/32 backbone (open_clip '{CLIP_MODEL}', pretrained='{CLIP_PRETRAINED}')",
+                           f"loading the weights failed ({type(err).__name__})") from err
+    return ClipEncoder(model, preprocess, tokenizer, name="clip-vitb32-openai", calibrated=True).to(device)
+
+
+def load_lpips(kind: str = "real", device: str | torch.device = "cpu", *, size: int = LPIPS_SIZE) -> LpipsDistance:
+    """LPIPS-AlexNet from torchmetrics: ImageNet backbone (`real`) or a seeded random backbone (`tiny`).
+
+    Both use the linear-layer weights shipped inside torchmetrics; the real backbone's ImageNet weights
+    come from torchvision (downloaded once into torch.hub's cache, `$TORCH_HOME`).
+    """
+    _check_kind(kind)
+    from torchmetrics.functional.image.lpips import _NoTrainLpips  # stays in eval mode whatever .train() says
+
+    if kind == "tiny":
+        with _seeded(TINY_SEED):
+            # pnet_rand: torchvision AlexNet(weights=None), no download; `pretrained` here means the lin layers.
+            net = _NoTrainLpips(pretrained=True, net="alex", pnet_rand=True)
+        return LpipsDistance(net, name="lpips-alex-random-uncalibrated", calibrated=False, size=size).to(device)
+
+    from torchvision.models import AlexNet_Weights
+
+    backbone = "LPIPS AlexNet backbone (torchvision AlexNet_Weights.IMAGENET1K_V1)"
+    url = AlexNet_Weights.DEFAULT.url
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
+    # The project's offline switch (HF_HUB_OFFLINE) also covers torchvision's download, which has none.
+    if _hub_offline() and not cached.is_file():
+        raise _unavailable(backbone, f"HF_HUB_OFFLINE is set and {cached} does not exist")
+    try:
+        net = _NoTrainLpips(pretrained=True, net="alex", pnet_rand=False)
+    except (OSError, RuntimeError, ValueError) as err:
+        raise _unavailable(backbone, f"loading the weights failed ({type(err).__name__})") from err
+    return LpipsDistance(net, name="lpips-alex", calibrated=True, size=size).to(device)
+
+
+def load_encoders(kind: str = "real", device: str | torch.device = "cpu", *,
+                  cache_dir: str | Path | None = None) -> dict[str, nn.Module]:
+    """{'dino': DinoEncoder, 'clip': ClipEncoder, 'lpips': LpipsDistance}, all `real` or all `tiny`."""
+    _check_kind(kind)
+    return {
+        "dino": load_dino(kind, device, cache_dir=cache_dir),
+        "clip": load_clip(kind, device, cache_dir=cache_dir),
+        "lpips": load_lpips(kind, device),
+    }

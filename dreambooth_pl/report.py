@@ -1,0 +1,212 @@
+"""Local report of a run: metrics.json + samples + metrics.csv -> report.md and figures/*.png."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+from PIL import Image
+
+from .callbacks import FILE_RE, METRIC_KEYS, PAPER_ROWS
+
+LABELS = {"dino": "DINO", "clip_i": "CLIP-I", "clip_t": "CLIP-T", "clip_t_no_token": "CLIP-T (no token)",
+          "pres": "PRES ↓", "div": "DIV"}
+# Two-sided 95% Student-t quantiles for n-1 degrees of freedom (n = number of subjects).
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        12: 2.179, 15: 2.131, 20: 2.086, 25: 2.060, 29: 2.045, 30: 2.042}
+
+
+def t975(df: int) -> float:
+    """Student-t 97.5% quantile (the nearest tabulated df at or below; 1.96 for large df)."""
+    if df > 30:
+        return 1.96
+    return T975[max(k for k in T975 if k <= df)]
+
+
+def mean_ci(values: list[float]) -> tuple[float, float]:
+    """(mean, half-width of the 95% confidence interval); half-width 0 for one value."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, 0.0
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    return mean, t975(n - 1) * sd / math.sqrt(n)
+
+
+def _fmt(v) -> str:
+    return f"{v:.3f}" if isinstance(v, (int, float)) else "–"
+
+
+def metric_table(rows: dict[str, dict], keys=METRIC_KEYS) -> str:
+    """Markdown table: one row per label, one column per metric."""
+    head = "| | " + " | ".join(LABELS[k] for k in keys) + " |\n|---|" + "---:|" * len(keys) + "\n"
+    return head + "".join(f"| {label} | " + " | ".join(_fmt(r.get(k)) for k in keys) + " |\n" for label, r in rows.items())
+
+
+def read_csv_metrics(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Series per key from Lightning's CSVLogger file(s) under the run folder."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    for f in sorted(run_dir.glob("csv/**/metrics.csv")) + sorted(run_dir.glob("csv/metrics.csv")):
+        with f.open() as fh:
+            for row in csv.DictReader(fh):
+                step = int(float(row.get("step") or 0))
+                for k, v in row.items():
+                    if k != "step" and v not in (None, ""):
+                        series.setdefault(k, []).append((step, float(v)))
+    return series
+
+
+def plot_series(series: dict[str, list[tuple[int, float]]], keys: list[str], path: Path, title: str) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    present = [k for k in keys if series.get(k)]
+    if not present:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    for k in present:
+        xs, ys = zip(*sorted(set(series[k])), strict=True)
+        ax.plot(xs, ys, label=k, marker="o" if len(xs) < 30 else None)
+    ax.set_xlabel("step")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def prompt_grid(run_dir: Path, index: int, prompt: str, stages: list[str], path: Path, size: int = 128) -> Path | None:
+    """One row per stage (base, final) of the prompt's images, labelled."""
+    from PIL import ImageDraw
+
+    rows = []
+    for stage in stages:
+        files = sorted((p for p in (run_dir / "samples" / stage).glob(f"{index:02d}_*.png") if FILE_RE.match(p.name)),
+                       key=lambda p: int(FILE_RE.match(p.name).group(2)))
+        if files:
+            rows.append((stage, [Image.open(f).convert("RGB").resize((size, size)) for f in files]))
+    if not rows:
+        return None
+    label_w, head = 70, 24
+    cols = max(len(imgs) for _, imgs in rows)
+    grid = Image.new("RGB", (label_w + cols * size, head + len(rows) * size), "white")
+    draw = ImageDraw.Draw(grid)
+    draw.text((4, 4), prompt, fill="black", font=_font())
+    for r, (stage, imgs) in enumerate(rows):
+        draw.text((4, head + r * size + size // 2 - 8), stage, fill="black", font=_font())
+        for c, img in enumerate(imgs):
+            grid.paste(img, (label_w + c * size, head + r * size))
+    grid.save(path)
+    return path
+
+
+def _font(size: int = 14):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)  # Pillow >= 10.1: a scalable font, readable labels
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def photo_strip(paths: list[Path], path: Path, size: int = 128) -> Path | None:
+    """The subject's real photos side by side."""
+    from .data import load_image
+
+    if not paths:
+        return None
+    strip = Image.new("RGB", (len(paths) * size, size), "white")
+    for k, p in enumerate(paths):
+        img = load_image(p)
+        side = min(img.size)
+        left, top = (img.width - side) // 2, (img.height - side) // 2
+        strip.paste(img.crop((left, top, left + side, top + side)).resize((size, size)), (k * size, 0))
+    strip.save(path)
+    return path
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write run_dir/report.md and run_dir/figures/ from the run's metrics.json, samples and CSV log."""
+    run_dir = Path(run_dir)
+    mfile = run_dir / "metrics.json"
+    if not mfile.is_file():
+        raise FileNotFoundError(f"{mfile} not found: the run has no evaluation (is SampleAndScore in trainer.callbacks?)")
+    m = json.loads(mfile.read_text())
+    stages = m.get("stages", {})
+    fig = run_dir / "figures"
+    fig.mkdir(exist_ok=True)
+    calibrated = m.get("calibrated", False)
+    real = photo_strip([Path(p) for p in m.get("real_photos", [])], fig / "real.png")
+    warn = "" if calibrated else (
+        "> **Uncalibrated smoke numbers.** These scores come from random-initialised tiny encoders and/or a "
+        "random tiny diffusion model: they show the pipeline runs, not image quality.\n\n")
+    rows = {}
+    if "base" in stages:
+        rows["Base model (before)"] = stages["base"]["metrics"]
+    if "final" in stages:
+        rows[f"DreamBooth (after, step {stages['final'].get('step')})"] = stages["final"]["metrics"]
+    rows.update(PAPER_ROWS)
+    lines = [f"# DreamBooth report: {m.get('subject')} ({m.get('class_noun')})\n\n", warn,
+             f"Identifier `{m.get('identifier')}`; encoders: {', '.join(f'{k}={v}' for k, v in m.get('encoders', {}).items())}; "
+             f"protocol: {json.dumps(m.get('protocol'))}.\n\n",
+             *([f"![real photos](figures/{real.name})\n\n"] if real else []),
+             "## Scores\n\n", metric_table(rows),
+             "\nDINO, CLIP-I: subject fidelity (mean cosine over real×generated pairs). CLIP-T: prompt fidelity "
+             "(raw cosine). PRES: similarity of plain class-prompt images to the subject (lower = less drift). "
+             "DIV: mean LPIPS within a prompt (higher = more diverse). Paper rows: DreamBooth Table 1, for reference.\n\n"]
+    series = read_csv_metrics(run_dir)
+    loss = plot_series(series, ["train/loss", "train/loss_instance", "train/loss_prior"], fig / "loss.png", "training loss")
+    val = plot_series(series, [f"val/{k}" for k in METRIC_KEYS], fig / "metrics.png", "scores during training")
+    if loss or val:
+        lines.append("## Curves\n\n")
+        lines += [f"![{p.stem}](figures/{p.name})\n\n" for p in (loss, val) if p]
+    per_prompt = {p["index"]: p for p in stages.get("final", stages.get("base", {})).get("per_prompt", [])}
+    if per_prompt:
+        lines.append("## Per prompt\n\n")
+        show = [s for s in ("base", "final") if s in stages]
+        for idx, p in sorted(per_prompt.items()):
+            g = prompt_grid(run_dir, idx, p["prompt"], show, fig / f"prompt_{idx:02d}.png")
+            scores = ", ".join(f"{LABELS[k]} {_fmt(p.get(k))}" for k in ("dino", "clip_i", "clip_t") if k in p)
+            lines.append(f"**{idx:02d}. {p['prompt']}** — {scores}\n\n")
+            if g:
+                lines.append(f"![prompt {idx}](figures/{g.name})\n\n")
+    out = run_dir / "report.md"
+    tmp = out.with_name(".report.md.tmp")
+    tmp.write_text("".join(lines))
+    tmp.replace(out)
+    return out
+
+
+def aggregate(metric_files: list[str | Path], out: str | Path, stage: str = "final") -> Path:
+    """One table over subjects: mean ± 95% CI per metric (DreamBench Table 1 style), base and fine-tuned."""
+    per_stage: dict[str, dict[str, list[float]]] = {"base": {}, stage: {}}
+    subjects, calibrated = [], True
+    for f in metric_files:
+        m = json.loads(Path(f).read_text())
+        subjects.append(m.get("subject", Path(f).parent.name))
+        calibrated &= bool(m.get("calibrated"))
+        for s in per_stage:
+            for k, v in m.get("stages", {}).get(s, {}).get("metrics", {}).items():
+                per_stage[s].setdefault(k, []).append(v)
+    head = "| | " + " | ".join(LABELS[k] for k in METRIC_KEYS) + " |\n|---|" + "---:|" * len(METRIC_KEYS) + "\n"
+    body = ""
+    for s, label in (("base", "Base model"), (stage, "DreamBooth (ours)")):
+        cells = []
+        for k in METRIC_KEYS:
+            vals = per_stage[s].get(k, [])
+            cells.append("–" if not vals else "{:.3f} ± {:.3f}".format(*mean_ci(vals)))
+        body += f"| {label} | " + " | ".join(cells) + " |\n"
+    body += "".join(f"| {label} | " + " | ".join(_fmt(r.get(k)) for k in METRIC_KEYS) + " |\n" for label, r in PAPER_ROWS.items())
+    text = (f"# DreamBench: {len(subjects)} subjects\n\n"
+            + ("" if calibrated else "> **Uncalibrated smoke numbers** (random tiny encoders/model).\n\n")
+            + f"Subjects: {', '.join(subjects)}. Mean ± 95% CI (Student t over subjects).\n\n" + head + body)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    return out
