@@ -95,7 +95,7 @@ def test_real_vs_real_excludes_self_pairs_and_self_scores_one():
     assert real_vs_real(enc, photos[:1])["dino"] == pytest.approx(1.0, abs=1e-9)
 
 
-def test_tiny_fit_samples_scores_logs_and_checkpoints_on_val_dino(tiny_dir, photos, prompts_dir, tmp_path):
+def test_tiny_fit_samples_scores_logs_and_checkpoints_on_val_dino(tiny_dir, photos, prompts_dir, tmp_path, wandb_run):
     from dreambooth_pl.data import DreamBoothDataModule
     from dreambooth_pl.module import DreamBoothModule
     from dreambooth_pl.report import write_report
@@ -106,8 +106,11 @@ def test_tiny_fit_samples_scores_logs_and_checkpoints_on_val_dino(tiny_dir, phot
     ckpt = ModelCheckpoint(dirpath=out / "ckpt", monitor="val/dino", mode="max", save_top_k=1, every_n_train_steps=2)
     dm = DreamBoothDataModule(subject="toy", class_noun="can", instance_dir=str(photos["instance"]),
                               class_dir=str(photos["class"]), resolution=64, batch_size=2, min_image_size=64)
+    from dreambooth_pl.cli import AutoWandbLogger
+
+    loggers = [CSVLogger(out, name="", version="csv"), AutoWandbLogger(save_dir=str(out), name="toy")]
     trainer = pl.Trainer(accelerator="cpu", max_steps=5, default_root_dir=out, callbacks=[cb, ckpt],
-                         logger=CSVLogger(out, name="", version="csv"), log_every_n_steps=1,
+                         logger=loggers, log_every_n_steps=1,
                          enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(DreamBoothModule(pretrained="tiny", learning_rate=1e-3), datamodule=dm)
     for stage in ("base", "final"):
@@ -125,6 +128,14 @@ def test_tiny_fit_samples_scores_logs_and_checkpoints_on_val_dino(tiny_dir, phot
     assert ckpt.best_model_score is not None and Path(ckpt.best_model_path).is_file()
     csv_text = (out / "csv" / "metrics.csv").read_text()
     assert "val/dino" in csv_text and "train/loss_prior" in csv_text
+    # W&B (offline): the sample table, per-prompt grids, the class grid and val/* history.
+    loggers[1].experiment.finish()
+    (run_dir,) = (out / "wandb").glob("offline-run-*")
+    media = run_dir / "files" / "media"
+    assert list((media / "table" / "samples").glob("base*.table.json")) and list((media / "table" / "samples").glob("final*"))
+    assert list((media / "images" / "grids").glob("*.png")) and list((media / "images" / "priors").glob("*.png"))
+    history = wandb_run(run_dir)["history"]
+    assert any("val/dino" in h for h in history) and any("val/clip_t_no_token" in h for h in history)
     # The local report from the same run.
     report = write_report(out).read_text()
     assert "Uncalibrated" in report and "Base model (before)" in report and "0.668" in report

@@ -84,3 +84,40 @@ def test_wandb_logger_online_only_with_key(monkeypatch, tmp_path):
     assert cli.AutoWandbLogger(save_dir=str(tmp_path))._offline is False
     monkeypatch.setenv("WANDB_MODE", "offline")
     assert cli.AutoWandbLogger(save_dir=str(tmp_path))._offline is True
+
+
+def test_evaluate_real_vs_real_and_self_is_one(tmp_path, monkeypatch):
+    from .conftest import SHARED_DATA, make_photos
+
+    photos = SHARED_DATA / "dataset" / "can"
+    if not photos.is_dir():
+        photos = make_photos(tmp_path / "can", 4)
+    out = tmp_path / "rvr.json"
+    cli.main(["evaluate", "--real-vs-real", "--subject", str(photos), "--encoders", "tiny", "--out", str(out)])
+    r = json.loads(out.read_text())
+    assert set(r["real_vs_real"]) == {"dino", "clip_i"} and r["calibrated"] is False
+    assert all(-1 <= v < 1 for v in r["real_vs_real"].values())  # distinct photos: below 1
+    one = tmp_path / "one"
+    one.mkdir()
+    (one / "a.jpg").write_bytes(sorted(photos.iterdir())[0].read_bytes())
+    cli.main(["evaluate", "--real-vs-real", "--subject", str(one), "--encoders", "tiny", "--out", str(out)])
+    assert json.loads(out.read_text())["real_vs_real"] == pytest.approx({"dino": 1.0, "clip_i": 1.0}, abs=1e-6)
+
+
+def test_evaluate_scores_a_folder_of_generated_images(tmp_path):
+    from PIL import Image
+
+    from .conftest import make_photos
+
+    real = make_photos(tmp_path / "real", 3)
+    gen = tmp_path / "gen"
+    gen.mkdir()
+    for name, src in (("00_0.png", 0), ("00_1.png", 1), ("02_0.png", 2), ("class_0.png", 0)):
+        Image.open(sorted(real.iterdir())[src]).save(gen / name)
+    (tmp_path / "prompts_object.txt").write_text("a {0} {1} in the snow\na {0} {1} on the beach\na red {0} {1}\n")
+    cli.main(["evaluate", "--images", str(gen), "--subject", str(real), "--class-noun", "can",
+              "--prompts-dir", str(tmp_path), "--encoders", "tiny"])
+    r = json.loads((gen / "metrics.json").read_text())
+    assert set(r["metrics"]) == {"dino", "clip_i", "clip_t", "clip_t_no_token", "pres", "div"}
+    assert [p["prompt"] for p in r["per_prompt"]] == ["a sks can in the snow", "a red sks can"]
+    assert len(r["rows"]) == 3

@@ -48,3 +48,19 @@ def test_every_dreambench_subject_has_a_config():
         assert (cfg.data.class_noun, cfg.data.subject_type) == (row["class"], row["type"])
         assert cfg.data.instance_dir == f"data/dreambooth/dataset/{row['subject_name']}"
         assert (SHARED / "dataset" / row["subject_name"]).is_dir()
+
+
+def test_sweep_parameters_are_config_keys():
+    import yaml
+
+    for sweep in sorted((EXP / "sweeps").glob("*.yaml")):
+        spec = yaml.safe_load(sweep.read_text())
+        assert spec["metric"]["name"] == "val/dino"
+        cmd = spec["command"]
+        configs = [cmd[i + 1] for i, a in enumerate(cmd) if a == "--config"]
+        for key, values in spec["parameters"].items():
+            for v in values["values"]:
+                args = [x for c in configs for x in ("--config", str(REPO / c))] + [f"--{key}={v}"]
+                cfg = parse_config(args)
+                section, name = key.split(".")
+                assert float(getattr(getattr(cfg, section), name)) == float(v)

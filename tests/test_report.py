@@ -1,0 +1,45 @@
+"""Report helpers: confidence intervals, the DreamBench aggregate table, the per-run report without a run."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from dreambooth_pl.report import aggregate, mean_ci, metric_table, t975
+
+
+def test_mean_ci_matches_student_t():
+    mean, half = mean_ci([1.0, 2.0, 3.0])
+    assert mean == 2.0 and half == pytest.approx(4.303 * 1.0 / math.sqrt(3))
+    assert mean_ci([0.5]) == (0.5, 0.0)
+    assert t975(29) == 2.045 and t975(100) == 1.96 and t975(13) == 2.179  # nearest tabulated df below
+
+
+def test_aggregate_table_over_subjects(tmp_path):
+    files = []
+    for name, dino in (("a", 0.6), ("b", 0.7), ("c", 0.8)):
+        f = tmp_path / name / "metrics.json"
+        f.parent.mkdir()
+        f.write_text(json.dumps({"subject": name, "calibrated": True, "stages": {
+            "base": {"metrics": {"dino": dino - 0.2}}, "final": {"metrics": {"dino": dino, "clip_t": 0.3}}}}))
+        files.append(f)
+    text = aggregate(files, tmp_path / "bench.md").read_text()
+    half = 4.303 * 0.1 / math.sqrt(3)
+    assert f"| DreamBooth (ours) | 0.700 ± {half:.3f} | – | 0.300 ± 0.000 |" in text
+    assert f"| Base model | 0.500 ± {half:.3f} |" in text
+    assert "Subjects: a, b, c" in text and "Uncalibrated" not in text
+    assert "0.668" in text  # the paper's row for reference
+
+
+def test_metric_table_formats_missing_as_dash():
+    t = metric_table({"x": {"dino": 0.12345}}, keys=("dino", "clip_t"))
+    assert "| x | 0.123 | – |" in t
+
+
+def test_report_without_metrics_says_why(tmp_path):
+    from dreambooth_pl.report import write_report
+
+    with pytest.raises(FileNotFoundError, match="SampleAndScore"):
+        write_report(tmp_path)
