@@ -18,7 +18,7 @@ CONFIGS = --config experiments/base.yaml --config experiments/subjects/$(SUBJECT
 	$(if $(MODEL),--model.pretrained $(MODEL))
 OFFLINE = $(if $(filter tiny tiny-v,$(MODEL)),HF_HUB_OFFLINE=1)
 
-.PHONY: help install demo test test-slow lint data priors fit experiment dreambench sweep tiny-model clean
+.PHONY: help install demo test test-slow lint data priors fit experiment dreambench compare compare-bench sweep tiny-model clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -64,6 +64,16 @@ SUBJECTS ?= can dog backpack
 dreambench: install data ## experiment over SUBJECTS="a b c", then one mean ± 95% CI table (outputs/dreambench.md)
 	@for s in $(SUBJECTS); do $(MAKE) --no-print-directory experiment SUBJECT=$$s MODEL=$(MODEL) ARGS='$(ARGS)' || exit 1; done
 	$(PY) -m dreambooth_pl report $(addprefix outputs/,$(SUBJECTS)) --aggregate outputs/dreambench.md
+
+IP2P_MODEL = $(if $(filter tiny tiny-v,$(MODEL)),tiny-ip2p,timbrooks/instruct-pix2pix)
+IP2P_ARGS = $(if $(filter tiny tiny-v,$(MODEL)),--steps 20,)
+compare: install data ## DreamBooth vs InstructPix2Pix on SUBJECT (reuses outputs/SUBJECT; runs the experiment if absent)
+	@[ -f outputs/$(SUBJECT)/metrics.json ] || $(MAKE) --no-print-directory experiment SUBJECT=$(SUBJECT) MODEL=$(MODEL) ARGS='$(ARGS)'
+	$(OFFLINE) $(PY) -m dreambooth_pl compare outputs/$(SUBJECT) --model $(IP2P_MODEL) $(IP2P_ARGS)
+
+compare-bench: install data ## compare over SUBJECTS="a b c", then one table per method (outputs/compare-bench.md)
+	@for s in $(SUBJECTS); do $(MAKE) --no-print-directory compare SUBJECT=$$s MODEL=$(MODEL) ARGS='$(ARGS)' || exit 1; done
+	$(PY) -m dreambooth_pl compare $(addprefix outputs/,$(SUBJECTS)) --aggregate outputs/compare-bench.md
 
 SWEEP ?= experiments/sweeps/can_lr_steps_lambda.yaml
 sweep: install data ## create the W&B sweep in SWEEP (needs WANDB_API_KEY); then run the agent it prints

@@ -31,6 +31,7 @@ class EvalPrompt:
     index: int
     prompt: str
     prompt_no_token: str
+    template: str = ""
 
 
 def protocol_prompts(prompts_dir: str | Path, subject_type: str, identifier: str, class_noun: str) -> list[EvalPrompt]:
@@ -38,7 +39,8 @@ def protocol_prompts(prompts_dir: str | Path, subject_type: str, identifier: str
     f = Path(prompts_dir) / f"prompts_{subject_type}.txt"
     with_token = benchmark_prompts(f, identifier, class_noun)
     no_token = benchmark_prompts(f, "", class_noun)
-    return [EvalPrompt(i, a, b) for i, (a, b) in enumerate(zip(with_token, no_token, strict=True))]
+    templates = [t.strip() for t in f.read_text(encoding="utf-8").splitlines() if t.strip()]
+    return [EvalPrompt(i, a, b, t) for i, (a, b, t) in enumerate(zip(with_token, no_token, templates, strict=True))]
 
 
 @dataclass

@@ -6,6 +6,7 @@ import argparse
 import os
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -59,7 +60,7 @@ class LogConfigCallback(SaveConfigCallback):
         if trainer.logger is not None:
             cfg = self.config.as_dict()
             cfg.pop("config", None)  # the list of YAML paths; the merged values are what count
-            trainer.logger.log_hyperparams({"config": cfg, "git_sha": git_sha()})
+            trainer.logger.log_hyperparams({"config": cfg, "git_sha": git_sha(), "method": "dreambooth"})
 
 
 class DreamBoothCLI(LightningCLI):
@@ -92,6 +93,8 @@ class DreamBoothCLI(LightningCLI):
                 args.save_dir = str(out)
             if args is not None and "name" in args and args.name is None:
                 args.name = subject
+            if args is not None and "group" in args and args.group is None:
+                args.group = subject  # the subject's DreamBooth and InstructPix2Pix runs side by side
         if cfg.checkpoint.dirpath is None:
             cfg.checkpoint.dirpath = str(out / "checkpoints")
 
@@ -104,11 +107,22 @@ class DreamBoothCLI(LightningCLI):
                 if isinstance(logger, WandbLogger) and logger._experiment is not None:
                     logger.experiment.finish()
 
+    def before_fit(self) -> None:
+        self._fit_start = time.perf_counter()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+
     def _after_fit(self) -> None:
         cfg = self.config.fit
         if not self.trainer.is_global_zero or self.trainer.interrupted:
             return
         out = Path(cfg.output_dir)
+        from .callbacks import write_json
+
+        peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+        write_json(out / "run.json", {"fit_seconds": time.perf_counter() - self._fit_start, "peak_gpu_memory_gb": peak,
+                                      "steps": self.trainer.global_step, "git_sha": git_sha(),
+                                      "seed": cfg.seed_everything})
         dm = self.datamodule
         if cfg.export:
             meta = dict(
@@ -308,7 +322,33 @@ def _report(argv: list[str]) -> None:
             print(f"wrote {write_report(r)}")
 
 
-COMMANDS = {"tiny-model": _tiny_model, "priors": _priors, "dreambench-files": _dreambench_files,
+def _compare(argv: list[str]) -> None:
+    from .instructpix2pix import DEFAULT_MODEL, compare
+    from .report import aggregate_compare
+
+    p = argparse.ArgumentParser(
+        prog="python -m dreambooth_pl compare",
+        description="InstructPix2Pix on a DreamBooth run's subject, prompts, seeds and metrics; writes <run>/compare/report.md.",
+    )
+    p.add_argument("runs", nargs="+", help="DreamBooth run folders (outputs/<subject>)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="InstructPix2Pix hub id, folder, or tiny-ip2p (offline)")
+    p.add_argument("--encoders", default=None, choices=("real", "tiny"), help="default: the run's eval.encoders")
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--guidance", type=float, default=7.5, help="text guidance")
+    p.add_argument("--image-guidance", type=float, default=1.5)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--aggregate", default=None, help="only aggregate the runs' compare/metrics.json into this table")
+    a = p.parse_args(argv)
+    if a.aggregate:
+        print(f"wrote {aggregate_compare([Path(r) / 'compare' / 'metrics.json' for r in a.runs], a.aggregate)}")
+        return
+    for r in a.runs:
+        path = compare(r, model=a.model, encoders=a.encoders, steps=a.steps, guidance_scale=a.guidance,
+                       image_guidance_scale=a.image_guidance, batch_size=a.batch_size)
+        print(f"wrote {path}")
+
+
+COMMANDS = {"compare": _compare, "tiny-model": _tiny_model, "priors": _priors, "dreambench-files": _dreambench_files,
             "evaluate": _evaluate, "report": _report}
 
 

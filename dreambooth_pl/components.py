@@ -190,7 +190,8 @@ def build_random(name: str, folder: str | Path, seed: int = 0) -> Path:
         UNet2DConditionModel(**arch["unet"]).save_pretrained(tmp / "unet")
         # SD 1.x ships PNDM for sampling and a config that also carries DDPM/DDIM keys (clip_sample...),
         # from which training builds its DDPM; written as JSON like the released file.
-        sched_name = "EulerDiscreteScheduler" if name == TINY_IP2P else "PNDMScheduler"
+        # timbrooks/instruct-pix2pix samples with Euler ancestral.
+        sched_name = "EulerAncestralDiscreteScheduler" if name == TINY_IP2P else "PNDMScheduler"
         (tmp / "scheduler").mkdir()
         sched_cfg = {"_class_name": sched_name, "_diffusers_version": _diffusers_version(), "skip_prk_steps": True, **arch["scheduler"]}
         (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched_cfg, indent=2))
@@ -386,6 +387,19 @@ def pipeline(parts: SDComponents, sampler: str = "default"):
         scheduler=sampling_scheduler(parts, sampler),
         safety_checker=None,
         feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def instruct_pix2pix_pipeline(parts: SDComponents, sampler: str = "default"):
+    """A `StableDiffusionInstructPix2PixPipeline` sharing `parts`' modules; no safety checker."""
+    from diffusers import StableDiffusionInstructPix2PixPipeline
+
+    pipe = StableDiffusionInstructPix2PixPipeline(
+        vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=parts.unet,
+        scheduler=sampling_scheduler(parts, sampler), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)

@@ -210,3 +210,122 @@ def aggregate(metric_files: list[str | Path], out: str | Path, stage: str = "fin
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     return out
+
+
+COMPARE_KEYS = ("dino", "clip_i", "clip_t", "div", "clip_dir", "clip_img_input")
+COMPARE_LABELS = {"dino": "DINO", "clip_i": "CLIP-I", "clip_t": "CLIP-T (class prompt)", "div": "DIV",
+                  "clip_dir": "CLIP direction", "clip_img_input": "CLIP-I to input photo"}
+
+
+def tradeoff_plot(methods: dict, path: Path) -> Path:
+    """CLIP-T against DINO per prompt for each method: the fidelity/editability trade-off."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 5), dpi=100)
+    for (name, m), marker in zip(methods.items(), "o^sD", strict=False):
+        pp = m["per_prompt"]
+        ax.scatter([p["dino"] for p in pp], [p["clip_t"] for p in pp], label=name, marker=marker, alpha=0.75)
+        mm = m["metrics"]
+        ax.scatter([mm["dino"]], [mm["clip_t"]], marker="*", s=250, edgecolor="black", zorder=3)
+    ax.set_xlabel("DINO (subject fidelity)")
+    ax.set_ylabel("CLIP-T (prompt fidelity)")
+    ax.set_title("per prompt; stars: means")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def compare_grid(rows: list[tuple[str, list[Image.Image]]], title: str, path: Path, size: int = 128) -> Path:
+    """Labelled rows of images (real photo | DreamBooth | InstructPix2Pix)."""
+    from PIL import ImageDraw
+
+    label_w, head = 130, 24
+    cols = max(len(imgs) for _, imgs in rows)
+    grid = Image.new("RGB", (label_w + cols * size, head + len(rows) * size), "white")
+    draw = ImageDraw.Draw(grid)
+    draw.text((4, 4), title, fill="black", font=_font())
+    for r, (label, imgs) in enumerate(rows):
+        draw.text((4, head + r * size + size // 2 - 8), label, fill="black", font=_font())
+        for c, img in enumerate(imgs):
+            grid.paste(img.convert("RGB").resize((size, size)), (label_w + c * size, head + r * size))
+    grid.save(path)
+    return path
+
+
+def write_compare_report(run_dir: Path, payload: dict, prompts, photos: list[Image.Image]) -> Path:
+    """compare/report.md: every metric for base, DreamBooth and InstructPix2Pix, grids, trade-off plot, cost."""
+    from .instructpix2pix import square
+
+    out = Path(run_dir) / "compare"
+    fig = out / "figures"
+    fig.mkdir(parents=True, exist_ok=True)
+    methods = payload["methods"]
+    s = payload["settings"]
+    lines = [f"# DreamBooth vs InstructPix2Pix: {payload['subject']} ({payload['class_noun']})\n\n"]
+    if not payload["calibrated"]:
+        lines.append("> **Uncalibrated smoke numbers.** Random tiny encoders and/or random tiny models: "
+                     "the comparison shows the pipeline runs, not which method is better.\n\n")
+    lines += [f"InstructPix2Pix `{payload['model']}`: text guidance {s['guidance_scale']}, image guidance "
+              f"{s['image_guidance_scale']}, {s['steps']} steps, {s['images_per_prompt']} images per prompt "
+              f"(image k edits photo k mod #photos, seed {s['seed']} + k).\n\n", "## Scores\n\n"]
+    head = "| | " + " | ".join(COMPARE_LABELS[k] for k in COMPARE_KEYS) + " |\n|---|" + "---:|" * len(COMPARE_KEYS) + "\n"
+    lines.append(head + "".join(f"| {name} | " + " | ".join(_fmt(m["metrics"].get(k)) for k in COMPARE_KEYS) + " |\n"
+                                for name, m in methods.items()))
+    lines.append("".join(f"| {label} | " + " | ".join(_fmt(r.get(k)) for k in COMPARE_KEYS) + " |\n"
+                         for label, r in PAPER_ROWS.items()))
+    lines.append(
+        "\nCLIP-T here uses the benchmark prompt with the class noun for every method (InstructPix2Pix knows no "
+        "identifier). DINO / CLIP-I favour keeping the subject (an unedited photo scores high); CLIP-T and "
+        "CLIP direction favour following the prompt; CLIP-I to the input photo favours changing little. "
+        "DreamBooth re-renders the subject, InstructPix2Pix edits a given photo.\n\n")
+    lines.append("## Cost\n\n| | wall time (s) | peak GPU memory (GB) | what |\n|---|---:|---:|---|\n")
+    for name, c in payload["cost"].items():
+        lines.append(f"| {name} | {_fmt(c.get('seconds'))} | {_fmt(c.get('peak_gpu_memory_gb'))} | {c.get('what', '')} |\n")
+    if len(methods) > 1:
+        tradeoff_plot({n: m for n, m in methods.items() if n != "base model"}, fig / "tradeoff.png")
+        lines.append("\n## Fidelity / editability\n\n![trade-off](figures/tradeoff.png)\n\n")
+    lines.append("## Per prompt\n\n")
+    k = s["images_per_prompt"]
+    real_row = [square(photos[j % len(photos)], 256) for j in range(k)]
+    for ep in prompts:
+        rows = [("real photo", real_row)]
+        for name, folder in (("DreamBooth", Path(run_dir) / "samples" / "final"), ("InstructPix2Pix", out / "instructpix2pix")):
+            files = [folder / f"{ep.index:02d}_{s['seed'] + j}.png" for j in range(k)]
+            if all(f.is_file() for f in files):
+                rows.append((name, [Image.open(f) for f in files]))
+        g = compare_grid(rows, ep.prompt_no_token, fig / f"prompt_{ep.index:02d}.png")
+        lines.append(f"**{ep.index:02d}. {ep.prompt_no_token}**\n\n![prompt {ep.index}](figures/{g.name})\n\n")
+    path = out / "report.md"
+    tmp = path.with_name(".report.md.tmp")
+    tmp.write_text("".join(lines))
+    tmp.replace(path)
+    return path
+
+
+def aggregate_compare(files: list[str | Path], out: str | Path) -> Path:
+    """compare-bench: mean ± 95% CI per method and metric over subjects."""
+    per: dict[str, dict[str, list[float]]] = {}
+    subjects, calibrated = [], True
+    for f in files:
+        m = json.loads(Path(f).read_text())
+        subjects.append(m["subject"])
+        calibrated &= bool(m.get("calibrated"))
+        for name, res in m["methods"].items():
+            for key, v in res["metrics"].items():
+                per.setdefault(name, {}).setdefault(key, []).append(v)
+    head = "| | " + " | ".join(COMPARE_LABELS[k] for k in COMPARE_KEYS) + " |\n|---|" + "---:|" * len(COMPARE_KEYS) + "\n"
+    body = "".join(f"| {name} | " + " | ".join("{:.3f} ± {:.3f}".format(*mean_ci(vals[k])) if vals.get(k) else "–"
+                                               for k in COMPARE_KEYS) + " |\n" for name, vals in per.items())
+    text = (f"# DreamBooth vs InstructPix2Pix: {len(subjects)} subjects\n\n"
+            + ("" if calibrated else "> **Uncalibrated smoke numbers** (random tiny encoders/models).\n\n")
+            + f"Subjects: {', '.join(subjects)}. Mean ± 95% CI (Student t over subjects).\n\n" + head + body)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    return out

@@ -15,7 +15,7 @@ from pytorch_lightning.loggers import CSVLogger
 
 from dreambooth_pl.callbacks import EvalPrompt, SampleAndScore, protocol_prompts, real_vs_real, score
 
-from .conftest import SHARED_DATA, make_photos
+from .conftest import SHARED_DATA
 
 TEMPLATES = "a {0} {1} in the jungle\na {0} {1} in the snow\na red {0} {1}\n"
 

@@ -1,0 +1,246 @@
+"""InstructPix2Pix baseline: edit the real photos by instruction, on DreamBooth's prompts, seeds and metrics."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from . import components
+from .callbacks import EvalPrompt
+
+DEFAULT_MODEL = "timbrooks/instruct-pix2pix"
+
+# Every DreamBench template (object and live lists) -> the edit that turns a photo of the subject
+# into the prompt's scene. A template without an entry is an error, never a silent skip.
+INSTRUCTIONS: dict[str, str] = {
+    "a {0} {1} in the jungle": "put it in the jungle",
+    "a {0} {1} in the snow": "put it in the snow",
+    "a {0} {1} on the beach": "put it on the beach",
+    "a {0} {1} on a cobblestone street": "put it on a cobblestone street",
+    "a {0} {1} on top of pink fabric": "put it on top of pink fabric",
+    "a {0} {1} on top of a wooden floor": "put it on top of a wooden floor",
+    "a {0} {1} with a city in the background": "add a city in the background",
+    "a {0} {1} with a mountain in the background": "add a mountain in the background",
+    "a {0} {1} with a blue house in the background": "add a blue house in the background",
+    "a {0} {1} on top of a purple rug in a forest": "put it on top of a purple rug in a forest",
+    "a {0} {1} with a wheat field in the background": "add a wheat field in the background",
+    "a {0} {1} with a tree and autumn leaves in the background": "add a tree and autumn leaves in the background",
+    "a {0} {1} with the Eiffel Tower in the background": "add the Eiffel Tower in the background",
+    "a {0} {1} floating on top of water": "make it float on top of water",
+    "a {0} {1} floating in an ocean of milk": "make it float in an ocean of milk",
+    "a {0} {1} on top of green grass with sunflowers around it": "put it on green grass with sunflowers around it",
+    "a {0} {1} on top of a mirror": "put it on top of a mirror",
+    "a {0} {1} on top of the sidewalk in a crowded street": "put it on the sidewalk in a crowded street",
+    "a {0} {1} on top of a dirt road": "put it on top of a dirt road",
+    "a {0} {1} on top of a white rug": "put it on top of a white rug",
+    "a red {0} {1}": "make it red",
+    "a purple {0} {1}": "make it purple",
+    "a shiny {0} {1}": "make it shiny",
+    "a wet {0} {1}": "make it wet",
+    "a cube shaped {0} {1}": "make it cube shaped",
+    "a {0} {1} wearing a red hat": "give it a red hat",
+    "a {0} {1} wearing a santa hat": "give it a santa hat",
+    "a {0} {1} wearing a rainbow scarf": "give it a rainbow scarf",
+    "a {0} {1} wearing a black top hat and a monocle": "give it a black top hat and a monocle",
+    "a {0} {1} in a chef outfit": "dress it in a chef outfit",
+    "a {0} {1} in a firefighter outfit": "dress it in a firefighter outfit",
+    "a {0} {1} in a police outfit": "dress it in a police outfit",
+    "a {0} {1} wearing pink glasses": "give it pink glasses",
+    "a {0} {1} wearing a yellow shirt": "dress it in a yellow shirt",
+    "a {0} {1} in a purple wizard outfit": "dress it in a purple wizard outfit",
+}
+
+
+def instruction_for(template: str) -> str:
+    """The edit instruction of a benchmark template; a clear error when the table lacks it."""
+    key = " ".join(template.split())
+    if key not in INSTRUCTIONS:
+        raise KeyError(f"no InstructPix2Pix instruction for the template {template!r}: add it to "
+                       f"INSTRUCTIONS in dreambooth_pl/instructpix2pix.py")
+    return INSTRUCTIONS[key]
+
+
+@dataclass
+class Edit:
+    """One image to make: prompt index, seed, which real photo, the instruction."""
+
+    prompt_index: int
+    seed: int
+    photo_index: int
+    instruction: str
+
+    @property
+    def filename(self) -> str:
+        return f"{self.prompt_index:02d}_{self.seed}.png"  # the evaluation's naming: <prompt index>_<seed>.png
+
+
+def plan(prompts: list[EvalPrompt], num_photos: int, images_per_prompt: int = 4, seed: int = 0) -> list[Edit]:
+    """Image k of every prompt edits photo k mod #photos with seed + k: DreamBooth's count and seeds."""
+    return [Edit(ep.index, seed + k, k % num_photos, instruction_for(ep.template))
+            for ep in prompts for k in range(images_per_prompt)]
+
+
+def square(img: Image.Image, size: int) -> Image.Image:
+    """Center crop to a square and resize: the input photo as the model sees it."""
+    side = min(img.size)
+    left, top = (img.width - side) // 2, (img.height - side) // 2
+    return img.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
+
+
+@dataclass
+class RunStats:
+    seconds: float
+    images: int
+    peak_gpu_memory_gb: float | None
+
+
+@torch.inference_mode()
+def run(pipe, edits: list[Edit], photos: list[Image.Image], out: str | Path, resolution: int = 512,
+        guidance_scale: float = 7.5, image_guidance_scale: float = 1.5, steps: int = 100,
+        batch_size: int = 4) -> RunStats:
+    """Make the missing edits (resumable: existing files are kept), each from its own CPU generator."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    todo = [e for e in edits if not (out / e.filename).is_file()]
+    inputs = [square(p, resolution) for p in photos]
+    cuda = pipe.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for i in range(0, len(todo), batch_size):
+        chunk = todo[i : i + batch_size]
+        images = pipe(
+            prompt=[e.instruction for e in chunk], image=[inputs[e.photo_index] for e in chunk],
+            num_inference_steps=steps, guidance_scale=guidance_scale, image_guidance_scale=image_guidance_scale,
+            generator=[torch.Generator("cpu").manual_seed(e.seed) for e in chunk], output_type="pil",
+        ).images
+        for e, img in zip(chunk, images, strict=True):
+            tmp = out / f".{e.filename}.tmp"
+            img.save(tmp, format="PNG")
+            tmp.replace(out / e.filename)
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    return RunStats(seconds=seconds, images=len(todo), peak_gpu_memory_gb=peak)
+
+
+def load(pretrained: str = DEFAULT_MODEL, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+         revision: str | None = None):
+    """The InstructPix2Pix pipeline, loaded through components like every model."""
+    parts = components.load_components(pretrained, revision=revision, dtype=dtype)
+    if parts.unet.config.in_channels != 8:
+        raise components.ModelLoadError(
+            f"'{pretrained}' is not an InstructPix2Pix model: its UNet takes {parts.unet.config.in_channels} "
+            f"input channels, InstructPix2Pix needs 8 (noisy latents + image latents)")
+    return components.instruct_pix2pix_pipeline(parts).to(device)
+
+
+def _images(folder: Path, prompts: list[EvalPrompt], k: int, seed: int) -> list[list[Image.Image]] | None:
+    files = [[folder / f"{ep.index:02d}_{seed + j}.png" for j in range(k)] for ep in prompts]
+    if not all(f.is_file() for fs in files for f in fs):
+        return None
+    return [[Image.open(f).convert("RGB") for f in fs] for fs in files]
+
+
+@torch.inference_mode()
+def score_method(encoders: dict, photos: list[Image.Image], prompts: list[EvalPrompt], images: list[list[Image.Image]],
+                 class_prompt: str, resolution: int) -> dict:
+    """Both methods on each other's terms: DreamBench scores (CLIP-T against the prompt with the class noun)
+    plus InstructPix2Pix's CLIP directional similarity and CLIP image similarity to the input photo
+    (image k of a prompt is paired with photo k mod #photos, the photo InstructPix2Pix edited)."""
+    from .callbacks import score
+    from .metrics import DirectionalSimilarity, PairedCosine
+
+    groups = [(EvalPrompt(ep.index, ep.prompt_no_token, ep.prompt_no_token, ep.template), list(range(len(ims))), ims)
+              for ep, ims in zip(prompts, images, strict=True)]
+    scored = score(encoders, photos, groups)
+    clip = encoders["clip"]
+    src = clip.encode_images([square(p, resolution) for p in photos])  # (P, D)
+    src_txt = clip.encode_texts([class_prompt])  # (1, D)
+    direction, to_input = DirectionalSimilarity(), PairedCosine()
+    for (ep, _, ims), pp in zip(groups, scored.per_prompt, strict=True):
+        out = clip.encode_images(ims)  # (k, D)
+        pair_src = src[[j % len(photos) for j in range(len(ims))]]  # (k, D)
+        tgt_txt = clip.encode_texts([ep.prompt])
+        d, t = DirectionalSimilarity(), PairedCosine()
+        for m in (direction, d):
+            m.update(pair_src, out, src_txt.expand_as(out), tgt_txt.expand_as(out))
+        for m in (to_input, t):
+            m.update(pair_src, out)
+        pp["clip_dir"], pp["clip_img_input"] = float(d.compute()), float(t.compute())
+    metrics = {k: v for k, v in scored.metrics.items() if k != "clip_t_no_token"}
+    metrics.update(clip_dir=float(direction.compute()), clip_img_input=float(to_input.compute()))
+    return {"metrics": metrics, "per_prompt": scored.per_prompt}
+
+
+def compare(run_dir: str | Path, model: str = DEFAULT_MODEL, encoders: str | None = None, steps: int = 100,
+            guidance_scale: float = 7.5, image_guidance_scale: float = 1.5, batch_size: int = 4,
+            device: str | None = None) -> Path:
+    """Run the baseline on a DreamBooth run's subject, score base / DreamBooth / InstructPix2Pix alike, report."""
+    import json
+
+    import yaml
+
+    from .callbacks import protocol_prompts, write_json
+    from .data import class_prompt, list_images, load_image
+    from .encoders import load_encoders
+    from .report import write_compare_report
+
+    run_dir = Path(run_dir)
+    cfg_file = run_dir / "config.yaml"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{cfg_file} not found: run `make experiment SUBJECT=...` first (compare reuses its run)")
+    cfg = yaml.safe_load(cfg_file.read_text())
+    d, ev = cfg["data"], cfg.get("eval", {})
+    k, seed, res = ev.get("images_per_prompt", 4), ev.get("seed", 0), d["resolution"]
+    prompts = protocol_prompts(ev.get("prompts_dir", "data/dreambooth"), d["subject_type"], d["identifier"], d["class_noun"])
+    photos = [load_image(p) for p in list_images(d["instance_dir"])]
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    out = run_dir / "compare"
+    edits = plan(prompts, len(photos), k, seed)
+    pipe = load(model, device=dev, dtype=torch.float16 if dev.type == "cuda" else torch.float32)
+    stats = run(pipe, edits, photos, out / "instructpix2pix", resolution=res, guidance_scale=guidance_scale,
+                image_guidance_scale=image_guidance_scale, steps=steps, batch_size=batch_size)
+    del pipe
+    enc = load_encoders(encoders or ev.get("encoders", "real"), device=dev)
+    cls = class_prompt(d["class_noun"])
+    methods = {}
+    for name, folder in (("base model", run_dir / "samples" / "base"), ("DreamBooth", run_dir / "samples" / "final"),
+                         ("InstructPix2Pix", out / "instructpix2pix")):
+        ims = _images(folder, prompts, k, seed)
+        if ims is not None:
+            methods[name] = score_method(enc, photos, prompts, ims, cls, res)
+    fit = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
+    ip2p_time = json.loads((out / "metrics.json").read_text()).get("cost", {}).get("InstructPix2Pix") if (
+        out / "metrics.json").is_file() and stats.images == 0 else None
+    cost = {
+        "DreamBooth": {"seconds": fit.get("fit_seconds"), "peak_gpu_memory_gb": fit.get("peak_gpu_memory_gb"),
+                       "what": f"fine-tuning, {fit.get('steps')} steps (+ sampling)"},
+        "InstructPix2Pix": ip2p_time or {"seconds": stats.seconds, "peak_gpu_memory_gb": stats.peak_gpu_memory_gb,
+                                         "what": f"{stats.images} edits, {steps} steps each, no training"},
+    }
+    calibrated = all(getattr(v, "calibrated", False) for v in enc.values())
+    payload = {"subject": d["subject"], "class_noun": d["class_noun"], "model": model, "calibrated": calibrated,
+               "encoders": {n: getattr(v, "name", n) for n, v in enc.items()},
+               "settings": {"images_per_prompt": k, "seed": seed, "steps": steps, "guidance_scale": guidance_scale,
+                            "image_guidance_scale": image_guidance_scale, "resolution": res},
+               "edits": [e.__dict__ for e in edits], "methods": methods, "cost": cost}
+    write_json(out / "metrics.json", payload)
+    _log_wandb(run_dir, payload, out)
+    return write_compare_report(run_dir, payload, prompts, photos)
+
+
+def _log_wandb(run_dir: Path, payload: dict, out: Path) -> None:
+    """The baseline as its own W&B run, grouped with the subject's DreamBooth run (method in the config)."""
+    from .cli import AutoWandbLogger
+
+    logger = AutoWandbLogger(save_dir=str(out), name=f"{payload['subject']}-instructpix2pix", group=payload["subject"])
+    logger.log_hyperparams({"method": "instructpix2pix", "model": payload["model"], **payload["settings"]})
+    ip = payload["methods"].get("InstructPix2Pix", {})
+    logger.log_metrics({f"val/{k}": v for k, v in ip.get("metrics", {}).items()})
+    rows = [[p["prompt"], p.get("dino"), p.get("clip_i"), p.get("clip_t"), p.get("clip_dir")] for p in ip.get("per_prompt", [])]
+    logger.log_table("per_prompt", columns=["prompt", "dino", "clip_i", "clip_t", "clip_dir"], data=rows)
+    logger.experiment.finish()
