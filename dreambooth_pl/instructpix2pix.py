@@ -218,7 +218,7 @@ def compare(run_dir: str | Path, model: str = DEFAULT_MODEL, encoders: str | Non
         out / "metrics.json").is_file() and stats.images == 0 else None
     cost = {
         "DreamBooth": {"seconds": fit.get("fit_seconds"), "peak_gpu_memory_gb": fit.get("peak_gpu_memory_gb"),
-                       "what": f"fine-tuning, {fit.get('steps')} steps (+ sampling)"},
+                       "what": f"fine-tuning, {fit['steps']} steps" if fit else "no run.json in the run folder (fit predates it)"},
         "InstructPix2Pix": ip2p_time or {"seconds": stats.seconds, "peak_gpu_memory_gb": stats.peak_gpu_memory_gb,
                                          "what": f"{stats.images} edits, {steps} steps each, no training"},
     }

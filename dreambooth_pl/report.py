@@ -227,9 +227,10 @@ def tradeoff_plot(methods: dict, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 5), dpi=100)
     for (name, m), marker in zip(methods.items(), "o^sD", strict=False):
         pp = m["per_prompt"]
-        ax.scatter([p["dino"] for p in pp], [p["clip_t"] for p in pp], label=name, marker=marker, alpha=0.75)
+        pts = ax.scatter([p["dino"] for p in pp], [p["clip_t"] for p in pp], label=name, marker=marker, alpha=0.75)
         mm = m["metrics"]
-        ax.scatter([mm["dino"]], [mm["clip_t"]], marker="*", s=250, edgecolor="black", zorder=3)
+        ax.scatter([mm["dino"]], [mm["clip_t"]], marker="*", s=250, color=pts.get_facecolor()[0][:3],
+                   edgecolor="black", zorder=3)
     ax.set_xlabel("DINO (subject fidelity)")
     ax.set_ylabel("CLIP-T (prompt fidelity)")
     ax.set_title("per prompt; stars: means")

@@ -43,3 +43,19 @@ def test_report_without_metrics_says_why(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="SampleAndScore"):
         write_report(tmp_path)
+
+
+def test_compare_bench_table_per_method(tmp_path):
+    from dreambooth_pl.report import aggregate_compare
+
+    files = []
+    for name, (db, ip) in {"a": (0.6, 0.8), "b": (0.7, 0.9)}.items():
+        f = tmp_path / name / "compare" / "metrics.json"
+        f.parent.mkdir(parents=True)
+        f.write_text(json.dumps({"subject": name, "calibrated": False, "methods": {
+            "DreamBooth": {"metrics": {"dino": db, "clip_t": 0.3}}, "InstructPix2Pix": {"metrics": {"dino": ip}}}}))
+        files.append(f)
+    text = aggregate_compare(files, tmp_path / "cmp.md").read_text()
+    half = 12.706 * math.sqrt(0.005) / math.sqrt(2)
+    assert f"| DreamBooth | 0.650 ± {half:.3f} |" in text and f"| InstructPix2Pix | 0.850 ± {half:.3f} |" in text
+    assert "Uncalibrated" in text
