@@ -73,6 +73,7 @@ class DreamBoothCLI(LightningCLI):
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.add_lightning_class_args(SampleAndScore, "eval")
         parser.link_arguments("seed_everything", "data.seed")
+        parser.link_arguments("model.cache_latents", "data.cache_latents")  # data then skips decoding images
         # Class images are made with the model being fine-tuned: one setting, read by both.
         for src, dst in (("pretrained", "model"), ("revision", "revision"), ("variant", "variant"),
                          ("single_file_config", "single_file_config")):

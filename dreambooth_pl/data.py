@@ -128,6 +128,7 @@ class DreamBoothDataset(Dataset):
         random_flip: bool = True,
         repeats: int = 1,
         min_image_size: int = 0,
+        load_pixels: bool = True,
     ) -> None:
         if not instance_images:
             raise DataError("DreamBoothDataset got no instance images: check data.instance_dir")
@@ -148,6 +149,8 @@ class DreamBoothDataset(Dataset):
         self.random_flip = random_flip
         self.repeats = repeats
         self.min_image_size = min_image_size
+        # False with cached VAE latents: examples carry (index, flip) only and no image is decoded.
+        self.load_pixels = load_pixels
 
     def __len__(self) -> int:
         n = len(self.instance_images) * self.repeats
@@ -175,7 +178,9 @@ class DreamBoothDataset(Dataset):
         x = x.to(torch.float32).div_(127.5).sub_(1.0)  # (3, R, R) in [-1, 1]
         return x.contiguous(), flipped
 
-    def _load(self, path: Path) -> tuple[torch.Tensor, bool]:
+    def _load(self, path: Path) -> tuple[torch.Tensor | None, bool]:
+        if not self.load_pixels:
+            return None, bool(self.random_flip and torch.rand(()).item() < 0.5)  # same draw as transform()
         with load_image(path, min_size=self.min_image_size) as img:
             return self.transform(img)
 
@@ -213,15 +218,16 @@ def collate(examples: list[dict]) -> dict[str, Any]:
         prompts += [e["class_prompt"] for e in examples]
         index += [e["class_index"] for e in examples]
         flipped += [e["class_flipped"] for e in examples]
-    # (2B, 3, R, R) with class images, else (B, 3, R, R); plain layout so the VAE sees NCHW.
-    pixel_values = torch.stack(pixels).contiguous(memory_format=torch.contiguous_format)
-    return {
-        "pixel_values": pixel_values,
+    batch = {
         "prompts": prompts,
         "image_index": torch.tensor(index, dtype=torch.long),  # index into its own (instance or class) list
         "flipped": torch.tensor(flipped, dtype=torch.bool),
         "num_instance": len(examples),
     }
+    if pixels[0] is not None:  # absent with cached latents
+        # (2B, 3, R, R) with class images, else (B, 3, R, R); plain layout so the VAE sees NCHW.
+        batch["pixel_values"] = torch.stack(pixels).contiguous(memory_format=torch.contiguous_format)
+    return batch
 
 
 class DreamBoothDataModule(pl.LightningDataModule):
@@ -247,6 +253,7 @@ class DreamBoothDataModule(pl.LightningDataModule):
         prior_revision: str | None = None,
         prior_variant: str | None = None,
         prior_single_file_config: str | None = None,
+        cache_latents: bool = False,
         resolution: int = 512,
         center_crop: bool = False,
         random_flip: bool = True,
@@ -268,6 +275,9 @@ class DreamBoothDataModule(pl.LightningDataModule):
         ):
             if value < low:
                 raise DataError(f"data.{name} must be >= {low}, got {value}: fix it in the config")
+        if cache_latents and not center_crop:
+            raise DataError("cached VAE latents (model.cache_latents) need data.center_crop: true, since a random "
+                            "crop changes the image every step; set data.center_crop: true or turn the cache off")
         self.save_hyperparameters()
         self.num_class_images_wanted = num_class_images
         self.subject = subject
@@ -378,6 +388,7 @@ class DreamBoothDataModule(pl.LightningDataModule):
             random_flip=self.random_flip,
             repeats=self.repeats,
             min_image_size=self.min_image_size,
+            load_pixels=not self.hparams.cache_latents,
         )
 
     def _log_class_grid(self) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
@@ -41,19 +40,46 @@ def diffusion_target(
 
 
 def prior_preservation_loss(
-    pred: torch.Tensor, target: torch.Tensor, num_instance: int, prior_loss_weight: float = 1.0
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    num_instance: int,
+    prior_loss_weight: float = 1.0,
+    sample_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """MSE on rows [0, n) (instance) + weight * MSE on rows [n, 2n) (class prior).
 
+    `sample_weights` (N,) scales each row's MSE (min-SNR); None weighs rows equally.
     Returns (total, {"instance": ..., "prior": ...}). Without class rows the prior part is 0.
     """
     pred, target = pred.float(), target.float()
-    instance = F.mse_loss(pred[:num_instance], target[:num_instance])
-    if pred.shape[0] > num_instance:
-        prior = F.mse_loss(pred[num_instance:], target[num_instance:])
-    else:
-        prior = instance.new_zeros(())
+    per_row = (pred - target).pow(2).flatten(1).mean(1)  # (N,) mean over C, h, w
+    if sample_weights is not None:
+        per_row = per_row * sample_weights.float()
+    instance = per_row[:num_instance].mean()
+    prior = per_row[num_instance:].mean() if pred.shape[0] > num_instance else instance.new_zeros(())
     return instance + prior_loss_weight * prior, {"instance": instance, "prior": prior}
+
+
+def snr(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Signal-to-noise ratio a_t / (1 - a_t) per timestep, (B,)."""
+    a = alphas_cumprod.to(timesteps.device)[timesteps].float()
+    return a / (1 - a)
+
+
+def min_snr_weights(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023): min(SNR, gamma) / SNR for eps, / (SNR + 1) for v."""
+    s = snr(timesteps, alphas_cumprod)
+    clipped = torch.clamp(s, max=gamma)
+    if prediction_type == "epsilon":
+        return clipped / s
+    if prediction_type == "v_prediction":
+        return clipped / (s + 1)
+    raise ValueError(f"min-SNR weighting supports epsilon and v_prediction, not {prediction_type!r}")
+
+
+def offset_noise(noise: torch.Tensor, offset: float, extra: torch.Tensor) -> torch.Tensor:
+    """Offset noise: eps + offset * per-(sample, channel) constant, `extra` (B, C, 1, 1) standard normal."""
+    return noise + offset * extra
 
 
 def lr_lambda(step: int, warmup_steps: int, total_steps: int, schedule: str = "constant", min_ratio: float = 0.0) -> float:

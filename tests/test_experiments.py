@@ -27,7 +27,8 @@ def test_subject_config_parses(subject):
     assert cfg.model.learning_rate == 5e-6 and cfg.model.prior_loss_weight == 1.0
 
 
-@pytest.mark.parametrize("extra", sorted(p for p in EXP.glob("*.yaml") if p.name != "base.yaml"), ids=lambda p: p.stem)
+@pytest.mark.parametrize("extra", sorted([*(p for p in EXP.glob("*.yaml") if p.name != "base.yaml"), *EXP.glob("memory/*.yaml")]),
+                         ids=lambda p: p.stem)
 def test_overlay_config_parses(extra):
     cfg = parse_config(layered(EXP / "subjects" / "can.yaml", extra))
     assert cfg.data.subject == "can"
@@ -64,3 +65,12 @@ def test_sweep_parameters_are_config_keys():
                 cfg = parse_config(args)
                 section, name = key.split(".")
                 assert float(getattr(getattr(cfg, section), name)) == float(v)
+
+
+def test_memory_presets_choose_the_memory_levers():
+    cfg = {name: parse_config(layered(EXP / "subjects" / "can.yaml", EXP / "memory" / f"{name}.yaml"))
+           for name in ("8gb", "12gb", "16gb", "24gb")}
+    assert cfg["8gb"].model.lora_rank > 0 and all(cfg[n].model.lora_rank == 0 for n in ("12gb", "16gb", "24gb"))
+    assert cfg["16gb"].model.gradient_checkpointing and cfg["16gb"].model.optimizer == "adamw_8bit"
+    assert not cfg["24gb"].model.gradient_checkpointing
+    assert all(c.model.cache_latents and c.data.cache_latents and c.data.center_crop for c in cfg.values())

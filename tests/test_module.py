@@ -193,3 +193,122 @@ def test_denoising_mse_is_deterministic(tiny_dir):
     m = DreamBoothModule(pretrained="tiny")
     x = torch.rand(2, 3, 64, 64) * 2 - 1
     assert m.denoising_mse(x, ["a sks can"] * 2) == m.denoising_mse(x, ["a sks can"] * 2)
+
+
+# ------------------------------------------------------------------------------------ speed / memory options
+
+
+def option_losses(photos, tmp_path, steps: int = 3, dm_kw=None, precision="32-true", **mod_kw) -> list[float]:
+    """Losses of a short seeded fit with center crops and no flips (so every option sees the same images)."""
+    pl.seed_everything(0)
+    rec = LossRecorder()
+    dm = datamodule(photos, center_crop=True, random_flip=False, **(dm_kw or {}))
+    trainer(tmp_path, steps, [rec], precision=precision).fit(
+        DreamBoothModule(pretrained="tiny", learning_rate=1e-3, **mod_kw), datamodule=dm)
+    return rec.losses
+
+
+@pytest.fixture(scope="module")
+def plain_losses(tiny_dir, tmp_path_factory):
+    from .conftest import make_photos
+
+    tmp = tmp_path_factory.mktemp("plain")
+    p = {"instance": make_photos(tmp / "instance", 4, seed=1), "class": make_photos(tmp / "class", 6, seed=2, kind="noise")}
+    return p, option_losses(p, tmp, cache_text_embeddings=False)
+
+
+def test_cached_latents_equal_uncached(plain_losses, tmp_path):
+    photos, plain = plain_losses
+    cached = option_losses(photos, tmp_path, dm_kw={"cache_latents": True}, cache_latents=True)
+    assert cached == pytest.approx(plain, rel=1e-5, abs=1e-6)
+
+
+def test_cached_latents_skip_image_decoding_and_need_center_crop(tiny_dir, photos):
+    from dreambooth_pl.data import DataError
+
+    dm = datamodule(photos, center_crop=True, cache_latents=True)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert "pixel_values" not in batch and batch["image_index"].shape == (4,)
+    with pytest.raises(DataError, match="center_crop"):
+        datamodule(photos, center_crop=False, cache_latents=True)
+
+
+def test_cached_latents_cover_both_flips(tiny_dir, photos, tmp_path):
+    m = DreamBoothModule(pretrained="tiny", cache_latents=True)
+    dm = datamodule(photos, center_crop=True, random_flip=True, cache_latents=True)
+    trainer(tmp_path, 1).fit(m, datamodule=dm)
+    cache = m._latent_cache["instance"]  # (N, 2 flips, 2 moments, 4, h, w)
+    assert cache.shape[:3] == (4, 2, 2)
+    from dreambooth_pl.data import DreamBoothDataset
+
+    ds = DreamBoothDataset(dm.instance_images, "", resolution=64, center_crop=True, random_flip=False)
+    x = ds[0]["instance_pixel_values"][None]  # (1, 3, 64, 64), unflipped
+    # slot 0 holds the image's moments, slot 1 those of its mirror image
+    assert torch.allclose(cache[0, 0, 0], m.latent_moments(x)[0][0], atol=1e-5)
+    assert torch.allclose(cache[0, 1, 0], m.latent_moments(x.flip(-1))[0][0], atol=1e-5)
+    assert not torch.allclose(cache[0, 0, 0], cache[0, 1, 0], atol=1e-3)
+
+
+@pytest.mark.parametrize("option, tol", [
+    ({"cache_text_embeddings": True}, 1e-6),
+    ({"gradient_checkpointing": True}, 1e-5),
+    ({"channels_last": True}, 1e-4),
+    ({"optimizer": "adamw_fused"}, 1e-4),
+    ({"frozen_dtype": "bf16"}, 5e-2),
+])
+def test_option_trains_like_the_plain_path(plain_losses, tmp_path, option, tol):
+    photos, plain = plain_losses
+    assert option_losses(photos, tmp_path, **option) == pytest.approx(plain, rel=tol, abs=tol)
+
+
+def test_bf16_mixed_precision_close_to_fp32(plain_losses, tmp_path):
+    photos, plain = plain_losses
+    assert option_losses(photos, tmp_path, precision="bf16-mixed") == pytest.approx(plain, rel=5e-2, abs=5e-2)
+
+
+def test_loss_options_change_the_loss_as_defined(plain_losses, tmp_path):
+    """min-SNR and offset noise are different objectives: finite, and not the plain loss."""
+    photos, plain = plain_losses
+    snr = option_losses(photos, tmp_path, snr_gamma=5.0)
+    off = option_losses(photos, tmp_path, noise_offset=0.1)
+    for losses in (snr, off):
+        assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses))) and losses != plain
+
+
+def test_text_encoder_training_with_half_frozen_parts(tiny_dir, photos, tmp_path):
+    """Trainable weights stay fp32 (no 'unscale FP16 gradients'); the frozen VAE is half precision."""
+    m = DreamBoothModule(pretrained="tiny", train_text_encoder=True, frozen_dtype="bf16", learning_rate=1e-4)
+    assert m.vae.dtype == torch.bfloat16 and m.text_encoder.dtype == torch.float32 and m.unet.dtype == torch.float32
+    te0 = state(m.text_encoder)
+    trainer(tmp_path, 2, precision="bf16-mixed").fit(m, datamodule=datamodule(photos))
+    assert any(not torch.equal(te0[k], v) for k, v in m.text_encoder.state_dict().items())
+
+
+def test_lora_trains_only_adapter_weights(tiny_dir, photos, tmp_path):
+    m = DreamBoothModule(pretrained="tiny", lora_rank=4, lora_text_encoder=True, learning_rate=1e-3)
+    names = m.trainable_state_names()
+    assert names and all("lora_" in n for n in names)
+    assert any(n.startswith("text_encoder.") for n in names) and any(n.startswith("unet.") for n in names)
+    base = {k: v.clone() for k, v in m.unet.state_dict().items() if "lora_" not in k}
+    lora0 = {k: v.clone() for k, v in m.unet.state_dict().items() if "lora_" in k}
+    ckpt_cb = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0, every_n_train_steps=2)
+    trainer(tmp_path, 2, [ckpt_cb], enable_checkpointing=True).fit(m, datamodule=datamodule(photos))
+    after = m.unet.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in base.items())  # base weights untouched
+    assert any(not torch.equal(v, after[k]) for k, v in lora0.items())
+    ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    assert set(ckpt["state_dict"]) == names  # the checkpoint is the adapters only
+
+
+def test_adamw_8bit_without_bitsandbytes_says_how(tiny_dir):
+    pytest.importorskip("torch")
+    try:
+        import bitsandbytes  # noqa: F401
+
+        pytest.skip("bitsandbytes installed")
+    except ImportError:
+        pass
+    m = DreamBoothModule(pretrained="tiny", optimizer="adamw_8bit")
+    with pytest.raises(ImportError, match="bitsandbytes"):
+        m.configure_optimizers()
