@@ -12,7 +12,15 @@ from PIL import Image
 
 from dreambooth_pl import components
 from dreambooth_pl.callbacks import EvalPrompt, protocol_prompts
-from dreambooth_pl.instructpix2pix import INSTRUCTIONS, compare, instruction_for, load, plan, run, score_method
+from dreambooth_pl.instructpix2pix import (
+    INSTRUCTIONS,
+    compare,
+    instruction_for,
+    load,
+    plan,
+    run,
+    score_method,
+)
 
 from .conftest import SHARED_DATA, make_photos
 
