@@ -67,6 +67,8 @@ class DreamBoothCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--output_dir", type=str | None, default=None, help="run folder; default outputs/<data.subject>")
         parser.add_argument("--export", type=bool, default=True, help="export a diffusers pipeline to <output_dir>/model after fit")
+        parser.add_argument("--export_single_file", type=bool, default=True,
+                            help="also write <output_dir>/model.safetensors (A1111/ComfyUI single file) for full fine-tunes")
         parser.add_argument("--probe_learning", type=bool, default=False,
                             help="after fit, print the denoising MSE of base vs fine-tuned model on the instance photos")
         # Callbacks as config groups (`checkpoint:`, `eval:`): an overlay changes one setting, not the whole list.
@@ -131,8 +133,18 @@ class DreamBoothCLI(LightningCLI):
                 instance_prompt=dm.instance_prompt, class_prompt=dm.class_prompt, steps=self.trainer.global_step,
                 seed=cfg.seed_everything, git_sha=git_sha(),
             )
-            path = self.model.export(out / "model", metadata=meta)
-            print(f"Exported the fine-tuned pipeline to {path} (StableDiffusionPipeline.from_pretrained loads it)")
+            from .export import export_lora, export_single_file, has_lora
+
+            if has_lora(self.model.unet) or has_lora(self.model.text_encoder):
+                paths = export_lora(self.model, out / "lora")
+                print(f"Exported LoRA: {paths['diffusers']} (pipe.load_lora_weights) and {paths['kohya']} (A1111/ComfyUI)")
+            else:
+                path = self.model.export(out / "model", metadata=meta)
+                print(f"Exported the fine-tuned pipeline to {path} (StableDiffusionPipeline.from_pretrained loads it)")
+                if cfg.export_single_file:
+                    single = export_single_file(self.model, out / "model.safetensors",
+                                                metadata={k: str(v) for k, v in meta.items()})
+                    print(f"Exported {single} (one fp16 file in the original layout: A1111, ComfyUI, from_single_file)")
         if cfg.probe_learning:
             from .module import learning_probe
 

@@ -177,6 +177,11 @@ class DreamBoothModule(pl.LightningModule):
             torch.backends.cudnn.allow_tf32 = True
 
     def on_fit_start(self) -> None:
+        hp = self.hparams
+        if hp.lora_rank > 0 and hp.frozen_dtype != "fp32" and "mixed" not in str(self.trainer.precision):
+            raise ValueError(f"model.frozen_dtype={hp.frozen_dtype} with LoRA keeps the base UNet in half precision, "
+                             f"which needs autocast: set trainer.precision to bf16-mixed (or 16-mixed on GPU), "
+                             f"or model.frozen_dtype: fp32")
         if self.hparams.cache_latents:
             self._fill_latent_cache()
 

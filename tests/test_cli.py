@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from dreambooth_pl import cli
+from dreambooth_pl import cli, components
 
 BASE = ["--config", "experiments/base.yaml", "--config", "experiments/tiny.yaml"]
 
@@ -34,6 +34,8 @@ def test_fit_writes_run_folder_export_and_wandb(run_args, tmp_path, wandb_run, t
 
     pipe = StableDiffusionPipeline.from_pretrained(out / "model")
     assert torch.equal(pipe.unet.conv_out.weight, c.model.unet.conv_out.weight)
+    single = components.load_components(str(out / "model.safetensors"), single_file_config=str(out / "model"))
+    assert torch.allclose(single.unet.conv_out.weight, c.model.unet.conv_out.weight.half().float())
     meta = json.loads((out / "model" / "dreambooth_pl.json").read_text())
     assert meta["instance_prompt"] == "a sks can" and meta["steps"] == 6
     # Offline W&B run: the three loss curves, one point per step, and the parsed config as run config.
@@ -121,3 +123,14 @@ def test_evaluate_scores_a_folder_of_generated_images(tmp_path):
     assert set(r["metrics"]) == {"dino", "clip_i", "clip_t", "clip_t_no_token", "pres", "div"}
     assert [p["prompt"] for p in r["per_prompt"]] == ["a sks can in the snow", "a red sks can"]
     assert len(r["rows"]) == 3
+
+
+def test_8gb_preset_fits_lora_and_exports_lora_files(run_args, tmp_path, tiny_dir):
+    args = run_args[:4] + ["--config", "experiments/memory/8gb.yaml"] + run_args[4:]
+    c = cli._lightning_cli(["fit", *args, "--trainer.max_steps", "2", "--trainer.precision", "bf16-mixed"])
+    assert c.model.hparams.lora_rank == 16 and c.datamodule.hparams.cache_latents
+    out = tmp_path / "out"
+    assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file() and (out / "lora" / "lora_kohya.safetensors").is_file()
+    assert not (out / "model").exists()
+    with pytest.raises(ValueError, match="bf16-mixed"):
+        cli._lightning_cli(["fit", *args, "--trainer.max_steps", "1", "--trainer.precision", "32-true"])

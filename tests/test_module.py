@@ -312,3 +312,26 @@ def test_adamw_8bit_without_bitsandbytes_says_how(tiny_dir):
     m = DreamBoothModule(pretrained="tiny", optimizer="adamw_8bit")
     with pytest.raises(ImportError, match="bitsandbytes"):
         m.configure_optimizers()
+
+
+def test_lora_fit_exports_both_formats_that_change_the_output(tiny_dir, photos, tmp_path):
+    import numpy as np
+    from diffusers import StableDiffusionPipeline
+
+    from dreambooth_pl.export import export_lora
+
+    m = DreamBoothModule(pretrained="tiny", lora_rank=4, learning_rate=1e-2)
+    trainer(tmp_path, 3).fit(m, datamodule=datamodule(photos))
+    paths = export_lora(m, tmp_path / "lora")
+
+    def image(lora: str | None):
+        pipe = StableDiffusionPipeline.from_pretrained(tiny_dir)
+        pipe.set_progress_bar_config(disable=True)
+        if lora:
+            pipe.load_lora_weights(lora)
+        return pipe("a sks can", num_inference_steps=2, height=64, width=64, output_type="np",
+                    generator=torch.Generator().manual_seed(0)).images
+
+    base, diffusers_fmt, kohya_fmt = image(None), image(str(paths["diffusers"].parent)), image(str(paths["kohya"]))
+    assert np.abs(diffusers_fmt - base).max() > 1e-4
+    assert np.abs(kohya_fmt - diffusers_fmt).max() < 1e-2  # kohya file is fp16
