@@ -101,21 +101,12 @@ class DreamBoothCLI(LightningCLI):
         if cfg.checkpoint.dirpath is None:
             cfg.checkpoint.dirpath = str(out / "checkpoints")
 
-    def after_fit(self) -> None:
-        try:
-            self._after_fit()
-        finally:
-            # Close the W&B run so its log is complete before anything else reads it (in-process callers).
-            for logger in self.trainer.loggers:
-                if isinstance(logger, WandbLogger) and logger._experiment is not None:
-                    logger.experiment.finish()
-
     def before_fit(self) -> None:
         self._fit_start = time.perf_counter()
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
 
-    def _after_fit(self) -> None:
+    def after_fit(self) -> None:
         cfg = self.config.fit
         if not self.trainer.is_global_zero or self.trainer.interrupted:
             return
@@ -157,16 +148,27 @@ class DreamBoothCLI(LightningCLI):
 
 
 def _lightning_cli(args: list[str] | None = None, run: bool = True) -> DreamBoothCLI:
-    return DreamBoothCLI(
-        DreamBoothModule,
-        DreamBoothDataModule,
-        save_config_callback=LogConfigCallback,
-        auto_configure_optimizers=False,  # the optimizer is model config (model.learning_rate, ...)
-        save_config_kwargs={"overwrite": True},
-        args=args,
-        run=run,
-        parser_kwargs={"default_env": False, "allow_abbrev": False},
-    )
+    try:
+        return DreamBoothCLI(
+            DreamBoothModule,
+            DreamBoothDataModule,
+            save_config_callback=LogConfigCallback,
+            auto_configure_optimizers=False,  # the optimizer is model config (model.learning_rate, ...)
+            save_config_kwargs={"overwrite": True},
+            args=args,
+            run=run,
+            parser_kwargs={"default_env": False, "allow_abbrev": False},
+        )
+    finally:
+        finish_wandb()
+
+
+def finish_wandb() -> None:
+    """Close the W&B run, also after a failure, so its log is complete and the next run in this process is new."""
+    import wandb
+
+    if wandb.run is not None:
+        wandb.finish()
 
 
 class _ParseOnlyCLI(DreamBoothCLI):

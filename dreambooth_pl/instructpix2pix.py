@@ -235,8 +235,9 @@ def compare(run_dir: str | Path, model: str = DEFAULT_MODEL, encoders: str | Non
 
 def _log_wandb(run_dir: Path, payload: dict, out: Path) -> None:
     """The baseline as its own W&B run, grouped with the subject's DreamBooth run (method in the config)."""
-    from .cli import AutoWandbLogger
+    from .cli import AutoWandbLogger, finish_wandb
 
+    finish_wandb()  # WandbLogger would otherwise log into a run still open in this process
     logger = AutoWandbLogger(save_dir=str(out), name=f"{payload['subject']}-instructpix2pix", group=payload["subject"])
     logger.log_hyperparams({"method": "instructpix2pix", "model": payload["model"], **payload["settings"]})
     ip = payload["methods"].get("InstructPix2Pix", {})

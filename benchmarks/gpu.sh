@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The whole benchmark set on one GPU, in at most 8 minutes: training-step throughput/memory/MFU
+# (benchmarks/train_step.py) and class-prior generation (benchmarks/priors.py), SD 1.5-size random
+# components at 512 px. The printed tables go to $OUT/results.txt, the figures to $OUT/*.json.
+#
+#   OUT=/tmp/bench bash benchmarks/gpu.sh        # OUT defaults to benchmarks/out
+#
+# Expects torch (CUDA), diffusers, transformers, pytorch-lightning, peft, wandb and open_clip importable;
+# bitsandbytes for the full_16gb row (skipped, and said so, without it). A bare GPU machine lacks
+# several of these: when a .whl/ folder of wheels travelled with the tree, the first step installs them
+# offline into /tmp/site. Run from the repository root.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+if [ -d .whl ] && compgen -G ".whl/*.whl" > /dev/null; then
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
+fi
+PY=${PYTHON:-python3}
+OUT=${OUT:-benchmarks/out}
+mkdir -p "$OUT"
+RESULTS="$OUT/results.txt"
+: > "$RESULTS"
+export HF_HUB_OFFLINE=1  # random-initialised models only: nothing to fetch
+
+if command -v nvidia-smi > /dev/null; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$RESULTS"
+else
+    echo "nvidia-smi not found: no NVIDIA GPU visible" | tee -a "$RESULTS"
+fi
+"$PY" -c "import torch; print('torch', torch.__version__, '| cuda available:', torch.cuda.is_available())" | tee -a "$RESULTS"
+echo | tee -a "$RESULTS"
+
+start=$SECONDS
+# Budgets keep the set under 8 minutes; a run that overruns fails the script (timeout exits 124).
+# About 8 configurations x (load + 2 counted + 5 warm-up + 20 timed steps) plus one UNet compile.
+timeout "${TRAIN_STEP_BUDGET_S:-330}" "$PY" benchmarks/train_step.py --arch sd15 --resolution 512 --steps 20 \
+    --json "$OUT/train_step.json" | tee -a "$RESULTS"
+echo | tee -a "$RESULTS"
+timeout "${PRIORS_BUDGET_S:-140}" "$PY" benchmarks/priors.py --arch sd15 --num-images 64 --resolution 512 \
+    --json "$OUT/priors.json" | tee -a "$RESULTS"
+echo | tee -a "$RESULTS"
+echo "benchmark set took $((SECONDS - start)) s" | tee -a "$RESULTS"
