@@ -311,7 +311,8 @@ class DreamBoothModule(pl.LightningModule):
             {"train/loss": loss, "train/loss_instance": parts["instance"], "train/loss_prior": parts["prior"]},
             prog_bar=True, batch_size=n,
         )
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=n)
+        if self._trainer is not None:  # outside a Trainer (benchmarks) there is no optimizer to read
+            self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=n)
         return loss
 
     @torch.no_grad()
