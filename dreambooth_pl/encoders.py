@@ -134,15 +134,20 @@ class DinoEncoder(_EvalOnly):
 
     def encode_images(self, images: Sequence[Image.Image], *, batch_size: int = 32) -> Tensor:
         """(N, D) float32 unit embeddings on the module's device."""
-        _check_batch_size(batch_size)
-        images = _rgb(images)
-        p = _first_param(self)
-        out = [torch.empty(0, self.dim, device=p.device)]
-        for i in range(0, len(images), batch_size):
-            pixels = torch.stack([self.transform(im) for im in images[i : i + batch_size]])
-            with torch.inference_mode():
-                out.append(self(pixels.to(p.device, p.dtype)))
-        return torch.cat(out)  # outside inference mode: an ordinary tensor callers may use with autograd
+        return _encode_batches(self, images, self.transform, self, batch_size)
+
+
+def _encode_batches(enc: nn.Module, images: Sequence[Image.Image], transform, embed, batch_size: int) -> Tensor:
+    """Transform and embed images in batches on the encoder's device: (N, D) float32."""
+    _check_batch_size(batch_size)
+    images = _rgb(images)
+    p = _first_param(enc)
+    out = [torch.empty(0, enc.dim, device=p.device)]
+    for i in range(0, len(images), batch_size):
+        pixels = torch.stack([transform(im) for im in images[i : i + batch_size]])
+        with torch.inference_mode():
+            out.append(embed(pixels.to(p.device, p.dtype)))
+    return torch.cat(out)  # outside inference mode: an ordinary tensor callers may use with autograd
 
 
 def clip_preprocess() -> T.Compose:
@@ -170,15 +175,8 @@ class ClipEncoder(_EvalOnly):
 
     def encode_images(self, images: Sequence[Image.Image], *, batch_size: int = 32) -> Tensor:
         """(N, D) float32 unit image embeddings on the module's device."""
-        _check_batch_size(batch_size)
-        images = _rgb(images)
-        p = _first_param(self)
-        out = [torch.empty(0, self.dim, device=p.device)]
-        for i in range(0, len(images), batch_size):
-            pixels = torch.stack([self.preprocess(im) for im in images[i : i + batch_size]])
-            with torch.inference_mode():
-                out.append(self.model.encode_image(pixels.to(p.device, p.dtype), normalize=True).float())
-        return torch.cat(out)
+        return _encode_batches(self, images, self.preprocess,
+                               lambda x: self.model.encode_image(x, normalize=True).float(), batch_size)
 
     def encode_texts(self, texts: Sequence[str], *, batch_size: int = 256) -> Tensor:
         """(N, D) float32 unit text embeddings on the module's device."""

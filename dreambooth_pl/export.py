@@ -256,7 +256,6 @@ def export_single_file(
     text_layout: str = "auto",
 ) -> Path:
     """Write `.unet/.vae/.text_encoder` of `parts_or_module` as one LDM-layout `.safetensors` file, atomically."""
-    from safetensors.torch import save_file
 
     if not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating-point type, not {dtype}")
@@ -276,20 +275,7 @@ def export_single_file(
         meta["source"] = source
     meta.update(_string_metadata((metadata or {}).items()))
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Write beside the target and rename: readers never see a half-written file, and a crash leaves the
-    # previous export intact. Same folder keeps `os.replace` an atomic rename on one filesystem.
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        save_file(tensors, str(tmp), metadata=meta)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
-        tmp.chmod(0o644)  # mkstemp makes 0600; an exported model is a normal shared file
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    save_safetensors_atomic(tensors, path, meta)
     return path
 
 
@@ -418,6 +404,22 @@ def _resolve_target(text_encoder: Any, target: str | Path | None, what: str) -> 
     return Path(target)
 
 
+def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """Write beside the target and rename: readers never see a half-written file, and a crash leaves the
+    previous export intact (same folder keeps `os.replace` an atomic rename on one filesystem)."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        _finish_atomically(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _finish_atomically(tmp: Path, path: Path) -> None:
     """fsync `tmp`, make it a normal shared file and rename it onto `path` (same folder: atomic)."""
     with open(tmp, "rb") as f:
@@ -529,7 +531,6 @@ def export_lora_kohya(
     Metadata carries kohya's `ss_network_module`, `ss_network_dim` and `ss_network_alpha` (strings);
     A1111, ComfyUI and `pipe.load_lora_weights(path)` read the file.
     """
-    from safetensors.torch import save_file
 
     path = _resolve_target(text_encoder, path, "path")
     if path.suffix != ".safetensors":
@@ -539,15 +540,7 @@ def export_lora_kohya(
     meta.update(_kohya_metadata(state))
     meta.update(_string_metadata((metadata or {}).items()))
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        save_file(state, str(tmp), metadata=meta)
-        _finish_atomically(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    save_safetensors_atomic(state, path, meta)
     return path
 
 

@@ -83,27 +83,13 @@ def plot_series(series: dict[str, list[tuple[int, float]]], keys: list[str], pat
 
 def prompt_grid(run_dir: Path, index: int, prompt: str, stages: list[str], path: Path, size: int = 128) -> Path | None:
     """One row per stage (base, final) of the prompt's images, labelled."""
-    from PIL import ImageDraw
-
     rows = []
     for stage in stages:
         files = sorted((p for p in (run_dir / "samples" / stage).glob(f"{index:02d}_*.png") if FILE_RE.match(p.name)),
                        key=lambda p: int(FILE_RE.match(p.name).group(2)))
         if files:
-            rows.append((stage, [Image.open(f).convert("RGB").resize((size, size)) for f in files]))
-    if not rows:
-        return None
-    label_w, head = 70, 24
-    cols = max(len(imgs) for _, imgs in rows)
-    grid = Image.new("RGB", (label_w + cols * size, head + len(rows) * size), "white")
-    draw = ImageDraw.Draw(grid)
-    draw.text((4, 4), prompt, fill="black", font=_font())
-    for r, (stage, imgs) in enumerate(rows):
-        draw.text((4, head + r * size + size // 2 - 8), stage, fill="black", font=_font())
-        for c, img in enumerate(imgs):
-            grid.paste(img, (label_w + c * size, head + r * size))
-    grid.save(path)
-    return path
+            rows.append((stage, [Image.open(f) for f in files]))
+    return labelled_grid(rows, prompt, path, size, label_w=70) if rows else None
 
 
 def _font(size: int = 14):
@@ -242,11 +228,12 @@ def tradeoff_plot(methods: dict, path: Path) -> Path:
     return path
 
 
-def compare_grid(rows: list[tuple[str, list[Image.Image]]], title: str, path: Path, size: int = 128) -> Path:
-    """Labelled rows of images (real photo | DreamBooth | InstructPix2Pix)."""
+def labelled_grid(rows: list[tuple[str, list[Image.Image]]], title: str, path: Path, size: int = 128,
+                  label_w: int = 130) -> Path:
+    """Rows of images with a label each and a title on top (stages of a prompt; real | DreamBooth | IP2P)."""
     from PIL import ImageDraw
 
-    label_w, head = 130, 24
+    head = 24
     cols = max(len(imgs) for _, imgs in rows)
     grid = Image.new("RGB", (label_w + cols * size, head + len(rows) * size), "white")
     draw = ImageDraw.Draw(grid)
@@ -300,7 +287,7 @@ def write_compare_report(run_dir: Path, payload: dict, prompts, photos: list[Ima
             files = [folder / f"{ep.index:02d}_{s['seed'] + j}.png" for j in range(k)]
             if all(f.is_file() for f in files):
                 rows.append((name, [Image.open(f) for f in files]))
-        g = compare_grid(rows, ep.prompt_no_token, fig / f"prompt_{ep.index:02d}.png")
+        g = labelled_grid(rows, ep.prompt_no_token, fig / f"prompt_{ep.index:02d}.png")
         lines.append(f"**{ep.index:02d}. {ep.prompt_no_token}**\n\n![prompt {ep.index}](figures/{g.name})\n\n")
     path = out / "report.md"
     tmp = path.with_name(".report.md.tmp")
