@@ -31,8 +31,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 install: $(VENV)/.installed ## create .venv and install the project (torch pinned by constraints.txt)
 
-demo: install data ## offline demo: fine-tune the tiny random model on SUBJECT (default can) on CPU, export it
+demo: install data ## offline demo: fine-tune the tiny random model on SUBJECT (default can) on CPU, export, report
 	$(MAKE) --no-print-directory fit MODEL=tiny SUBJECT=$(SUBJECT)
+	$(PY) -m dreambooth_pl report outputs/$(SUBJECT)
 
 test: install ## run the test suite (fast tests; no GPU, no network)
 	$(PY) -m pytest -q
