@@ -180,17 +180,21 @@ def aggregate(metric_files: list[str | Path], out: str | Path, stage: str = "fin
         for s in per_stage:
             for k, v in m.get("stages", {}).get(s, {}).get("metrics", {}).items():
                 per_stage[s].setdefault(k, []).append(v)
-    head = "| | " + " | ".join(LABELS[k] for k in METRIC_KEYS) + " |\n|---|" + "---:|" * len(METRIC_KEYS) + "\n"
-    body = ""
-    for s, label in (("base", "Base model"), (stage, "DreamBooth (ours)")):
-        cells = []
-        for k in METRIC_KEYS:
-            vals = per_stage[s].get(k, [])
-            cells.append("–" if not vals else "{:.3f} ± {:.3f}".format(*mean_ci(vals)))
-        body += f"| {label} | " + " | ".join(cells) + " |\n"
-    body += "".join(f"| {label} | " + " | ".join(_fmt(r.get(k)) for k in METRIC_KEYS) + " |\n" for label, r in PAPER_ROWS.items())
-    text = (f"# DreamBench: {len(subjects)} subjects\n\n"
-            + ("" if calibrated else "> **Uncalibrated smoke numbers** (random tiny encoders/model).\n\n")
+    rows = {"Base model": per_stage["base"], "DreamBooth (ours)": per_stage[stage]}
+    return _ci_table(out, f"DreamBench: {len(subjects)} subjects", subjects, calibrated, rows, METRIC_KEYS, LABELS,
+                     PAPER_ROWS)
+
+
+def _ci_table(out: str | Path, title: str, subjects: list[str], calibrated: bool, rows: dict[str, dict[str, list[float]]],
+              keys, labels: dict[str, str], fixed_rows: dict[str, dict] | None = None) -> Path:
+    """A markdown table over subjects: mean ± 95% CI per row and metric, then fixed reference rows."""
+    head = "| | " + " | ".join(labels[k] for k in keys) + " |\n|---|" + "---:|" * len(keys) + "\n"
+    body = "".join(f"| {label} | " + " | ".join("{:.3f} ± {:.3f}".format(*mean_ci(vals[k])) if vals.get(k) else "–"
+                                                for k in keys) + " |\n" for label, vals in rows.items())
+    body += "".join(f"| {label} | " + " | ".join(_fmt(r.get(k)) for k in keys) + " |\n"
+                    for label, r in (fixed_rows or {}).items())
+    text = (f"# {title}\n\n"
+            + ("" if calibrated else "> **Uncalibrated smoke numbers** (random tiny encoders/models).\n\n")
             + f"Subjects: {', '.join(subjects)}. Mean ± 95% CI (Student t over subjects).\n\n" + head + body)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -307,13 +311,5 @@ def aggregate_compare(files: list[str | Path], out: str | Path) -> Path:
         for name, res in m["methods"].items():
             for key, v in res["metrics"].items():
                 per.setdefault(name, {}).setdefault(key, []).append(v)
-    head = "| | " + " | ".join(COMPARE_LABELS[k] for k in COMPARE_KEYS) + " |\n|---|" + "---:|" * len(COMPARE_KEYS) + "\n"
-    body = "".join(f"| {name} | " + " | ".join("{:.3f} ± {:.3f}".format(*mean_ci(vals[k])) if vals.get(k) else "–"
-                                               for k in COMPARE_KEYS) + " |\n" for name, vals in per.items())
-    text = (f"# DreamBooth vs InstructPix2Pix: {len(subjects)} subjects\n\n"
-            + ("" if calibrated else "> **Uncalibrated smoke numbers** (random tiny encoders/models).\n\n")
-            + f"Subjects: {', '.join(subjects)}. Mean ± 95% CI (Student t over subjects).\n\n" + head + body)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    return out
+    return _ci_table(out, f"DreamBooth vs InstructPix2Pix: {len(subjects)} subjects", subjects, calibrated, per,
+                     COMPARE_KEYS, COMPARE_LABELS)
