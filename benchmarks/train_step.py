@@ -269,6 +269,16 @@ def fill_latent_cache(module: DreamBoothModule, pixels: torch.Tensor) -> None:
 # ------------------------------------------------------------------------------------------- timing
 
 
+def warm_and_time(step: Callable[[], None], warmup: int, steps: int, device: torch.device, mem) -> tuple[list[float], int]:
+    """The remaining warm-up steps, then per-step times and the peak memory of the timed steps."""
+    for _ in range(max(0, warmup - 1)):
+        step()
+    sync(device)
+    mem.reset_peak()
+    times = time_steps(step, steps, device)
+    return times, mem.peak()
+
+
 def time_steps(step: Callable[[], None], steps: int, device: torch.device) -> list[float]:
     """Wall time of each of `steps` calls, synchronised on both sides."""
     times = []
@@ -317,12 +327,7 @@ def bench_ours(cfg: Config, folder: str, pixels: torch.Tensor, device: torch.dev
         module.unet.disable_gradient_checkpointing()
         _, useful = count_flops(step, module.unet)
         module.unet.enable_gradient_checkpointing()
-    for _ in range(max(0, warmup - 1)):
-        step()
-    sync(device)
-    mem.reset_peak()
-    times = time_steps(step, steps, device)
-    peak = mem.peak()
+    times, peak = warm_and_time(step, warmup, steps, device, mem)
     precision = cfg.precision
     if precision == "fp32" and device.type == "cuda" and module.hparams.allow_tf32:
         precision = "fp32 (TF32)"
@@ -376,12 +381,7 @@ def bench_reference(folder: str, pixels: torch.Tensor, device: torch.device, ste
 
     step()
     flops, useful = count_flops(step, unet)
-    for _ in range(max(0, warmup - 1)):
-        step()
-    sync(device)
-    mem.reset_peak()
-    times = time_steps(step, steps, device)
-    peak = mem.peak()
+    times, peak = warm_and_time(step, warmup, steps, device, mem)
     precision = "bf16-mixed" if cuda else "fp32"
     return Result("reference (diffusers example)", precision, times, flops, useful, peak,
                   extra={"optimizer": "adamw (for-each)", "tf32": False})

@@ -307,6 +307,6 @@ class SampleAndScore(pl.Callback):
 
 def write_json(path: Path, payload: dict) -> None:
     """Write JSON to a temporary name, then rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    tmp.replace(path)
+    from .priors import atomic_write_text
+
+    atomic_write_text(Path(path), json.dumps(payload, indent=2))

@@ -132,7 +132,7 @@ def scan(folder: Path, settings: PriorSettings, num_images: int) -> tuple[list[i
 
 
 def write_settings(folder: Path, settings: PriorSettings) -> None:
-    _atomic_write_text(Path(folder) / SETTINGS, json.dumps({"key": settings.key(), "settings": settings.identity()}, indent=2))
+    atomic_write_text(Path(folder) / SETTINGS, json.dumps({"key": settings.key(), "settings": settings.identity()}, indent=2))
 
 
 def write_manifest(folder: Path, settings: PriorSettings, indices: list[int]) -> None:
@@ -141,10 +141,11 @@ def write_manifest(folder: Path, settings: PriorSettings, indices: list[int]) ->
                          "key": settings.key(), "prompt": settings.prompt, "sampler": settings.sampler,
                          "steps": settings.steps, "guidance_scale": settings.guidance_scale,
                          "resolution": settings.resolution}) for i in sorted(indices)]
-    _atomic_write_text(Path(folder) / MANIFEST, "\n".join(lines) + ("\n" if lines else ""))
+    atomic_write_text(Path(folder) / MANIFEST, "\n".join(lines) + ("\n" if lines else ""))
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write to a temporary name beside `path`, then rename: readers see the old or the new file, never half."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)

@@ -10,6 +10,7 @@ from pathlib import Path
 from PIL import Image
 
 from .callbacks import FILE_RE, METRIC_KEYS, PAPER_ROWS
+from .priors import atomic_write_text
 
 LABELS = {"dino": "DINO", "clip_i": "CLIP-I", "clip_t": "CLIP-T", "clip_t_no_token": "CLIP-T (no token)",
           "pres": "PRES ↓", "div": "DIV"}
@@ -58,12 +59,27 @@ def read_csv_metrics(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return series
 
 
-def plot_series(series: dict[str, list[tuple[int, float]]], keys: list[str], path: Path, title: str) -> Path | None:
+def _pyplot():
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save_figure(fig, ax, title: str, path: Path) -> Path:
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    _pyplot().close(fig)
+    return path
+
+
+def plot_series(series: dict[str, list[tuple[int, float]]], keys: list[str], path: Path, title: str) -> Path | None:
+    plt = _pyplot()
     present = [k for k in keys if series.get(k)]
     if not present:
         return None
@@ -72,13 +88,7 @@ def plot_series(series: dict[str, list[tuple[int, float]]], keys: list[str], pat
         xs, ys = zip(*sorted(set(series[k])), strict=True)
         ax.plot(xs, ys, label=k, marker="o" if len(xs) < 30 else None)
     ax.set_xlabel("step")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, ax, title, path)
 
 
 def prompt_grid(run_dir: Path, index: int, prompt: str, stages: list[str], path: Path, size: int = 128) -> Path | None:
@@ -163,9 +173,7 @@ def write_report(run_dir: str | Path) -> Path:
             if g:
                 lines.append(f"![prompt {idx}](figures/{g.name})\n\n")
     out = run_dir / "report.md"
-    tmp = out.with_name(".report.md.tmp")
-    tmp.write_text("".join(lines))
-    tmp.replace(out)
+    atomic_write_text(out, "".join(lines))
     return out
 
 
@@ -209,12 +217,7 @@ COMPARE_LABELS = {"dino": "DINO", "clip_i": "CLIP-I", "clip_t": "CLIP-T (class p
 
 def tradeoff_plot(methods: dict, path: Path) -> Path:
     """CLIP-T against DINO per prompt for each method: the fidelity/editability trade-off."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 5), dpi=100)
+    fig, ax = _pyplot().subplots(figsize=(6, 5), dpi=100)
     for (name, m), marker in zip(methods.items(), "o^sD", strict=False):
         pp = m["per_prompt"]
         pts = ax.scatter([p["dino"] for p in pp], [p["clip_t"] for p in pp], label=name, marker=marker, alpha=0.75)
@@ -223,13 +226,7 @@ def tradeoff_plot(methods: dict, path: Path) -> Path:
                    edgecolor="black", zorder=3)
     ax.set_xlabel("DINO (subject fidelity)")
     ax.set_ylabel("CLIP-T (prompt fidelity)")
-    ax.set_title("per prompt; stars: means")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, ax, "per prompt; stars: means", path)
 
 
 def labelled_grid(rows: list[tuple[str, list[Image.Image]]], title: str, path: Path, size: int = 128,
@@ -294,9 +291,7 @@ def write_compare_report(run_dir: Path, payload: dict, prompts, photos: list[Ima
         g = labelled_grid(rows, ep.prompt_no_token, fig / f"prompt_{ep.index:02d}.png")
         lines.append(f"**{ep.index:02d}. {ep.prompt_no_token}**\n\n![prompt {ep.index}](figures/{g.name})\n\n")
     path = out / "report.md"
-    tmp = path.with_name(".report.md.tmp")
-    tmp.write_text("".join(lines))
-    tmp.replace(path)
+    atomic_write_text(path, "".join(lines))
     return path
 
 
