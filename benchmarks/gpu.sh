@@ -34,12 +34,14 @@ start=$SECONDS
 # One random-initialised SD 1.5-size model for both benchmarks (building it takes about a minute).
 MODEL_DIR=$(mktemp -d /tmp/bench-sd15.XXXXXX)
 trap 'rm -rf "$MODEL_DIR"' EXIT
-"$PY" -c "import sys; sys.path.insert(0, '.'); from dreambooth_pl import components; components.build_random('sd15', sys.argv[1])" \
+"$PY" -c "import sys; sys.path.insert(0, '.'); from dreambooth_pl import tiny; tiny.build_random('sd15', sys.argv[1])" \
     "$MODEL_DIR/sd15"
 echo "built the sd15 model in $((SECONDS - start)) s" | tee -a "$RESULTS"
 
 # Budgets keep the set under 8 minutes: train_step starts no configuration after --budget-s (the
 # important ones run first and the skipped ones are listed); `timeout` is the hard stop (exit 124).
+# train_step's rows are experiments/base.yaml + subjects/can.yaml + a memory preset and overrides, with
+# --model.pretrained set to --model: see ROWS in benchmarks/train_step.py.
 timeout "${TRAIN_STEP_TIMEOUT_S:-300}" "$PY" benchmarks/train_step.py --arch sd15 --model "$MODEL_DIR/sd15" \
     --resolution 512 --steps 20 --budget-s "${TRAIN_STEP_BUDGET_S:-220}" --json "$OUT/train_step.json" | tee -a "$RESULTS"
 echo | tee -a "$RESULTS"

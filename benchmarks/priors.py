@@ -22,9 +22,10 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from diffusers import StableDiffusionPipeline
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dreambooth_pl import components, priors  # noqa: E402
+from dreambooth_pl import components, priors, tiny  # noqa: E402
 
 
 def sync(device: torch.device) -> None:
@@ -50,8 +51,6 @@ def bench_ours(settings, n: int, batch_size: int | None, device: torch.device, o
 
 
 def bench_reference(folder: str, prompt: str, n: int, resolution: int, device: torch.device, out: Path) -> float:
-    from diffusers import StableDiffusionPipeline
-
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=dtype, safety_checker=None,
                                                    requires_safety_checker=False).to(device)
@@ -92,9 +91,9 @@ def main() -> None:
     res = a.resolution or (64 if a.arch.startswith("tiny") else 512)
     work = Path(tempfile.mkdtemp(prefix="bench-priors-"))
     try:
-        folder = a.model or str(components.tiny_model_path(a.arch) if a.arch.startswith("tiny")
-                                else components.build_random(a.arch, work / a.arch))
-        settings = priors.PriorSettings(model=folder, prompt="a can", resolution=res)
+        folder = a.model or str(tiny.tiny_model_path(a.arch) if a.arch.startswith("tiny")
+                                else tiny.build_random(a.arch, work / a.arch))
+        settings = priors.PriorSettings(model=components.ModelSource(folder), prompt="a can", resolution=res)
         (work / "ours").mkdir()
         (work / "ref").mkdir()
         ours, bs = bench_ours(settings, a.num_images, a.batch_size, device, work / "ours")

@@ -1,15 +1,21 @@
-"""Training-step throughput, memory and MFU: our configurations vs the diffusers DreamBooth example loop.
+"""Training-step throughput, memory and MFU: the project's presets vs the diffusers DreamBooth example loop.
 
     python benchmarks/train_step.py                                  # tiny model, CPU (smoke figures)
     python benchmarks/train_step.py --arch sd15 --resolution 512     # on a GPU (benchmarks/gpu.sh)
+    python benchmarks/train_step.py --steps 2 --warmup 1 --configs full_fp32_uncached,lora_8gb   # quickest
 
-Every configuration trains the same model folder on the same fixed batch (1 instance + 1 class image,
-prior preservation), with model loading, FLOP counting and warm-up steps excluded from the timings.
+Every configuration is a row of ROWS: memory presets and command-line overrides layered on
+experiments/base.yaml + experiments/subjects/can.yaml, parsed by the project's own parser
+(`dreambooth_pl.config.parse_config`, so a preset edit shows here), plus `--model.pretrained <model>`.
+The parsed `model:` section builds the DreamBoothModule, `trainer.precision` sets the autocast and
+`trainer.gradient_clip_val` the clipping. Each trains the same model folder on the same fixed batch
+(1 instance + 1 class image, prior preservation); model loading, latent caching, FLOP counting and
+warm-up steps are outside the timings.
 
-Ours: one step is what Lightning's automatic optimisation runs, without its loop: `training_step`
-(under bf16 autocast for bf16-mixed), backward, gradient clipping at 1.0 (base.yaml's
-gradient_clip_val), optimizer step, LR-scheduler step, zero_grad. `training_step` itself is called:
-outside a Trainer `self.log` only warns, and `self.optimizers()` is answered with the config's optimizer.
+Ours: one step is what Lightning's automatic optimisation runs, without its loop (and without
+`self.log`): `module.compute_loss(batch)` (under bf16 autocast for bf16-mixed), backward, gradient
+clipping, the optimizer from `module.make_optimizer()`, the configured LR schedule, zero_grad. Cached
+configurations fill the latent cache with `module.cache_latents` (what on_fit_start does).
 
 Reference: what diffusers' train_dreambooth.py does per step with its defaults (written out here, not
 imported): tokenizer + text encoder and VAE encode + posterior sample every step, fp32 UNet under bf16
@@ -20,6 +26,9 @@ FLOPs come from torch.utils.flop_counter.FlopCounterMode around one (eager) step
 "useful" FLOPs are the UNet forward+backward alone, counted without activation recomputation, so cached,
 uncached and checkpointed configurations share one yardstick. MFU divides by a matmul peak measured in
 the same run (bf16 8192^3 on CUDA, fp32 2048^3 on CPU).
+
+The presets are used as written on every device: the 24gb rows use fused AdamW on CPU too (torch's CPU
+fused kernel), where the script before the config-driven rows used plain AdamW.
 """
 
 from __future__ import annotations
@@ -29,67 +38,119 @@ import gc
 import json
 import os
 import platform
-import shutil
 import statistics
 import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dreambooth_pl import components  # noqa: E402
-from dreambooth_pl.module import DreamBoothModule  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from dreambooth_pl import components, tiny  # noqa: E402
+from dreambooth_pl.config import parse_config  # noqa: E402
+from dreambooth_pl.module import DreamBoothModule, LoraSettings, Optimization, SpeedSettings  # noqa: E402
 
-INSTANCE_PROMPT, CLASS_PROMPT = "a sks can", "a can"
-GRAD_CLIP = 1.0  # experiments/base.yaml trainer.gradient_clip_val; the example's --max_grad_norm default
+INSTANCE_PROMPT, CLASS_PROMPT = "a sks can", "a can"  # base.yaml's identifier + subjects/can.yaml's class noun
+BASE_FILES = ("experiments/base.yaml", "experiments/subjects/can.yaml")  # under every row
+GRAD_CLIP_REFERENCE = 1.0  # the example's --max_grad_norm default
 TARGETS = "targets (one H100, sd15 at 512 px, batch 1+1): >= 2x reference steps/s, >= 35% MFU, full_16gb <= 16 GB, LoRA <= 8 GB"
+
+
+class Row(NamedTuple):
+    """One benchmarked configuration: experiments/memory/<preset>.yaml files and overrides on the base files."""
+
+    name: str
+    presets: tuple[str, ...]
+    overrides: str
+    on: str = "any"  # run by default on "any" device, or only on "cpu" / "cuda" (--configs runs it anywhere)
+    priority: int = 9  # run order under --budget-s (lower first); the table keeps the listed order
+
+
+FP32 = "--trainer.precision 32-true"
+UNCACHED = "--model.speed.cache_latents false --model.speed.cache_text_embeddings false"
+NHWC = "--model.speed.channels_last true"
+ROWS = (
+    Row("full_fp32_uncached", (), f"{FP32} {UNCACHED}", priority=7),
+    # Caches alone, without the precision change (bf16 autocast is a slowdown on most CPUs).
+    Row("full_fp32_cached", (), f"{FP32} --model.speed.cache_latents true", on="cpu", priority=8),
+    Row("full_bf16_uncached", (), UNCACHED, priority=6),
+    Row("full_bf16_cached", ("24gb",), NHWC, priority=0),
+    # torch.compile on CPU takes minutes for nothing the GPU figures need.
+    Row("full_bf16_cached_compiled", ("24gb",), f"{NHWC} --model.speed.compile_unet true", on="cuda", priority=5),
+    Row("full_16gb", ("16gb",), "", priority=1),
+    Row("lora_bf16_cached", ("24gb",), f"{NHWC} --model.lora.rank 16 --model.lora.alpha 16", priority=3),
+    Row("lora_8gb", ("8gb",), "", priority=2),  # what the "LoRA <= 8 GB" target is about
+)
+ROWS_BY_NAME = {r.name: r for r in ROWS}
+NOT_HERE = {"cuda": "CUDA only (torch.compile on CPU is minutes of compiling for no figure that matters)",
+            "cpu": "CPU only by default (pass --configs to run it)"}
+PRECISIONS = {"32-true": "fp32", "32": "fp32", "bf16-mixed": "bf16-mixed"}  # Lightning's name -> ours
 
 
 @dataclass
 class Config:
-    """One benchmarked configuration: DreamBoothModule kwargs and the trainer precision."""
+    """A row parsed: the `model:` section (plain values), trainer precision and clipping."""
 
-    name: str
-    precision: str  # "fp32" (Lightning 32-true) or "bf16-mixed"
-    kwargs: dict
-    cuda_only: bool = False  # torch.compile on CPU takes minutes for nothing the GPU figures need
-    cpu_only: bool = False  # default on CPU only, to keep the GPU set inside its time budget
-    needs_bnb: bool = False
-    priority: int = 9  # run order under a time budget (lower first); the table keeps the listed order
+    row: Row
+    model: dict
+    precision: str  # "fp32" or "bf16-mixed"
+    grad_clip: float | None
+
+    @property
+    def name(self) -> str:
+        return self.row.name
+
+    def describe(self) -> str:
+        files = [f"experiments/memory/{p}.yaml" for p in self.row.presets]
+        return " ".join([*files, self.row.overrides]).strip() or "(base files only)"
+
+    def module(self) -> DreamBoothModule:
+        m = self.model
+        return DreamBoothModule(**dict(m, optim=Optimization(**m["optim"]), lora=LoraSettings(**m["lora"]),
+                                       speed=SpeedSettings(**m["speed"])))
 
 
-def make_configs(device: torch.device) -> dict[str, Config]:
-    """The configurations, in run order; fused AdamW only on CUDA (its point is one CUDA kernel)."""
-    cuda = device.type == "cuda"
-    fast = dict(cache_latents=True, cache_text_embeddings=True, frozen_dtype="bf16",
-                optimizer="adamw_fused" if cuda else "adamw", channels_last=True)
-    cfgs = [
-        Config("full_fp32_uncached", "fp32", dict(cache_latents=False, cache_text_embeddings=False), priority=7),
-        # Caches alone, without the precision change (bf16 autocast is a slowdown on most CPUs).
-        Config("full_fp32_cached", "fp32", dict(cache_latents=True, cache_text_embeddings=True), cpu_only=True,
-               priority=8),
-        Config("full_bf16_uncached", "bf16-mixed", dict(cache_latents=False, cache_text_embeddings=False), priority=6),
-        Config("full_bf16_cached", "bf16-mixed", dict(fast), priority=0),
-        Config("full_bf16_cached_compiled", "bf16-mixed", dict(fast, compile_unet=True), cuda_only=True, priority=5),
-        # experiments/memory/16gb.yaml, model section as written there.
-        Config("full_16gb", "bf16-mixed", dict(cache_latents=True, cache_text_embeddings=True, frozen_dtype="bf16",
-                                               optimizer="adamw_8bit", gradient_checkpointing=True),
-               needs_bnb=True, priority=1),
-        Config("lora_bf16_cached", "bf16-mixed", dict(fast, lora_rank=16, lora_alpha=16), priority=3),
-        # experiments/memory/8gb.yaml, model section: what the "LoRA <= 8 GB" target is about.
-        Config("lora_8gb", "bf16-mixed", dict(lora_rank=16, lora_alpha=16, cache_latents=True, cache_text_embeddings=True,
-                                              frozen_dtype="bf16", optimizer="adamw", gradient_checkpointing=True),
-               priority=2),
-    ]
-    return {c.name: c for c in cfgs}
+def make_config(row: Row, pretrained: str) -> Config:
+    """Parse the row's files and overrides as `python -m dreambooth_pl fit` would."""
+    files = [*BASE_FILES, *(f"experiments/memory/{p}.yaml" for p in row.presets)]
+    args = [x for f in files for x in ("--config", str(ROOT / f))]
+    cfg = parse_config([*args, *row.overrides.split(), "--model.pretrained", pretrained])
+    precision = str(cfg.trainer.precision)
+    if precision not in PRECISIONS:
+        raise ValueError(f"{row.name}: trainer.precision {precision} is not benchmarked (use 32-true or bf16-mixed)")
+    return Config(row, cfg.model.as_dict(), PRECISIONS[precision], cfg.trainer.gradient_clip_val)
+
+
+def importable(name: str) -> bool:
+    try:
+        __import__(name)
+    except ImportError:
+        return False
+    return True
+
+
+def select_configs(names: list[str], explicit: bool, pretrained: str, device: torch.device) -> tuple[list[Config], dict]:
+    """The rows to run on this device, parsed, and why the others are skipped."""
+    run, skipped = [], {}
+    have_bnb = importable("bitsandbytes")
+    for row in map(ROWS_BY_NAME.__getitem__, names):
+        if row.on not in ("any", device.type) and not explicit:
+            skipped[row.name] = NOT_HERE[row.on]
+            continue
+        cfg = make_config(row, pretrained)
+        if cfg.model["optim"]["optimizer"] == "adamw_8bit" and not have_bnb:
+            skipped[row.name] = "bitsandbytes not importable (adamw_8bit)"
+        else:
+            run.append(cfg)
+    return run, skipped
 
 
 @dataclass
@@ -122,6 +183,15 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def choose_device(name: str, threads: int) -> torch.device:
+    torch.set_flush_denormal(True)  # random tiny weights produce denormals that stall CPU math
+    device = torch.device("cuda" if name == "auto" and torch.cuda.is_available() else
+                          "cpu" if name == "auto" else name)
+    if device.type == "cpu" and threads > 0:
+        torch.set_num_threads(threads)
+    return device
+
+
 def device_name(device: torch.device) -> str:
     """The card's name, or the CPU with the cores this process may use and the threads torch runs."""
     if device.type == "cuda":
@@ -138,14 +208,7 @@ def matmul_peak(device: torch.device) -> tuple[float, str]:
     b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
     for _ in range(3):
         a @ b
-    times = []
-    for _ in range(reps):
-        sync(device)
-        t = time.perf_counter()
-        a @ b
-        sync(device)
-        times.append(time.perf_counter() - t)
-    del a, b
+    times = time_steps(lambda: a @ b, reps, device)
     return 2 * n**3 / statistics.median(times), f"{str(dtype).removeprefix('torch.')} {n}^3 matmul"
 
 
@@ -186,7 +249,8 @@ class MemoryMeter:
 
 
 def free(device: torch.device) -> None:
-    """Release the last configuration's tensors so the next one's peak is its own."""
+    """Release the last configuration's tensors (and compiled graphs) so the next one's peak is its own."""
+    torch.compiler.reset()
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -199,10 +263,13 @@ def set_tf32(on: bool) -> None:
 
 
 def autocast_for(precision: str, device: torch.device) -> Callable[[], AbstractContextManager]:
-    """Lightning's bf16-mixed forward context (training_step only; backward runs outside it)."""
+    """Lightning's bf16-mixed forward context (the loss only; backward runs outside it)."""
     if precision == "bf16-mixed":
         return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext
+
+
+# ------------------------------------------------------------------------------------------- FLOPs
 
 
 @contextmanager
@@ -237,13 +304,53 @@ def count_flops(step: Callable[[], None], unet: torch.nn.Module) -> tuple[float,
     return float(counter.get_total_flops()), float(sum(unet_counts.values()))
 
 
-# ------------------------------------------------------------------------------------------- batch
+# ------------------------------------------------------------------------------------------- measuring
+
+
+@dataclass
+class Bench:
+    """What every configuration shares: the device, the model, the batch's pixels, the step counts."""
+
+    device: torch.device
+    folder: str  # `--model.pretrained`: a diffusers folder or `tiny`
+    pixels: torch.Tensor  # (2, 3, R, R) in [-1, 1]: row 0 the instance image, row 1 the class image
+    steps: int
+    warmup: int
+    mem: MemoryMeter
 
 
 def synthetic_pixels(resolution: int, device: torch.device) -> torch.Tensor:
-    """(2, 3, R, R) in [-1, 1]: row 0 the instance image, row 1 the class image."""
     g = torch.Generator("cpu").manual_seed(0)
     return (torch.rand(2, 3, resolution, resolution, generator=g) * 2 - 1).to(device)
+
+
+def time_steps(step: Callable[[], object], steps: int, device: torch.device) -> list[float]:
+    """Wall time of each of `steps` calls, synchronised on both sides."""
+    times = []
+    for _ in range(steps):
+        sync(device)
+        t = time.perf_counter()
+        step()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def measure(step: Callable[[], None], unet: torch.nn.Module, b: Bench, recomputes: bool = False):
+    """(step times, FLOPs, useful FLOPs, peak memory of the timed steps) after the untimed first steps."""
+    step()  # fills the text-embedding cache (and compiles): one-off work the count must not include
+    flops, useful = count_flops(step, unet)
+    if recomputes:
+        # Recomputed forwards are work, not progress: count the UNet once more without them.
+        unet.disable_gradient_checkpointing()
+        _, useful = count_flops(step, unet)
+        unet.enable_gradient_checkpointing()
+    for _ in range(max(0, b.warmup - 1)):
+        step()
+    sync(b.device)
+    b.mem.reset_peak()
+    times = time_steps(step, b.steps, b.device)
+    return times, flops, useful, b.mem.peak()
 
 
 def our_batch(pixels: torch.Tensor, cached: bool) -> dict:
@@ -259,132 +366,123 @@ def our_batch(pixels: torch.Tensor, cached: bool) -> dict:
     return batch
 
 
-def fill_latent_cache(module: DreamBoothModule, pixels: torch.Tensor) -> None:
-    """What `_fill_latent_cache` stores for these two images without flips: (1, F=1, 2, 4, h, w) per split."""
-    for split, row in (("instance", 0), ("class", 1)):
-        mean, std = module.latent_moments(pixels[row : row + 1])  # (1, 4, h, w) each
-        module._latent_cache[split] = torch.stack([mean, std], dim=1).unsqueeze(1)
-
-
-# ------------------------------------------------------------------------------------------- timing
-
-
-def warm_and_time(step: Callable[[], None], warmup: int, steps: int, device: torch.device, mem) -> tuple[list[float], int]:
-    """The remaining warm-up steps, then per-step times and the peak memory of the timed steps."""
-    for _ in range(max(0, warmup - 1)):
-        step()
-    sync(device)
-    mem.reset_peak()
-    times = time_steps(step, steps, device)
-    return times, mem.peak()
-
-
-def time_steps(step: Callable[[], None], steps: int, device: torch.device) -> list[float]:
-    """Wall time of each of `steps` calls, synchronised on both sides."""
-    times = []
-    for _ in range(steps):
-        sync(device)
-        t = time.perf_counter()
-        step()
-        sync(device)
-        times.append(time.perf_counter() - t)
-    return times
-
-
-def bench_ours(cfg: Config, folder: str, pixels: torch.Tensor, device: torch.device, steps: int, warmup: int,
-               mem: MemoryMeter) -> Result:
-    """Build the configuration's module like `fit` would and time its training step."""
-    torch.manual_seed(0)
-    mem.start()
-    set_tf32(False)
-    module = DreamBoothModule(pretrained=folder, **cfg.kwargs).to(device)
-    module.setup("fit")  # turns TF32 on when allow_tf32 (the default)
-    module.train()
-    cached = module.hparams.cache_latents
-    if cached:
-        fill_latent_cache(module, pixels)  # on_fit_start's work, outside the timings as in training
-    batch = our_batch(pixels, cached)
-    conf = module.configure_optimizers()
-    opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
-    # training_step reads the LR through self.optimizers(), which needs a Trainer: hand it the optimizer.
-    module.optimizers = lambda use_pl_optimizer=True: opt
-    params = [p for group in opt.param_groups for p in group["params"]]
-    ctx = autocast_for(cfg.precision, device)
+def our_step(module: DreamBoothModule, cfg: Config, b: Bench) -> Callable[[], None]:
+    """One optimisation step as Lightning's automatic optimisation runs it (without logging)."""
+    cached = module.speed.cache_latents
+    if cached:  # on_fit_start's work, outside the timings as in training; one view (no flip) per image
+        module.cache_latents({"instance": [b.pixels[:1]], "class": [b.pixels[1:]]}, progress=False)
+    batch = our_batch(b.pixels, cached)
+    opt = module.make_optimizer()
+    sched = module.make_scheduler(opt, b.warmup + b.steps + 3)  # total: what estimated_stepping_batches would be
+    params, ctx = module.trainable_parameters(), autocast_for(cfg.precision, b.device)
 
     def step() -> None:
         with ctx():
-            loss = module.training_step(batch, 0)
+            loss, _ = module.compute_loss(batch)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
 
-    step()  # fills the text-embedding cache (and compiles): one-off work the count must not include
-    flops, useful = count_flops(step, module.unet)
-    if module.hparams.gradient_checkpointing:
-        # Recomputed forwards are work, not progress: count the UNet once more without them.
-        module.unet.disable_gradient_checkpointing()
-        _, useful = count_flops(step, module.unet)
-        module.unet.enable_gradient_checkpointing()
-    times, peak = warm_and_time(step, warmup, steps, device, mem)
-    precision = cfg.precision
-    if precision == "fp32" and device.type == "cuda" and module.hparams.allow_tf32:
-        precision = "fp32 (TF32)"
-    trainable = sum(p.numel() for p in params)
-    return Result(cfg.name, precision, times, flops, useful, peak, extra={"trainable_params": trainable, **cfg.kwargs})
+    return step
 
 
-def bench_reference(folder: str, pixels: torch.Tensor, device: torch.device, steps: int, warmup: int,
-                    mem: MemoryMeter) -> Result:
-    """The diffusers train_dreambooth.py step with its defaults, written out (see the module docstring)."""
+def bench_ours(cfg: Config, b: Bench) -> Result:
+    """Build the configuration's module as `fit` would and time its training step."""
     torch.manual_seed(0)
-    mem.start()
-    set_tf32(False)  # --allow_tf32 is off by default in the example
-    cuda = device.type == "cuda"
+    b.mem.start()
+    set_tf32(False)
+    module = cfg.module().to(b.device)
+    module.setup("fit")  # turns TF32 on when allow_tf32 (the default)
+    step = our_step(module, cfg, b)
+    times, flops, useful, peak = measure(step, module.unet, b, recomputes=module.speed.gradient_checkpointing)
+    precision = cfg.precision
+    if precision == "fp32" and b.device.type == "cuda" and module.speed.allow_tf32:
+        precision = "fp32 (TF32)"
+    extra = {"config": cfg.describe(), "trainable_params": sum(p.numel() for p in module.trainable_parameters()),
+             **{k: asdict(getattr(module, k)) for k in ("optim", "lora", "speed")}}
+    return Result(cfg.name, precision, times, flops, useful, peak, extra)
+
+
+def reference_step(folder: str, b: Bench) -> tuple[Callable[[], None], torch.nn.Module]:
+    """The diffusers train_dreambooth.py step with its defaults, written out (see the module docstring)."""
+    device, cuda = b.device, b.device.type == "cuda"
     weight_dtype = torch.bfloat16 if cuda else torch.float32  # --mixed_precision bf16 on GPU, "no" on CPU
     parts = components.load_components(folder)
     tokenizer, scheduler = parts.tokenizer, parts.noise_scheduler
     vae = parts.vae.requires_grad_(False).to(device, dtype=weight_dtype)
     text_encoder = parts.text_encoder.requires_grad_(False).to(device, dtype=weight_dtype)
     unet = parts.unet.to(device).train()  # trainable weights stay fp32; accelerate autocasts its forward
-    del parts
     opt = torch.optim.AdamW(unet.parameters(), lr=5e-6, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)  # get_scheduler("constant")
     unet_ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else nullcontext
-    prompts = [INSTANCE_PROMPT, CLASS_PROMPT]
+    mse = torch.nn.functional.mse_loss
 
     def step() -> None:
         # DreamBoothDataset tokenizes each example's prompt in __getitem__; collate concatenates.
         ids = torch.cat([tokenizer(p, truncation=True, padding="max_length", max_length=tokenizer.model_max_length,
-                                   return_tensors="pt").input_ids for p in prompts]).to(device)
-        latents = vae.encode(pixels.to(weight_dtype)).latent_dist.sample() * vae.config.scaling_factor
+                                   return_tensors="pt").input_ids for p in (INSTANCE_PROMPT, CLASS_PROMPT)]).to(device)
+        latents = vae.encode(b.pixels.to(weight_dtype)).latent_dist.sample() * vae.config.scaling_factor
         noise = torch.randn_like(latents)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=device).long()
         noisy = scheduler.add_noise(latents, noise, t)
         cond = text_encoder(ids)[0]
         with unet_ctx():
             pred = unet(noisy, t, cond, return_dict=False)[0]
+        target = scheduler.get_velocity(latents, noise, t) if scheduler.config.prediction_type == "v_prediction" else noise
         pred, pred_prior = torch.chunk(pred, 2, dim=0)
-        target, target_prior = torch.chunk(noise, 2, dim=0)  # epsilon prediction (sd15, tiny)
-        if scheduler.config.prediction_type == "v_prediction":
-            v = scheduler.get_velocity(latents, noise, t)
-            target, target_prior = torch.chunk(v, 2, dim=0)
-        loss = torch.nn.functional.mse_loss(pred.float(), target.float())
-        loss = loss + 1.0 * torch.nn.functional.mse_loss(pred_prior.float(), target_prior.float())
+        target, target_prior = torch.chunk(target, 2, dim=0)
+        loss = mse(pred.float(), target.float()) + 1.0 * mse(pred_prior.float(), target_prior.float())
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), GRAD_CLIP)
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), GRAD_CLIP_REFERENCE)
         opt.step()
         lr_sched.step()
         opt.zero_grad(set_to_none=False)  # --set_grads_to_none is off by default
         loss.detach().item()  # the example logs the loss to the progress bar every step
 
-    step()
-    flops, useful = count_flops(step, unet)
-    times, peak = warm_and_time(step, warmup, steps, device, mem)
-    precision = "bf16-mixed" if cuda else "fp32"
+    return step, unet
+
+
+def bench_reference(b: Bench) -> Result:
+    torch.manual_seed(0)
+    b.mem.start()
+    set_tf32(False)  # --allow_tf32 is off by default in the example
+    step, unet = reference_step(b.folder, b)
+    times, flops, useful, peak = measure(step, unet, b)
+    precision = "bf16-mixed" if b.device.type == "cuda" else "fp32"
     return Result("reference (diffusers example)", precision, times, flops, useful, peak,
                   extra={"optimizer": "adamw (for-each)", "tf32": False})
+
+
+def run_all(configs: list[Config], b: Bench, reference: bool, budget_s: float | None,
+            skipped: dict) -> dict[str, Result]:
+    """The reference, then the configurations by priority while the time budget lasts; the table's order."""
+    results: dict[str, Result] = {}
+    if b.device.type == "cpu":
+        # One throwaway load: lazy imports and first-use allocations would otherwise land in the first row's RSS.
+        components.load_components(b.folder)
+        free(b.device)
+    if reference:
+        results["ref"] = r = bench_reference(b)
+        free(b.device)
+        print(f"  {r.name}: {r.steps_per_s:.2f} steps/s", file=sys.stderr)
+    start, last = time.perf_counter(), 0.0
+    for c in sorted(configs, key=lambda c: c.row.priority):
+        elapsed = time.perf_counter() - start
+        # A compile costs a minute or two more than the last configuration took.
+        expect = last + (120 if c.model["speed"]["compile_unet"] and b.device.type == "cuda" else 0)
+        if budget_s is not None and elapsed + expect > budget_s:
+            skipped[c.name] = f"time budget ({elapsed:.0f} s used of --budget-s {budget_s:.0f})"
+            continue
+        t0 = time.perf_counter()
+        results[c.name] = r = bench_ours(c, b)
+        free(b.device)  # the module and optimizer went out of scope with bench_ours' frame
+        last = time.perf_counter() - t0
+        print(f"  {r.name}: {r.steps_per_s:.2f} steps/s ({last:.0f} s with loading)", file=sys.stderr)
+    order = ["ref", *(c.name for c in configs)]
+    return {n: results[n] for n in order if n in results}
 
 
 # ------------------------------------------------------------------------------------------- report
@@ -438,14 +536,76 @@ def target_checks(results: dict[str, Result], ref: Result | None, peak: float) -
     return out
 
 
-def main() -> None:
+@dataclass
+class Report:
+    """What the printout and the JSON say about the run as a whole."""
+
+    device: str
+    cuda: bool
+    arch: str
+    resolution: int
+    steps: int
+    warmup: int
+    matmul_peak_flops: float
+    matmul_peak_what: str
+    memory_kind: str
+    configs: dict[str, str]  # row name -> its presets and overrides
+    skipped: dict[str, str]
+    target_checks: list[str] = field(default_factory=list)
+
+    @property
+    def targets_apply(self) -> bool:
+        return self.arch == "sd15" and self.cuda and self.resolution == 512
+
+
+def print_report(rep: Report, results: dict[str, Result]) -> None:
+    ref = results.get("ref")
+    smoke = "; random tiny model: smoke figures" if rep.arch == "tiny" else "; random-initialised weights"
+    print(f"training step, batch 1 instance + 1 class at {rep.resolution} px, arch {rep.arch}, on {rep.device}, "
+          f"torch {torch.__version__}{smoke}")
+    print(f"matmul peak (measured, {rep.matmul_peak_what}): {rep.matmul_peak_flops / 1e12:.2f} TFLOP/s; median of "
+          f"{rep.steps} steps after {rep.warmup} warm-up; peak mem = {rep.memory_kind}\n")
+    print("\n".join(table(list(results.values()), ref, rep.matmul_peak_flops)))
+    for n, why in rep.skipped.items():
+        print(f"skipped {n}: {why}")
+    print(f"\nconfigs: {' + '.join(BASE_FILES)} + --model.pretrained <the model above>, then:")
+    width = max(map(len, rep.configs), default=0)
+    print("\n".join(f"  {n:<{width}}  {how}" for n, how in rep.configs.items()))
+    print("\nTFLOP/s: all counted FLOPs of a step (VAE encode and text encoder when uncached, checkpoint recompute) "
+          "/ median step time; useful: UNet fwd+bwd only, no recompute; MFU: / the matmul peak above")
+    if rep.targets_apply:
+        print("\n".join([TARGETS, *rep.target_checks]))
+    else:
+        print(f"{TARGETS}: not checked here (needs sd15 at 512 px on CUDA)")
+
+
+def write_json(path: str, rep: Report, results: dict[str, Result]) -> None:
+    ref, peak = results.get("ref"), rep.matmul_peak_flops
+    rows = [dict(
+        name=r.name, precision=r.precision, steps_per_s=r.steps_per_s, median_step_s=r.step_s,
+        step_times_s=r.step_times_s, ratio_vs_reference=r.steps_per_s / ref.steps_per_s if ref else None,
+        peak_mem_bytes=r.peak_mem_bytes, flops_per_step=r.flops_per_step,
+        useful_flops_per_step=r.useful_flops_per_step, tflops=r.flops_per_step / r.step_s / 1e12,
+        useful_tflops=r.useful_flops_per_step / r.step_s / 1e12, mfu=r.flops_per_step / r.step_s / peak,
+        useful_mfu=r.useful_flops_per_step / r.step_s / peak, **r.extra,
+    ) for r in results.values()]
+    out = dict(asdict(rep), torch=torch.__version__, smoke=rep.arch == "tiny", results=rows)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(out, indent=2, default=str))
+
+
+# ------------------------------------------------------------------------------------------- main
+
+
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default="tiny", choices=["tiny", "sd15", "sd21"],
                    help="tiny (offline smoke) or sd15/sd21 random-initialised full size")
     p.add_argument("--resolution", type=int, default=None, help="default 64 for tiny, 512 otherwise")
     p.add_argument("--steps", type=int, default=20, help="timed steps per configuration")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (plus one or two FLOP-counting steps)")
-    p.add_argument("--configs", default=None, help="comma list; default: all that apply to the device")
+    p.add_argument("--configs", default=None, help=f"comma list of {', '.join(ROWS_BY_NAME)}; default: all that "
+                                                   f"apply to the device")
     p.add_argument("--no-reference", action="store_true", help="skip the diffusers-example loop")
     p.add_argument("--model", default=None, help="a diffusers folder to use instead of building --arch")
     p.add_argument("--budget-s", type=float, default=None,
@@ -456,117 +616,29 @@ def main() -> None:
                    help="CPU threads (default 1: on a shared small machine OpenMP spin-waits make 2 threads "
                         "up to 100x slower on the tiny model's small ops); 0 keeps torch's default")
     a = p.parse_args()
-
-    torch.set_flush_denormal(True)  # random tiny weights produce denormals that stall CPU math
-    warnings.filterwarnings("ignore", message=".*self.log\\(\\)` but the `self.trainer` reference.*")
-    device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if a.device == "auto" else a.device)
-    if device.type == "cpu" and a.threads > 0:
-        torch.set_num_threads(a.threads)
-    res = a.resolution or (64 if a.arch == "tiny" else 512)
-    all_cfgs = make_configs(device)
-    explicit = a.configs is not None
-    names = [n.strip() for n in a.configs.split(",") if n.strip()] if explicit else list(all_cfgs)
-    unknown = [n for n in names if n not in all_cfgs]
+    a.names = [n.strip() for n in (a.configs or "").split(",") if n.strip()] or list(ROWS_BY_NAME)
+    unknown = [n for n in a.names if n not in ROWS_BY_NAME]
     if unknown:
-        p.error(f"unknown configs {unknown}; choose from {', '.join(all_cfgs)}")
-    try:
-        import bitsandbytes  # noqa: F401
+        p.error(f"unknown configs {unknown}; choose from {', '.join(ROWS_BY_NAME)}")
+    a.resolution = a.resolution or (64 if a.arch == "tiny" else 512)
+    return a
 
-        have_bnb = True
-    except ImportError:
-        have_bnb = False
-    skipped: dict[str, str] = {}
-    run = []
-    for n in names:
-        c = all_cfgs[n]
-        if c.needs_bnb and not have_bnb:
-            skipped[n] = "bitsandbytes not importable (adamw_8bit)"
-        elif c.cuda_only and device.type != "cuda" and not explicit:
-            skipped[n] = "CUDA only (torch.compile on CPU is minutes of compiling for no figure that matters)"
-        elif c.cpu_only and device.type == "cuda" and not explicit:
-            skipped[n] = "CPU only by default (pass --configs to run it)"
-        else:
-            run.append(c)
 
-    name = device_name(device)
-    peak, peak_what = matmul_peak(device)
-    mem = MemoryMeter(device)
-    work = Path(tempfile.mkdtemp(prefix="bench-train-step-"))
-    results: dict[str, Result] = {}
-    ref = None
-    start = time.perf_counter()
-    try:
-        folder = a.model or str(components.tiny_model_path("tiny") if a.arch == "tiny"
-                                else components.build_random(a.arch, work / a.arch))
-        pixels = synthetic_pixels(res, device)
-        if device.type == "cpu":
-            # One throwaway load: lazy imports and first-use allocations would otherwise land in the first
-            # row's RSS figure.
-            components.load_components(folder)
-            free(device)
-        if not a.no_reference:
-            ref = bench_reference(folder, pixels, device, a.steps, a.warmup, mem)
-            results[ref.name] = ref
-            free(device)
-            print(f"  {ref.name}: {ref.steps_per_s:.2f} steps/s", file=sys.stderr)
-        last = 0.0
-        for c in sorted(run, key=lambda c: c.priority):
-            elapsed = time.perf_counter() - start
-            # A compile costs a minute or two more than the last configuration took.
-            expect = last + (120 if c.kwargs.get("compile_unet") and device.type == "cuda" else 0)
-            if a.budget_s is not None and elapsed + expect > a.budget_s:
-                skipped[c.name] = f"time budget ({elapsed:.0f} s used of --budget-s {a.budget_s:.0f})"
-                continue
-            t0 = time.perf_counter()
-            results[c.name] = r = bench_ours(c, folder, pixels, device, a.steps, a.warmup, mem)
-            if c.kwargs.get("compile_unet"):
-                torch._dynamo.reset()  # drop compiled graphs (and the tensors they hold)
-            free(device)  # the module and optimizer went out of scope with bench_ours' frame
-            last = time.perf_counter() - t0
-            print(f"  {r.name}: {r.steps_per_s:.2f} steps/s ({last:.0f} s with loading)", file=sys.stderr)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-
-    smoke = "; random tiny model: smoke figures" if a.arch == "tiny" else "; random-initialised weights"
-    print(f"training step, batch 1 instance + 1 class at {res} px, arch {a.arch}, on {name}, torch {torch.__version__}{smoke}")
-    print(f"matmul peak (measured, {peak_what}): {peak / 1e12:.2f} TFLOP/s; median of {a.steps} steps after "
-          f"{a.warmup} warm-up; peak mem = {mem.kind}")
-    print()
-    order = [ref.name] if ref else []
-    order += [n for n in all_cfgs if n in results]
-    results = {n: results[n] for n in order}
-    for line in table(list(results.values()), ref, peak):
-        print(line)
-    for n, why in skipped.items():
-        print(f"skipped {n}: {why}")
-    print()
-    print("TFLOP/s: all counted FLOPs of a step (VAE encode and text encoder when uncached, checkpoint recompute) "
-          "/ median step time; useful: UNet fwd+bwd only, no recompute; MFU: / the matmul peak above")
-    checks = target_checks(results, ref, peak)
-    if a.arch == "sd15" and device.type == "cuda" and res == 512:
-        print(TARGETS)
-        for line in checks:
-            print(line)
-    else:
-        print(f"{TARGETS}: not checked here (needs sd15 at 512 px on CUDA)")
-
+def main() -> None:
+    a = parse_args()
+    device = choose_device(a.device, a.threads)
+    with tempfile.TemporaryDirectory(prefix="bench-train-step-", ignore_cleanup_errors=True) as work:
+        folder = a.model or ("tiny" if a.arch == "tiny" else str(tiny.build_random(a.arch, Path(work) / a.arch)))
+        configs, skipped = select_configs(a.names, a.configs is not None, folder, device)
+        peak, peak_what = matmul_peak(device)
+        b = Bench(device, folder, synthetic_pixels(a.resolution, device), a.steps, a.warmup, MemoryMeter(device))
+        results = run_all(configs, b, not a.no_reference, a.budget_s, skipped)
+    rep = Report(device_name(device), device.type == "cuda", a.arch, a.resolution, a.steps, a.warmup, peak, peak_what, b.mem.kind,
+                 {c.name: c.describe() for c in configs}, skipped)
+    rep.target_checks = target_checks(results, results.get("ref"), peak)
+    print_report(rep, results)
     if a.json:
-        rows = []
-        for r in results.values():
-            rows.append(dict(
-                name=r.name, precision=r.precision, steps_per_s=r.steps_per_s, median_step_s=r.step_s,
-                step_times_s=r.step_times_s, ratio_vs_reference=r.steps_per_s / ref.steps_per_s if ref else None,
-                peak_mem_bytes=r.peak_mem_bytes, flops_per_step=r.flops_per_step,
-                useful_flops_per_step=r.useful_flops_per_step, tflops=r.flops_per_step / r.step_s / 1e12,
-                useful_tflops=r.useful_flops_per_step / r.step_s / 1e12, mfu=r.flops_per_step / r.step_s / peak,
-                useful_mfu=r.useful_flops_per_step / r.step_s / peak, **r.extra,
-            ))
-        out = dict(device=name, arch=a.arch, resolution=res, steps=a.steps, warmup=a.warmup, torch=torch.__version__,
-                   smoke=a.arch == "tiny", matmul_peak_flops=peak, matmul_peak_what=peak_what, memory_kind=mem.kind,
-                   results=rows, skipped=skipped, target_checks=checks)
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(out, indent=2, default=str))
+        write_json(a.json, rep, results)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import pytorch_lightning as pl
 import torch
@@ -14,8 +15,12 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
+from .components import ModelSource
+from .files import as_record, image_grid
+from .priors import SETTINGS, PriorSampling, PriorSettings, default_folder, generate
+
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
-SUBJECT_TYPES = ("object", "live")
+SubjectType = Literal["object", "live"]
 
 
 class DataError(ValueError):
@@ -230,6 +235,20 @@ def collate(examples: list[dict]) -> dict[str, Any]:
     return batch
 
 
+def _check_config(c: dict) -> None:
+    """Refuse a data config that cannot work, naming the key and the fix."""
+    if c["subject_type"] not in get_args(SubjectType):
+        raise DataError(
+            f"data.subject_type is {c['subject_type']!r} for subject {c['subject']!r}: set it to 'object' or 'live'"
+        )
+    for name in ("resolution", "repeats", "batch_size"):
+        if c[name] < 1:
+            raise DataError(f"data.{name} must be >= 1, got {c[name]}: fix it in the config")
+    if c["cache_latents"] and not c["center_crop"]:
+        raise DataError("cached VAE latents (model.speed.cache_latents) need data.center_crop: true, since a "
+                        "random crop changes the image every step; set data.center_crop: true or turn the cache off")
+
+
 class DreamBoothDataModule(pl.LightningDataModule):
     """Subject photos + optional class images for one DreamBooth run (the `data:` config section)."""
 
@@ -237,22 +256,14 @@ class DreamBoothDataModule(pl.LightningDataModule):
         self,
         subject: str = "subject",
         class_noun: str = "object",
-        subject_type: str = "object",
+        subject_type: SubjectType = "object",
         instance_dir: str = "data/subjects/subject",
         identifier: str = "sks",
-        class_dir: str | None = None,
         with_prior_preservation: bool = True,
+        class_dir: str | None = None,
         num_class_images: int = 200,
-        prior_sampler: str = "dpm++",
-        prior_steps: int = 25,
-        prior_guidance_scale: float = 7.5,
-        prior_negative_prompt: str = "",
-        prior_batch_size: int | None = None,
-        prior_seed: int = 0,
-        prior_model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5",
-        prior_revision: str | None = None,
-        prior_variant: str | None = None,
-        prior_single_file_config: str | None = None,
+        prior: PriorSampling = PriorSampling(),
+        model: ModelSource = ModelSource(),
         cache_latents: bool = False,
         resolution: int = 512,
         center_crop: bool = False,
@@ -263,38 +274,34 @@ class DreamBoothDataModule(pl.LightningDataModule):
         min_image_size: int = 64,
         seed: int = 0,
     ) -> None:
+        """The photos, the class images and how batches are made (the `data:` section).
+
+        Args:
+            subject: the subject's name (run folder outputs/<subject>, W&B run name)
+            class_noun: the class the subject belongs to ("dog"); prompts are "a <identifier> <class_noun>"
+            subject_type: which DreamBench prompt list evaluates it (object or live)
+            instance_dir: folder of the subject's photos (3-6 are typical)
+            identifier: the rare token that names the subject in prompts
+            with_prior_preservation: pair every photo with a class image (the prior-preservation loss)
+            class_dir: folder of class images; null = generated once into cache/priors/<content key>/
+            num_class_images: class images to use (the diffusers example's and this project's default: 200)
+            prior: how the class images are sampled
+            model: the model the class images come from (set from model.*, not in the config)
+            cache_latents: the model caches VAE latents, so examples carry no pixels (set from model.speed)
+            resolution: training resolution in px (square crops)
+            center_crop: center crops instead of random crops (cached latents need it)
+            random_flip: flip photos horizontally at random
+            repeats: how often each photo appears per epoch
+            batch_size: instance images per step (plus as many class images)
+            num_workers: DataLoader worker processes
+            min_image_size: photos with a shorter side are refused
+            seed: shuffling and augmentation seed (set from seed_everything)
+        """
+        config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
-        if subject_type not in SUBJECT_TYPES:
-            raise DataError(
-                f"data.subject_type is {subject_type!r} for subject {subject!r}: set it to 'object' or 'live'"
-            )
-        for name, value, low in (
-            ("resolution", resolution, 1),
-            ("repeats", repeats, 1),
-            ("batch_size", batch_size, 1),
-        ):
-            if value < low:
-                raise DataError(f"data.{name} must be >= {low}, got {value}: fix it in the config")
-        if cache_latents and not center_crop:
-            raise DataError("cached VAE latents (model.cache_latents) need data.center_crop: true, since a random "
-                            "crop changes the image every step; set data.center_crop: true or turn the cache off")
-        self.save_hyperparameters()
-        self.num_class_images_wanted = num_class_images
-        self.subject = subject
-        self.class_noun = class_noun
-        self.subject_type = subject_type
-        self.instance_dir = instance_dir
-        self.identifier = identifier
-        self.class_dir = class_dir
-        self.with_prior_preservation = with_prior_preservation
-        self.resolution = resolution
-        self.center_crop = center_crop
-        self.random_flip = random_flip
-        self.repeats = repeats
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.min_image_size = min_image_size
-        self.seed = seed
+        _check_config(config)
+        self.save_hyperparameters(as_record(config))  # plain values: YAML, W&B and weights_only checkpoints
+        self.prior, self.model_source = prior, model
         self.instance_images: list[Path] = []
         self.class_images: list[Path] = []
         self.dataset: DreamBoothDataset | None = None
@@ -302,101 +309,96 @@ class DreamBoothDataModule(pl.LightningDataModule):
     @property
     def instance_prompt(self) -> str:
         """Prompt paired with the subject's photos."""
-        return instance_prompt(self.identifier, self.class_noun)
+        return instance_prompt(self.hparams.identifier, self.hparams.class_noun)
 
     @property
     def class_prompt(self) -> str:
         """Prompt paired with the class images."""
-        return class_prompt(self.class_noun)
+        return class_prompt(self.hparams.class_noun)
 
-    @property
-    def num_instance_images(self) -> int:
-        """Number of distinct instance photos found by setup()."""
-        return len(self.instance_images)
-
-    @property
-    def num_class_images(self) -> int:
-        """Number of class images found by setup() (0 without prior preservation)."""
-        return len(self.class_images)
-
-    def prior_settings(self):
-        """What the generated class images depend on (their cache key)."""
-        from .priors import PriorSettings
-
+    def describe(self) -> dict[str, str]:
+        """Who the run is about: subject, class noun, identifier and both prompts (for exports and reports)."""
         hp = self.hparams
-        return PriorSettings(
-            model=hp.prior_model, revision=hp.prior_revision, variant=hp.prior_variant,
-            single_file_config=hp.prior_single_file_config,
-            prompt=self.class_prompt, negative_prompt=hp.prior_negative_prompt, sampler=hp.prior_sampler,
-            steps=hp.prior_steps, guidance_scale=hp.prior_guidance_scale, resolution=self.resolution,
-            base_seed=hp.prior_seed,
-        )
+        return dict(subject=hp.subject, class_noun=hp.class_noun, identifier=hp.identifier,
+                    instance_prompt=self.instance_prompt, class_prompt=self.class_prompt)
+
+    def prior_settings(self) -> PriorSettings:
+        """What the generated class images depend on (their cache key)."""
+        return PriorSettings(model=self.model_source, prompt=self.class_prompt, resolution=self.hparams.resolution,
+                             sampling=self.prior)
 
     def class_folder(self) -> Path:
         """`class_dir` when set, else the content-keyed cache folder cache/priors/<key>/."""
-        from .priors import default_folder
-
-        return Path(self.class_dir) if self.class_dir is not None else default_folder(self.prior_settings())
+        return Path(self.hparams.class_dir) if self.hparams.class_dir is not None else default_folder(self.prior_settings())
 
     def _user_photos(self, folder: Path) -> bool:
         # A folder the user filled with real class photos: images present, no generator settings file.
-        from .priors import SETTINGS
-
         return folder.is_dir() and not (folder / SETTINGS).exists() and any(
             p.suffix.lower() in IMAGE_EXTENSIONS for p in folder.iterdir()
         )
 
     def prepare_data(self) -> None:
         """Make the missing class images (once, on local rank zero) before fitting."""
-        if not self.with_prior_preservation:
+        if not self.hparams.with_prior_preservation:
             return
         folder = self.class_folder()
         if self._user_photos(folder):
             return  # validated like instance photos in setup()
-        from .priors import generate
-
         trainer = getattr(self, "trainer", None)
         device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
-        result = generate(self.prior_settings(), self.num_class_images_wanted, folder=folder,
-                          batch_size=self.hparams.prior_batch_size, device=device)
+        result = generate(self.prior_settings(), self.hparams.num_class_images, folder=folder, device=device)
         print(f"Class images: {result}", file=sys.stderr)
+
+    def _list_class_images(self) -> list[Path]:
+        folder = self.class_folder()
+        if not folder.is_dir():
+            raise DataError(
+                f"class-image folder {folder} does not exist for subject {self.hparams.subject!r}: run "
+                f"`python -m dreambooth_pl priors` (or fit, which makes them in prepare_data), point "
+                f"data.class_dir at a folder of '{self.class_prompt}' photos, or set data.with_prior_preservation: false"
+            )
+        images = list_images(folder, min_size=self.hparams.min_image_size, what="class")
+        # Generated folders can hold more images than asked for (an earlier, larger run): use 0..N-1.
+        return images if self._user_photos(folder) else images[: self.hparams.num_class_images]
 
     def setup(self, stage: str | None = None) -> None:
         """List and validate the image folders, then build `self.dataset`."""
-        self.instance_images = list_images(self.instance_dir, min_size=self.min_image_size, what="instance")
-        self.class_images = []
-        if self.with_prior_preservation:
-            folder = self.class_folder()
-            if not folder.is_dir():
-                raise DataError(
-                    f"class-image folder {folder} does not exist for subject {self.subject!r}: run "
-                    f"`python -m dreambooth_pl priors` (or fit, which makes them in prepare_data), point "
-                    f"data.class_dir at a folder of '{self.class_prompt}' photos, or set data.with_prior_preservation: false"
-                )
-            self.class_images = list_images(folder, min_size=self.min_image_size, what="class")
-            if not self._user_photos(folder):
-                # Generated folders can hold more images than asked for (an earlier, larger run): use 0..N-1.
-                self.class_images = self.class_images[: self.num_class_images_wanted]
-            self._log_class_grid()
+        hp = self.hparams
+        self.instance_images = list_images(hp.instance_dir, min_size=hp.min_image_size, what="instance")
+        self.class_images = self._list_class_images() if hp.with_prior_preservation else []
+        self._log_class_grid()
+        prior = hp.with_prior_preservation
         self.dataset = DreamBoothDataset(
             instance_images=self.instance_images,
             instance_prompt=self.instance_prompt,
-            class_images=self.class_images if self.with_prior_preservation else None,
-            class_prompt=self.class_prompt if self.with_prior_preservation else None,
-            resolution=self.resolution,
-            center_crop=self.center_crop,
-            random_flip=self.random_flip,
-            repeats=self.repeats,
-            min_image_size=self.min_image_size,
-            load_pixels=not self.hparams.cache_latents,
+            class_images=self.class_images if prior else None,
+            class_prompt=self.class_prompt if prior else None,
+            resolution=hp.resolution,
+            center_crop=hp.center_crop,
+            random_flip=hp.random_flip,
+            repeats=hp.repeats,
+            min_image_size=hp.min_image_size,
+            load_pixels=not hp.cache_latents,
         )
+
+    def fixed_views(self, split: Literal["instance", "class"], limit: int | None = None) -> Iterator[torch.Tensor]:
+        """Every view the loader can show of each `split` image, unaugmented otherwise: (F, 3, R, R) in [-1, 1].
+
+        Center-cropped; F = 2 (as is, then flipped) with `random_flip`, else 1. What the latent cache encodes
+        and the learning probe scores, so neither depends on the random crop of a step.
+        """
+        paths = (self.instance_images if split == "instance" else self.class_images)[:limit]
+        if not paths:
+            return
+        ds = DreamBoothDataset(paths, "", resolution=self.hparams.resolution, center_crop=True, random_flip=False)
+        for i in range(len(paths)):
+            x = ds[i]["instance_pixel_values"]  # (3, R, R)
+            yield torch.stack([x, x.flip(-1)]) if self.hparams.random_flip else x[None]
 
     def _log_class_grid(self) -> None:
         trainer = getattr(self, "trainer", None)
         if trainer is None or not self.class_images:
             return
-        from .priors import image_grid
-
         grid = image_grid(self.class_images[:16], cols=4)
         for logger in trainer.loggers:
             if hasattr(logger, "log_image"):
@@ -406,16 +408,16 @@ class DreamBoothDataModule(pl.LightningDataModule):
         """Shuffled loader; order (and worker RNG seeds) come from a generator seeded with `seed`."""
         if self.dataset is None:
             self.setup("fit")
-        generator = torch.Generator().manual_seed(self.seed)
+        hp = self.hparams
         return DataLoader(
             self.dataset,
-            batch_size=self.batch_size,
+            batch_size=hp.batch_size,
             shuffle=True,
-            generator=generator,
+            generator=torch.Generator().manual_seed(hp.seed),
             drop_last=False,
             collate_fn=collate,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            num_workers=hp.num_workers,
+            persistent_workers=hp.num_workers > 0,
             pin_memory=False,
         )
 

@@ -12,11 +12,18 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+import open_clip
+import timm
 import torch
 import torch.nn.functional as F
+from huggingface_hub import constants as hub_constants
+from huggingface_hub import try_to_load_from_cache
 from PIL import Image
+from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
+from torchmetrics.functional.image.lpips import _NoTrainLpips  # stays in eval mode whatever .train() says
 from torchvision import transforms as T
+from torchvision.models import AlexNet_Weights
 
 KINDS = ("real", "tiny")
 DINO_MODEL = "vit_small_patch16_224.dino"  # timm: ViT-S/16 trained with DINO (Caron et al. 2021)
@@ -73,14 +80,10 @@ def _check_kind(kind: str) -> None:
 
 def _hub_offline() -> bool:
     # Read at call time (not import time) so HF_HUB_OFFLINE set by the CLI or tests is honoured.
-    from huggingface_hub import constants
-
-    return bool(getattr(constants, "HF_HUB_OFFLINE", False))
+    return bool(getattr(hub_constants, "HF_HUB_OFFLINE", False))
 
 
 def _hf_cached(repo_id: str, filenames: Sequence[str], cache_dir: str | Path | None) -> bool:
-    from huggingface_hub import try_to_load_from_cache
-
     return any(isinstance(try_to_load_from_cache(repo_id, f, cache_dir=cache_dir), str) for f in filenames)
 
 
@@ -152,8 +155,6 @@ def _encode_batches(enc: nn.Module, images: Sequence[Image.Image], transform, em
 
 def clip_preprocess() -> T.Compose:
     """open_clip's inference preprocessing for ViT-B-32/openai, built from its pretrained config (no download)."""
-    import open_clip
-
     cfg = open_clip.get_pretrained_cfg(CLIP_MODEL, CLIP_PRETRAINED)
     return open_clip.image_transform(
         224, is_train=False, mean=cfg["mean"], std=cfg["std"],
@@ -245,11 +246,7 @@ class LpipsDistance(_EvalOnly):
 def load_dino(kind: str = "real", device: str | torch.device = "cpu", *, cache_dir: str | Path | None = None) -> DinoEncoder:
     """DINO ViT-S/16 (`real`, via timm) or a 2-layer random ViT with D=64 (`tiny`)."""
     _check_kind(kind)
-    import timm
-
     if kind == "tiny":
-        from timm.models.vision_transformer import VisionTransformer
-
         with _seeded(TINY_SEED):
             model = VisionTransformer(img_size=224, patch_size=16, embed_dim=TINY_DIM, depth=2, num_heads=2,
                                       num_classes=0, global_pool="token")
@@ -271,8 +268,6 @@ def load_dino(kind: str = "real", device: str | torch.device = "cpu", *, cache_d
 def load_clip(kind: str = "real", device: str | torch.device = "cpu", *, cache_dir: str | Path | None = None) -> ClipEncoder:
     """CLIP ViT-B/32 with OpenAI weights (`real`, via open_clip) or a 2-layer random CLIP with D=64 (`tiny`)."""
     _check_kind(kind)
-    import open_clip
-
     tokenizer = open_clip.get_tokenizer(CLIP_MODEL)  # CLIP's BPE, shipped inside the open_clip wheel
     if kind == "tiny":
         with _seeded(TINY_SEED):
@@ -302,15 +297,11 @@ def load_lpips(kind: str = "real", device: str | torch.device = "cpu", *, size: 
     come from torchvision (downloaded once into torch.hub's cache, `$TORCH_HOME`).
     """
     _check_kind(kind)
-    from torchmetrics.functional.image.lpips import _NoTrainLpips  # stays in eval mode whatever .train() says
-
     if kind == "tiny":
         with _seeded(TINY_SEED):
             # pnet_rand: torchvision AlexNet(weights=None), no download; `pretrained` here means the lin layers.
             net = _NoTrainLpips(pretrained=True, net="alex", pnet_rand=True)
         return LpipsDistance(net, name="lpips-alex-random-uncalibrated", calibrated=False, size=size).to(device)
-
-    from torchvision.models import AlexNet_Weights
 
     backbone = "LPIPS AlexNet backbone (torchvision AlexNet_Weights.IMAGENET1K_V1)"
     url = AlexNet_Weights.DEFAULT.url

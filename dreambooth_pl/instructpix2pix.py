@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,7 +11,13 @@ import torch
 from PIL import Image
 
 from . import components
-from .callbacks import EvalPrompt
+from .data import class_prompt, list_images, load_image
+from .encoders import load_encoders
+from .evaluation import EvalPrompt, encoder_info, protocol_prompts, score
+from .files import square, write_image, write_json
+from .loggers import AutoWandbLogger, finish_wandb
+from .metrics import DirectionalSimilarity, PairedCosine
+from .report import write_compare_report
 
 DEFAULT_MODEL = "timbrooks/instruct-pix2pix"
 
@@ -84,13 +91,6 @@ def plan(prompts: list[EvalPrompt], num_photos: int, images_per_prompt: int = 4,
             for ep in prompts for k in range(images_per_prompt)]
 
 
-def square(img: Image.Image, size: int) -> Image.Image:
-    """Center crop to a square and resize: the input photo as the model sees it."""
-    side = min(img.size)
-    left, top = (img.width - side) // 2, (img.height - side) // 2
-    return img.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
-
-
 @dataclass
 class RunStats:
     seconds: float
@@ -119,9 +119,7 @@ def run(pipe, edits: list[Edit], photos: list[Image.Image], out: str | Path, res
             generator=[torch.Generator("cpu").manual_seed(e.seed) for e in chunk], output_type="pil",
         ).images
         for e, img in zip(chunk, images, strict=True):
-            tmp = out / f".{e.filename}.tmp"
-            img.save(tmp, format="PNG")
-            tmp.replace(out / e.filename)
+            write_image(img, out / e.filename)
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
     return RunStats(seconds=seconds, images=len(todo), peak_gpu_memory_gb=peak)
@@ -135,7 +133,7 @@ def load(pretrained: str = DEFAULT_MODEL, device: str | torch.device = "cpu", dt
         raise components.ModelLoadError(
             f"'{pretrained}' is not an InstructPix2Pix model: its UNet takes {parts.unet.config.in_channels} "
             f"input channels, InstructPix2Pix needs 8 (noisy latents + image latents)")
-    return components.instruct_pix2pix_pipeline(parts).to(device)
+    return components.pipeline(parts, kind="instruct_pix2pix").to(device)
 
 
 def _images(folder: Path, prompts: list[EvalPrompt], k: int, seed: int) -> list[list[Image.Image]] | None:
@@ -151,9 +149,6 @@ def score_method(encoders: dict, photos: list[Image.Image], prompts: list[EvalPr
     """Both methods on each other's terms: DreamBench scores (CLIP-T against the prompt with the class noun)
     plus InstructPix2Pix's CLIP directional similarity and CLIP image similarity to the input photo
     (image k of a prompt is paired with photo k mod #photos, the photo InstructPix2Pix edited)."""
-    from .callbacks import score
-    from .metrics import DirectionalSimilarity, PairedCosine
-
     groups = [(EvalPrompt(ep.index, ep.prompt_no_token, ep.prompt_no_token, ep.template), list(range(len(ims))), ims)
               for ep, ims in zip(prompts, images, strict=True)]
     scored = score(encoders, photos, groups)
@@ -176,28 +171,32 @@ def score_method(encoders: dict, photos: list[Image.Image], prompts: list[EvalPr
     return {"metrics": metrics, "per_prompt": scored.per_prompt}
 
 
-def compare(run_dir: str | Path, model: str = DEFAULT_MODEL, encoders: str | None = None, steps: int = 100,
+def _cost(run_dir: Path, out: Path, stats: RunStats, steps: int) -> dict:
+    """Wall time and peak memory of each method: the fit's run.json; the edits just made (or recorded before)."""
+    fit = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
+    recorded = out / "metrics.json"
+    # A rerun that made no new edits keeps the cost recorded when they were made.
+    ip2p = json.loads(recorded.read_text()).get("cost", {}).get("InstructPix2Pix") if (
+        recorded.is_file() and stats.images == 0) else None
+    return {
+        "DreamBooth": {"seconds": fit.get("fit_seconds"), "peak_gpu_memory_gb": fit.get("peak_gpu_memory_gb"),
+                       "what": f"fine-tuning, {fit['steps']} steps" if fit else "no run.json in the run folder (fit predates it)"},
+        "InstructPix2Pix": ip2p or {"seconds": stats.seconds, "peak_gpu_memory_gb": stats.peak_gpu_memory_gb,
+                                    "what": f"{stats.images} edits, {steps} steps each, no training"},
+    }
+
+
+def compare(run_dir: str | Path, config, model: str = DEFAULT_MODEL, encoders: str | None = None, steps: int = 100,
             guidance_scale: float = 7.5, image_guidance_scale: float = 1.5, batch_size: int = 4,
             device: str | None = None) -> Path:
-    """Run the baseline on a DreamBooth run's subject, score base / DreamBooth / InstructPix2Pix alike, report."""
-    import json
+    """Run the baseline on a DreamBooth run's subject, score base / DreamBooth / InstructPix2Pix alike, report.
 
-    import yaml
-
-    from .callbacks import protocol_prompts, write_json
-    from .data import class_prompt, list_images, load_image
-    from .encoders import load_encoders
-    from .report import write_compare_report
-
-    run_dir = Path(run_dir)
-    cfg_file = run_dir / "config.yaml"
-    if not cfg_file.is_file():
-        raise FileNotFoundError(f"{cfg_file} not found: run `make experiment SUBJECT=...` first (compare reuses its run)")
-    cfg = yaml.safe_load(cfg_file.read_text())
-    d, ev = cfg["data"], cfg.get("eval", {})
-    k, seed, res = ev.get("images_per_prompt", 4), ev.get("seed", 0), d["resolution"]
-    prompts = protocol_prompts(ev.get("prompts_dir", "data/dreambooth"), d["subject_type"], d["identifier"], d["class_noun"])
-    photos = [load_image(p) for p in list_images(d["instance_dir"])]
+    `config` is the run's parsed config.yaml (`config.parse_run_config`).
+    """
+    run_dir, d, ev = Path(run_dir), config.data, config.eval
+    k, seed, res = ev.protocol.images_per_prompt, ev.protocol.seed, d.resolution
+    prompts = protocol_prompts(ev.prompts_dir, d.subject_type, d.identifier, d.class_noun)
+    photos = [load_image(p) for p in list_images(d.instance_dir)]
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out = run_dir / "compare"
     edits = plan(prompts, len(photos), k, seed)
@@ -205,38 +204,24 @@ def compare(run_dir: str | Path, model: str = DEFAULT_MODEL, encoders: str | Non
     stats = run(pipe, edits, photos, out / "instructpix2pix", resolution=res, guidance_scale=guidance_scale,
                 image_guidance_scale=image_guidance_scale, steps=steps, batch_size=batch_size)
     del pipe
-    enc = load_encoders(encoders or ev.get("encoders", "real"), device=dev)
-    cls = class_prompt(d["class_noun"])
+    enc = load_encoders(encoders or ev.encoders, device=dev)
     methods = {}
     for name, folder in (("base model", run_dir / "samples" / "base"), ("DreamBooth", run_dir / "samples" / "final"),
                          ("InstructPix2Pix", out / "instructpix2pix")):
         ims = _images(folder, prompts, k, seed)
         if ims is not None:
-            methods[name] = score_method(enc, photos, prompts, ims, cls, res)
-    fit = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
-    ip2p_time = json.loads((out / "metrics.json").read_text()).get("cost", {}).get("InstructPix2Pix") if (
-        out / "metrics.json").is_file() and stats.images == 0 else None
-    cost = {
-        "DreamBooth": {"seconds": fit.get("fit_seconds"), "peak_gpu_memory_gb": fit.get("peak_gpu_memory_gb"),
-                       "what": f"fine-tuning, {fit['steps']} steps" if fit else "no run.json in the run folder (fit predates it)"},
-        "InstructPix2Pix": ip2p_time or {"seconds": stats.seconds, "peak_gpu_memory_gb": stats.peak_gpu_memory_gb,
-                                         "what": f"{stats.images} edits, {steps} steps each, no training"},
-    }
-    calibrated = all(getattr(v, "calibrated", False) for v in enc.values())
-    payload = {"subject": d["subject"], "class_noun": d["class_noun"], "model": model, "calibrated": calibrated,
-               "encoders": {n: getattr(v, "name", n) for n, v in enc.items()},
+            methods[name] = score_method(enc, photos, prompts, ims, class_prompt(d.class_noun), res)
+    payload = {"subject": d.subject, "class_noun": d.class_noun, "model": model, **encoder_info(enc),
                "settings": {"images_per_prompt": k, "seed": seed, "steps": steps, "guidance_scale": guidance_scale,
                             "image_guidance_scale": image_guidance_scale, "resolution": res},
-               "edits": [e.__dict__ for e in edits], "methods": methods, "cost": cost}
+               "edits": [e.__dict__ for e in edits], "methods": methods, "cost": _cost(run_dir, out, stats, steps)}
     write_json(out / "metrics.json", payload)
-    _log_wandb(run_dir, payload, out)
+    _log_wandb(payload, out)
     return write_compare_report(run_dir, payload, prompts, photos)
 
 
-def _log_wandb(run_dir: Path, payload: dict, out: Path) -> None:
+def _log_wandb(payload: dict, out: Path) -> None:
     """The baseline as its own W&B run, grouped with the subject's DreamBooth run (method in the config)."""
-    from .cli import AutoWandbLogger, finish_wandb
-
     finish_wandb()  # WandbLogger would otherwise log into a run still open in this process
     logger = AutoWandbLogger(save_dir=str(out), name=f"{payload['subject']}-instructpix2pix", group=payload["subject"])
     logger.log_hyperparams({"method": "instructpix2pix", "model": payload["model"], **payload["settings"]})

@@ -1,20 +1,22 @@
-"""DreamBoothModule: frozen VAE + text encoder, trainable UNet, the two-term DreamBooth loss."""
+"""DreamBoothModule: frozen VAE + text encoder, trainable UNet (or LoRA adapters), the two-term DreamBooth loss."""
 
 from __future__ import annotations
 
-import json
-import shutil
-import tempfile
+from collections.abc import Iterable
 from contextlib import nullcontext
+from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Literal
 
 import pytorch_lightning as pl
 import torch
 from diffusers.utils.torch_utils import randn_tensor
+from tqdm.auto import tqdm
 
 from . import components
+from .components import DEFAULT_MODEL
+from .files import as_record
+from .lora import add_lora
 from .losses import (
     diffusion_target,
     lr_lambda,
@@ -24,13 +26,86 @@ from .losses import (
     q_sample,
 )
 
-DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-UNET_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # attention projections, as in the diffusers LoRA example
-TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite."""
+
+
+@dataclass(frozen=True)
+class Optimization:
+    """The optimizer and learning-rate schedule (the `model.optim:` group).
+
+    Args:
+        optimizer: adamw; adamw_fused (one CUDA kernel for all parameters); adamw_8bit (bitsandbytes, ~75% less state)
+        learning_rate: peak learning rate (the paper and the diffusers example: 5e-6 for a full fine-tune)
+        text_encoder_learning_rate: the text encoder's rate when it trains; null = learning_rate
+        lr_schedule: constant, or cosine decay to 0 after the warm-up
+        lr_warmup_steps: linear warm-up steps
+        adam_beta1: AdamW beta1
+        adam_beta2: AdamW beta2
+        weight_decay: AdamW decoupled weight decay
+        epsilon: AdamW epsilon
+    """
+
+    optimizer: Literal["adamw", "adamw_fused", "adamw_8bit"] = "adamw"
+    learning_rate: float = 5e-6
+    text_encoder_learning_rate: float | None = None
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    lr_warmup_steps: int = 0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    weight_decay: float = 1e-2
+    epsilon: float = 1e-8
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA adapters instead of a full fine-tune (the `model.lora:` group); rank 0 = off.
+
+    Args:
+        rank: UNet adapter rank (16 is usual); 0 = full fine-tune of the UNet
+        alpha: UNet adapter scale numerator (scale = alpha / rank); null = rank
+        dropout: adapter dropout
+        targets: UNet module names to adapt; null = the attention projections to_q/k/v/out.0
+        text_encoder_rank: text-encoder adapter rank; 0 = no text-encoder adapters
+        text_encoder_alpha: text-encoder adapter alpha; null = text_encoder_rank
+        text_encoder_targets: text-encoder module names; null = q/k/v/out_proj
+    """
+
+    rank: int = 0
+    alpha: float | None = None
+    dropout: float = 0.0
+    targets: list[str] | None = None
+    text_encoder_rank: int = 0
+    text_encoder_alpha: float | None = None
+    text_encoder_targets: list[str] | None = None
+
+
+@dataclass(frozen=True)
+class SpeedSettings:
+    """Speed and memory levers (the `model.speed:` group); the memory presets set these.
+
+    Args:
+        cache_latents: encode each photo and class image once (both flips with data.random_flip) and draw from
+            the cached VAE posterior each step; needs data.center_crop
+        cache_text_embeddings: a frozen text encoder runs once per prompt, not every step
+        frozen_dtype: dtype of the frozen weights (VAE, frozen text encoder, the base UNet under LoRA);
+            trainable weights stay fp32
+        gradient_checkpointing: recompute UNet (and trained text-encoder) activations in backward
+        channels_last: NHWC UNet convolutions
+        compile_unet: torch.compile the UNet (in place: checkpoint and export keys keep their names)
+        allow_tf32: TF32 matmuls and convolutions on Ampere and newer GPUs
+    """
+
+    cache_latents: bool = False
+    cache_text_embeddings: bool = True
+    frozen_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    gradient_checkpointing: bool = False
+    channels_last: bool = False
+    compile_unet: bool = False
+    allow_tf32: bool = True
 
 
 def make_optimizer(name: str, groups: list[dict], **kw) -> torch.optim.Optimizer:
@@ -41,12 +116,12 @@ def make_optimizer(name: str, groups: list[dict], **kw) -> torch.optim.Optimizer
         return torch.optim.AdamW(groups, fused=True, **kw)
     if name == "adamw_8bit":
         try:
-            import bitsandbytes as bnb
+            import bitsandbytes as bnb  # optional, CUDA only: imported where used
         except ImportError as e:
-            raise ImportError("model.optimizer: adamw_8bit needs bitsandbytes (CUDA): pip install -c constraints.txt "
-                              "bitsandbytes, or use adamw / adamw_fused") from e
+            raise ImportError("model.optim.optimizer: adamw_8bit needs bitsandbytes (CUDA): pip install -c "
+                              "constraints.txt bitsandbytes, or use adamw / adamw_fused") from e
         return bnb.optim.AdamW8bit(groups, **kw)
-    raise ValueError(f"unknown model.optimizer {name!r}: choose adamw, adamw_fused or adamw_8bit")
+    raise ValueError(f"unknown model.optim.optimizer {name!r}: choose adamw, adamw_fused or adamw_8bit")
 
 
 class DreamBoothModule(pl.LightningModule):
@@ -58,75 +133,41 @@ class DreamBoothModule(pl.LightningModule):
         revision: str | None = None,
         variant: str | None = None,
         single_file_config: str | None = None,
-        learning_rate: float = 5e-6,
-        text_encoder_learning_rate: float | None = None,
-        lr_schedule: Literal["constant", "cosine"] = "constant",
-        lr_warmup_steps: int = 0,
-        adam_beta1: float = 0.9,
-        adam_beta2: float = 0.999,
-        adam_weight_decay: float = 1e-2,
-        adam_epsilon: float = 1e-8,
         prior_loss_weight: float = 1.0,
         train_text_encoder: bool = False,
-        gradient_checkpointing: bool = False,
-        cache_latents: bool = False,
-        cache_text_embeddings: bool = True,
-        frozen_dtype: Literal["fp32", "bf16", "fp16"] = "fp32",
-        optimizer: Literal["adamw", "adamw_fused", "adamw_8bit"] = "adamw",
-        channels_last: bool = False,
-        compile_unet: bool = False,
-        allow_tf32: bool = True,
         snr_gamma: float | None = None,
         noise_offset: float = 0.0,
-        lora_rank: int = 0,
-        lora_alpha: float | None = None,
-        lora_dropout: float = 0.0,
-        lora_target_modules: list[str] | None = None,
-        lora_text_encoder: bool = False,
-        lora_text_encoder_target_modules: list[str] | None = None,
+        optim: Optimization = Optimization(),
+        lora: LoraSettings = LoraSettings(),
+        speed: SpeedSettings = SpeedSettings(),
     ):
+        """The model and what of it trains (the `model:` section).
+
+        Args:
+            pretrained: hub id, local diffusers folder, single .safetensors/.ckpt file, or tiny / tiny-v (offline)
+            revision: hub revision (branch, tag or commit)
+            variant: hub weight variant, e.g. fp16
+            single_file_config: for a single-file `pretrained`: the diffusers folder or hub id describing it
+            prior_loss_weight: lambda in L = L_instance + lambda * L_prior (the paper: 1)
+            train_text_encoder: fine-tune the whole text encoder too
+            snr_gamma: min-SNR-gamma loss weighting (Hang et al. 2023; 5 is usual); null = off
+            noise_offset: offset noise (0.05-0.1 gives darker darks and brighter brights); 0 = off
+            optim: optimizer and learning-rate schedule
+            lora: LoRA adapters instead of a full fine-tune
+            speed: speed and memory levers
+        """
+        config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
-        self.save_hyperparameters()
-        parts = components.load_components(pretrained, revision=revision, variant=variant, single_file_config=single_file_config)
-        self.tokenizer = parts.tokenizer
-        self.text_encoder = parts.text_encoder
-        self.vae = parts.vae
-        self.unet = parts.unet
-        self.noise_scheduler = parts.noise_scheduler
-        self.scheduler_config = parts.scheduler_config
-        # Frozen parts never change: no grads, eval mode (kept so by `train()` below).
-        self.vae.requires_grad_(False).eval()
-        self.text_encoder.requires_grad_(train_text_encoder)
-        if not self.text_encoder_trains:
-            self.text_encoder.eval()
-        # from_pretrained returns eval-mode modules and Lightning keeps modes as it finds them.
-        self.unet.requires_grad_(lora_rank == 0).train()
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[frozen_dtype]
-        if lora_rank > 0:
-            self.unet.to(dtype)  # with LoRA the base UNet is frozen too
-            self._add_lora(self.unet, lora_target_modules or UNET_LORA_TARGETS)
-        if lora_text_encoder:
-            self.text_encoder.to(dtype)
-            self._add_lora(self.text_encoder, lora_text_encoder_target_modules or TEXT_LORA_TARGETS)
-        for p in self.parameters():
-            if p.requires_grad:
-                p.data = p.data.float()  # adapters and fine-tuned weights train in fp32 (mixed precision computes)
-        if self.text_encoder_trains:
-            self.text_encoder.train()
-        # Frozen modules in half precision: half the memory, faster encodes; trainable weights stay fp32
-        # (fp16 trainable weights are what make GradScaler fail with "unscale FP16 gradients").
-        self.vae.to(dtype)
-        if not self.text_encoder_trains:
-            self.text_encoder.to(dtype)
-        if gradient_checkpointing:
-            self.unet.enable_gradient_checkpointing()
-            if self.text_encoder_trains:
-                self.text_encoder.gradient_checkpointing_enable()
-        if channels_last:
-            self.unet.to(memory_format=torch.channels_last)
-        if compile_unet:
-            self.unet.compile()  # in place: state-dict keys (checkpoints, export) stay unprefixed
-        # prompt -> (77, D) hidden states; (split, index) -> (2 flips, 2 [mean, std], 4, h, w) latent moments.
+        if train_text_encoder and lora.text_encoder_rank:
+            raise ValueError("model.train_text_encoder and model.lora.text_encoder_rank both train the text encoder: "
+                             "choose the full fine-tune (train_text_encoder) or adapters (text_encoder_rank)")
+        self.save_hyperparameters(as_record(config))  # plain values: YAML, W&B and weights_only checkpoints
+        self.optim, self.lora, self.speed = optim, lora, speed
+        parts = self.source().load()
+        self.tokenizer, self.text_encoder, self.vae, self.unet = parts.tokenizer, parts.text_encoder, parts.vae, parts.unet
+        self.noise_scheduler, self.scheduler_config = parts.noise_scheduler, parts.scheduler_config
+        self._set_up_training()
+        # prompt -> (77, D) hidden states; split -> (N, F flips, 2 [mean, std], 4, h, w) latent moments.
         self._text_cache: dict[str, torch.Tensor] = {}
         self._latent_cache: dict[str, torch.Tensor] = {}
         # (T,) cumulative alphas of the training noise schedule; not saved (it comes from the config).
@@ -134,7 +175,51 @@ class DreamBoothModule(pl.LightningModule):
         # Checkpoints hold only the trainable weights, so loading one leaves the frozen ones as loaded.
         self.strict_loading = False
 
+    def _set_up_training(self) -> None:
+        """Freeze everything, then unfreeze or adapt what trains; frozen weights in speed.frozen_dtype, trainable fp32."""
+        lora, speed, dtype = self.lora, self.speed, DTYPES[self.speed.frozen_dtype]
+        self.requires_grad_(False)
+        frozen = [self.vae]
+        if lora.rank:
+            frozen.append(self.unet)  # the base UNet is frozen; its adapters train
+            add_lora(self.unet, lora.rank, lora.alpha, lora.dropout, lora.targets)
+        else:
+            self.unet.requires_grad_(True)
+        if lora.text_encoder_rank:
+            add_lora(self.text_encoder, lora.text_encoder_rank, lora.text_encoder_alpha, lora.dropout,
+                     lora.text_encoder_targets)
+            frozen.append(self.text_encoder)
+        elif self.hparams.train_text_encoder:
+            self.text_encoder.requires_grad_(True)
+        else:
+            frozen.append(self.text_encoder)
+        # Half-precision frozen weights halve their memory; trainable weights (and adapters) stay fp32, since fp16
+        # trainable weights are what make GradScaler fail with "unscale FP16 gradients".
+        for module in frozen if dtype != torch.float32 else []:
+            module.to(dtype)
+        for p in self.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+        self.train()  # from_pretrained returns eval-mode modules; `train()` keeps the frozen ones in eval
+        if speed.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+            if self.text_encoder_trains:
+                self.text_encoder.gradient_checkpointing_enable()
+        if speed.channels_last:
+            self.unet.to(memory_format=torch.channels_last)
+        if speed.compile_unet:
+            self.unet.compile()  # in place: state-dict keys (checkpoints, export) stay unprefixed
+
     # ----------------------------------------------------------------------------------------- parts
+
+    def source(self) -> components.ModelSource:
+        """Where the base weights come from."""
+        hp = self.hparams
+        return components.ModelSource(hp.pretrained, hp.revision, hp.variant, hp.single_file_config)
+
+    def base_model(self) -> DreamBoothModule:
+        """A fresh module holding the pretrained weights this one started from (on this module's device)."""
+        return DreamBoothModule(**as_record(self.source())).to(self.device)
 
     def parts(self) -> components.SDComponents:
         """The current (fine-tuned) components, sharing this module's weights."""
@@ -150,19 +235,7 @@ class DreamBoothModule(pl.LightningModule):
 
     @property
     def text_encoder_trains(self) -> bool:
-        return self.hparams.train_text_encoder or self.hparams.lora_text_encoder
-
-    def _add_lora(self, module: torch.nn.Module, targets) -> None:
-        from peft import LoraConfig, inject_adapter_in_model
-
-        hp = self.hparams
-        cfg = LoraConfig(r=hp.lora_rank or 4, lora_alpha=hp.lora_alpha or hp.lora_rank or 4,
-                         lora_dropout=hp.lora_dropout, init_lora_weights="gaussian", target_modules=list(targets))
-        if hasattr(module, "add_adapter") and module is self.unet:
-            module.add_adapter(cfg)  # diffusers' integration: the pipeline's LoRA API then sees it
-        else:
-            # peft directly: transformers' own integration wants a newer peft than the registry has.
-            inject_adapter_in_model(cfg, module)
+        return self.hparams.train_text_encoder or self.lora.text_encoder_rank > 0
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -172,18 +245,20 @@ class DreamBoothModule(pl.LightningModule):
         return self
 
     def setup(self, stage: str) -> None:
-        if self.hparams.allow_tf32 and torch.cuda.is_available():
+        if self.speed.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
 
     def on_fit_start(self) -> None:
-        hp = self.hparams
-        if hp.lora_rank > 0 and hp.frozen_dtype != "fp32" and "mixed" not in str(self.trainer.precision):
-            raise ValueError(f"model.frozen_dtype={hp.frozen_dtype} with LoRA keeps the base UNet in half precision, "
+        frozen_dtype = self.speed.frozen_dtype
+        if self.lora.rank and frozen_dtype != "fp32" and "mixed" not in str(self.trainer.precision):
+            raise ValueError(f"model.speed.frozen_dtype={frozen_dtype} with LoRA keeps the base UNet in half precision, "
                              f"which needs autocast: set trainer.precision to bf16-mixed (or 16-mixed on GPU), "
-                             f"or model.frozen_dtype: fp32")
-        if self.hparams.cache_latents:
-            self._fill_latent_cache()
+                             f"or model.speed.frozen_dtype: fp32")
+        if self.speed.cache_latents:
+            dm = self.trainer.datamodule
+            self.cache_latents({split: dm.fixed_views(split) for split in ("instance", "class")},
+                               progress=self.trainer.is_global_zero)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -210,7 +285,7 @@ class DreamBoothModule(pl.LightningModule):
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         """N prompts -> (N, 77, D) text-encoder hidden states (with grad only when it trains)."""
         trains = self.text_encoder_trains and self.training
-        if not trains and self.hparams.cache_text_embeddings:
+        if not trains and self.speed.cache_text_embeddings:
             # A frozen text encoder maps the two prompts of a run to the same states every step: encode once.
             missing = sorted({p for p in prompts if p not in self._text_cache})
             if missing:
@@ -228,24 +303,17 @@ class DreamBoothModule(pl.LightningModule):
         return self.text_encoder(ids)[0].to(self.unet.dtype)
 
     @torch.no_grad()
-    def _fill_latent_cache(self) -> None:
-        """Encode every instance and class image once (both flips when flipping is on)."""
-        from tqdm.auto import tqdm
+    def cache_latents(self, views: dict[str, Iterable[torch.Tensor]], progress: bool = True) -> None:
+        """Encode each image's views once: split -> (N, F, 2 [mean, std], 4, h, w) VAE posterior moments.
 
-        from .data import DreamBoothDataset
-
-        dm = self.trainer.datamodule
-        flips = [False, True] if dm.hparams.random_flip else [False]
-        for split, paths in (("instance", dm.instance_images), ("class", dm.class_images)):
-            if not paths:
-                continue
-            ds = DreamBoothDataset(paths, "", resolution=dm.hparams.resolution, center_crop=True, random_flip=False)
-            moments = []
-            for i in tqdm(range(len(paths)), desc=f"caching {split} latents", disable=not self.trainer.is_global_zero):
-                x = ds[i]["instance_pixel_values"].to(self.device)  # (3, R, R)
-                views = torch.stack([x.flip(-1) if f else x for f in flips])  # (F, 3, R, R)
-                moments.append(torch.stack(self.latent_moments(views), dim=1))  # (F, 2, 4, h, w)
-            self._latent_cache[split] = torch.stack(moments)  # (N, F, 2, 4, h, w)
+        `views[split]` yields (F, 3, R, R) per image, F = the flips the loader can show (the data module's
+        `fixed_views`); batches then carry (image_index, flipped) instead of pixels.
+        """
+        for split, images in views.items():
+            moments = [torch.stack(self.latent_moments(v.to(self.device)), dim=1)  # (F, 2, 4, h, w)
+                       for v in tqdm(images, desc=f"caching {split} latents", disable=not progress)]
+            if moments:
+                self._latent_cache[split] = torch.stack(moments)
 
     def batch_latents(self, batch: dict) -> torch.Tensor:
         """(N, 4, h, w) scaled latents of a batch: encoded from pixels, or drawn from the cached moments."""
@@ -288,31 +356,34 @@ class DreamBoothModule(pl.LightningModule):
             timesteps = torch.randint(0, t_max, (n,), generator=generator, device=generator.device if generator else None)
         timesteps = timesteps.to(latents.device).long()
         noisy = q_sample(latents, noise, timesteps, self.alphas_cumprod)
-        if self.hparams.channels_last:
+        if self.speed.channels_last:
             noisy = noisy.contiguous(memory_format=torch.channels_last)
         pred = self.unet(noisy, timesteps, encoder_hidden_states=cond).sample
         target = diffusion_target(self.noise_scheduler.config.prediction_type, latents, noise, timesteps, self.alphas_cumprod)
         return pred, target, timesteps
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The DreamBooth loss of a batch: (L_instance + lambda * L_prior, {"instance": ..., "prior": ...})."""
+        hp = self.hparams
         pred, target, t = self.denoise(self.batch_latents(batch), batch["prompts"])
-        n = batch["num_instance"]
         w = None
-        if self.hparams.snr_gamma:
-            w = min_snr_weights(t, self.alphas_cumprod, self.hparams.snr_gamma, self.noise_scheduler.config.prediction_type)
-        loss, parts = prior_preservation_loss(pred, target, n, self.hparams.prior_loss_weight, w)
+        if hp.snr_gamma:
+            w = min_snr_weights(t, self.alphas_cumprod, hp.snr_gamma, self.noise_scheduler.config.prediction_type)
+        loss, parts = prior_preservation_loss(pred, target, batch["num_instance"], hp.prior_loss_weight, w)
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"train/loss is {loss.item()} at step {self.global_step}: the weights diverged; likely causes are a "
-                f"learning rate too high (model.learning_rate={self.hparams.learning_rate}) or fp16 overflow "
+                f"learning rate too high (model.optim.learning_rate={self.optim.learning_rate}) or fp16 overflow "
                 f"(try trainer.precision=bf16-mixed or 32)."
             )
+        return loss, parts
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss, parts = self.compute_loss(batch)
         self.log_dict(
             {"train/loss": loss, "train/loss_instance": parts["instance"], "train/loss_prior": parts["prior"]},
-            prog_bar=True, batch_size=n,
+            prog_bar=True, batch_size=batch["num_instance"],
         )
-        if self._trainer is not None:  # outside a Trainer (benchmarks) there is no optimizer to read
-            self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=n)
         return loss
 
     @torch.no_grad()
@@ -330,18 +401,27 @@ class DreamBoothModule(pl.LightningModule):
 
     # ----------------------------------------------------------------------------------------- optim
 
-    def configure_optimizers(self):
-        hp = self.hparams
-        groups = [{"params": [p for p in self.unet.parameters() if p.requires_grad], "lr": hp.learning_rate}]
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        """The configured AdamW over the trainable weights only (UNet or adapters, then the text encoder's)."""
+        o = self.optim
+        groups = [{"params": [p for p in self.unet.parameters() if p.requires_grad], "lr": o.learning_rate}]
         if self.text_encoder_trains:
-            te_lr = hp.text_encoder_learning_rate or hp.learning_rate
+            te_lr = o.text_encoder_learning_rate or o.learning_rate
             groups.append({"params": [p for p in self.text_encoder.parameters() if p.requires_grad], "lr": te_lr})
-        opt = make_optimizer(hp.optimizer, groups, betas=(hp.adam_beta1, hp.adam_beta2),
-                             weight_decay=hp.adam_weight_decay, eps=hp.adam_epsilon)
-        total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 1
-        fn = partial(lr_lambda, warmup_steps=hp.lr_warmup_steps, total_steps=total, schedule=hp.lr_schedule)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, fn)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return make_optimizer(o.optimizer, groups, betas=(o.adam_beta1, o.adam_beta2), weight_decay=o.weight_decay,
+                              eps=o.epsilon)
+
+    def make_scheduler(self, optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+        """The configured schedule (warm-up, then constant or cosine) over `total_steps` optimizer steps."""
+        fn = partial(lr_lambda, warmup_steps=self.optim.lr_warmup_steps, total_steps=total_steps,
+                     schedule=self.optim.lr_schedule)
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+
+    def configure_optimizers(self):
+        opt = self.make_optimizer()
+        sched = self.make_scheduler(opt, int(self.trainer.estimated_stepping_batches))
+        # `name`: LearningRateMonitor logs it as train/lr (train/lr/pg1, /pg2 with a training text encoder).
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "name": "train/lr"}}
 
     # ----------------------------------------------------------------------------------------- checkpoints
 
@@ -360,46 +440,3 @@ class DreamBoothModule(pl.LightningModule):
                 f"checkpoint lacks {len(missing)} trainable weights (first: {missing[0]}): it was saved by a "
                 f"run with other trainable parts (train_text_encoder, LoRA) than this one."
             )
-
-    # ----------------------------------------------------------------------------------------- export
-
-    def export(self, folder: str | Path, sampler: str = "default", metadata: dict | None = None) -> Path:
-        """Write a complete diffusers `StableDiffusionPipeline` (safetensors) with the fine-tuned weights."""
-        folder = Path(folder)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        pipe = components.pipeline(self.parts(), sampler=sampler)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-        tmp.chmod(0o755)  # mkdtemp makes 0700; the result is a normal shared folder
-        try:
-            pipe.save_pretrained(tmp, safe_serialization=True)
-            info = {"base_model": self.hparams.pretrained, "revision": self.hparams.revision, **(metadata or {})}
-            (tmp / "dreambooth_pl.json").write_text(json.dumps(info, indent=2, default=str))
-            # Swap in atomically; an earlier export is replaced only once the new one is complete.
-            if folder.exists():
-                old = folder.with_name(f".{folder.name}.old")
-                shutil.rmtree(old, ignore_errors=True)
-                folder.rename(old)
-                tmp.rename(folder)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                tmp.rename(folder)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return folder
-
-
-def learning_probe(model: DreamBoothModule, datamodule, max_images: int = 8, seed: int = 0) -> tuple[float, float]:
-    """Denoising MSE on the instance photos under the instance prompt: (base model, `model`)."""
-    from .data import DreamBoothDataset
-
-    paths = datamodule.instance_images[:max_images]
-    ds = DreamBoothDataset(paths, datamodule.instance_prompt, resolution=datamodule.hparams.resolution,
-                           center_crop=True, random_flip=False)
-    # (N, 3, R, R) in [-1, 1], center-cropped and unflipped: the probe must not depend on augmentation.
-    pixels = torch.stack([ds[i]["instance_pixel_values"] for i in range(len(paths))])
-    prompts = [datamodule.instance_prompt] * len(paths)
-    tuned = model.denoising_mse(pixels, prompts, seed=seed)
-    hp = model.hparams
-    base = DreamBoothModule(pretrained=hp.pretrained, revision=hp.revision, variant=hp.variant,
-                            single_file_config=hp.single_file_config).to(model.device)
-    return base.denoising_mse(pixels, prompts, seed=seed), tuned

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
-import math
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,8 +15,11 @@ import pytorch_lightning as pl
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
 from . import components
+from .components import ModelSource, Sampler
+from .files import cache_root, write_image, write_text
 
 MANIFEST = "manifest.jsonl"
 SETTINGS = "settings.json"
@@ -30,26 +32,42 @@ class PriorCacheError(ValueError):
 
 
 @dataclass(frozen=True)
+class PriorSampling:
+    """How the class-prior images are sampled (the `data.prior:` group); all but `batch_size` key the cache.
+
+    Args:
+        sampler: sampling scheduler; `default` = the model's own (PNDM for SD 1.5, as the paper did)
+        steps: sampling steps (the `default` sampler: 50)
+        guidance_scale: classifier-free guidance scale
+        negative_prompt: negative prompt ("" for none)
+        seed: image i comes from seed + i alone
+        batch_size: images per batch; null = as large as GPU memory allows (4 on CPU)
+    """
+
+    sampler: Sampler = "dpm++"
+    steps: int = 25
+    guidance_scale: float = 7.5
+    negative_prompt: str = ""
+    seed: int = 0
+    batch_size: int | None = None
+
+
+@dataclass(frozen=True)
 class PriorSettings:
     """Everything that decides what the class images look like; its hash is the cache key."""
 
-    model: str
+    model: ModelSource
     prompt: str
-    negative_prompt: str = ""
-    sampler: str = "dpm++"
-    steps: int = 25
-    guidance_scale: float = 7.5
-    resolution: int = 512
-    revision: str | None = None
-    variant: str | None = None
-    single_file_config: str | None = None
-    base_seed: int = 0
+    resolution: int
+    sampling: PriorSampling = PriorSampling()
 
     def identity(self) -> dict:
-        """The settings with the model replaced by its fingerprint (hub id + revision, or content hash)."""
-        d = dataclasses.asdict(self)
-        d["model_fingerprint"] = model_fingerprint(self.model, self.revision)
-        return d
+        """The settings as one flat record, the model also as its fingerprint (hub id + revision, or content hash)."""
+        m, s = self.model, self.sampling
+        return dict(model=m.pretrained, prompt=self.prompt, negative_prompt=s.negative_prompt, sampler=s.sampler,
+                    steps=s.steps, guidance_scale=s.guidance_scale, resolution=self.resolution, revision=m.revision,
+                    variant=m.variant, single_file_config=m.single_file_config, base_seed=s.seed,
+                    model_fingerprint=model_fingerprint(m.pretrained, m.revision))
 
     def key(self) -> str:
         # Variant (fp16 weights) and the single-file config do not change what the model is.
@@ -78,7 +96,7 @@ def model_fingerprint(model: str, revision: str | None = None) -> str:
 
 
 def default_folder(settings: PriorSettings) -> Path:
-    return components.cache_root() / "priors" / settings.key()
+    return cache_root() / "priors" / settings.key()
 
 
 def image_path(folder: Path, index: int) -> Path:
@@ -132,33 +150,17 @@ def scan(folder: Path, settings: PriorSettings, num_images: int) -> tuple[list[i
 
 
 def write_settings(folder: Path, settings: PriorSettings) -> None:
-    atomic_write_text(Path(folder) / SETTINGS, json.dumps({"key": settings.key(), "settings": settings.identity()}, indent=2))
+    write_text(Path(folder) / SETTINGS, json.dumps({"key": settings.key(), "settings": settings.identity()}, indent=2))
 
 
 def write_manifest(folder: Path, settings: PriorSettings, indices: list[int]) -> None:
     """One JSON line per image: index, file, seed and the settings key."""
-    lines = [json.dumps({"index": i, "file": image_path(folder, i).name, "seed": settings.base_seed + i,
-                         "key": settings.key(), "prompt": settings.prompt, "sampler": settings.sampler,
-                         "steps": settings.steps, "guidance_scale": settings.guidance_scale,
+    s = settings.sampling
+    lines = [json.dumps({"index": i, "file": image_path(folder, i).name, "seed": s.seed + i,
+                         "key": settings.key(), "prompt": settings.prompt, "sampler": s.sampler,
+                         "steps": s.steps, "guidance_scale": s.guidance_scale,
                          "resolution": settings.resolution}) for i in sorted(indices)]
-    atomic_write_text(Path(folder) / MANIFEST, "\n".join(lines) + ("\n" if lines else ""))
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temporary name beside `path`, then rename: readers see the old or the new file, never half."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def save_image_atomic(img: Image.Image, path: Path) -> None:
-    """Write to a temporary name, fsync, rename: a kill leaves either no file or a whole one."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with tmp.open("wb") as fh:
-        img.save(fh, format="PNG")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    write_text(Path(folder) / MANIFEST, "\n".join(lines) + ("\n" if lines else ""))
 
 
 def auto_batch_size(resolution: int, device: torch.device) -> int:
@@ -194,9 +196,8 @@ class PriorGenerator(pl.LightningModule):
         self.num_images = num_images
         self.batch_size = batch_size
         self.missing = set(missing)
-        parts = components.load_components(settings.model, revision=settings.revision, variant=settings.variant,
-                                           single_file_config=settings.single_file_config)
-        self.pipe = components.pipeline(parts, sampler=settings.sampler)
+        parts = settings.model.load()
+        self.pipe = components.pipeline(parts, sampler=settings.sampling.sampler)
         # Registered as children so Lightning moves them to the device and applies its precision.
         self.unet, self.vae, self.text_encoder = parts.unet, parts.vae, parts.text_encoder
         self.requires_grad_(False).eval()
@@ -210,16 +211,16 @@ class PriorGenerator(pl.LightningModule):
 
     def generate_block(self, block: int) -> list[int]:
         """Render every image of the block (same batch as an uninterrupted run), write the missing ones."""
-        s = self.settings
+        s, sampling = self.settings, self.settings.sampling
         indices = list(range(block * self.batch_size, min((block + 1) * self.batch_size, self.num_images)))
         # Image i comes from seed base_seed + i alone: its own generator for latents and sampler noise.
         # CPU generators: the same initial noise on any device.
-        gens = [torch.Generator("cpu").manual_seed(s.base_seed + i) for i in indices]
+        gens = [torch.Generator("cpu").manual_seed(sampling.seed + i) for i in indices]
         images = self.pipe(
             prompt=[s.prompt] * len(indices),
-            negative_prompt=[s.negative_prompt] * len(indices) if s.negative_prompt else None,
-            num_inference_steps=s.steps,
-            guidance_scale=s.guidance_scale,
+            negative_prompt=[sampling.negative_prompt] * len(indices) if sampling.negative_prompt else None,
+            num_inference_steps=sampling.steps,
+            guidance_scale=sampling.guidance_scale,
             height=s.resolution,
             width=s.resolution,
             generator=gens,
@@ -228,7 +229,7 @@ class PriorGenerator(pl.LightningModule):
         written = []
         for i, img in zip(indices, images, strict=True):
             if i in self.missing:
-                save_image_atomic(img, image_path(self.folder, i))
+                write_image(img, image_path(self.folder, i))
                 written.append(i)
         return written
 
@@ -246,11 +247,32 @@ class PriorResult:
         return f"{self.reused + self.made} class images in {self.folder} ({self.reused} reused, {self.made} made)"
 
 
+def _make(settings: PriorSettings, folder: Path, num_images: int, missing: list[int], dev: torch.device,
+          trainer_kwargs: dict, use_trainer: bool) -> None:
+    """Render the `missing` images: Lightning prediction (precision, progress, DDP sharding) or a plain loop on `dev`."""
+    bs = settings.sampling.batch_size or auto_batch_size(settings.resolution, dev)
+    gen = PriorGenerator(settings, folder, num_images, bs, missing)
+    print(f"Generating {len(missing)} class images for '{settings.prompt}' in {folder} ({settings.sampling.sampler}, "
+          f"{settings.sampling.steps} steps, batch {bs}, {len(gen.blocks())} batches)", file=sys.stderr)
+    if use_trainer:
+        tk = dict(trainer_kwargs)
+        tk.setdefault("logger", False)
+        tk.setdefault("enable_model_summary", False)
+        tk.setdefault("precision", "bf16-mixed" if dev.type == "cuda" else "32-true")
+        tk.setdefault("callbacks", [pl.callbacks.TQDMProgressBar(), ImagesPerSecond()])
+        pl.Trainer(**tk).predict(gen, return_predictions=False)
+        return
+    gen.to(dev)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
+    with torch.inference_mode(), amp:
+        for b in tqdm(gen.blocks(), desc="class images", unit="batch"):
+            gen.generate_block(b)
+
+
 def generate(
     settings: PriorSettings,
     num_images: int,
     folder: str | Path | None = None,
-    batch_size: int | None = None,
     trainer_kwargs: dict | None = None,
     device: torch.device | str | None = None,
 ) -> PriorResult:
@@ -270,25 +292,7 @@ def generate(
         else:
             gpu = torch.cuda.is_available() and tk.get("accelerator", "auto") in ("auto", "gpu", "cuda")
             dev = torch.device("cuda" if gpu else "cpu")
-        bs = batch_size or auto_batch_size(settings.resolution, dev)
-        gen = PriorGenerator(settings, folder, num_images, bs, missing)
-        print(f"Generating {len(missing)} class images for '{settings.prompt}' in {folder} "
-              f"({settings.sampler}, {settings.steps} steps, batch {bs}, {len(gen.blocks())} batches)", file=sys.stderr)
-        if device is None:
-            tk.setdefault("logger", False)
-            tk.setdefault("enable_model_summary", False)
-            tk.setdefault("precision", "bf16-mixed" if dev.type == "cuda" else "32-true")
-            tk.setdefault("callbacks", [pl.callbacks.TQDMProgressBar(), ImagesPerSecond()])
-            pl.Trainer(**tk).predict(gen, return_predictions=False)
-        else:
-            from tqdm.auto import tqdm
-
-            gen.to(dev)
-            amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
-            with torch.inference_mode(), amp:
-                for b in tqdm(gen.blocks(), desc="class images", unit="batch"):
-                    gen.generate_block(b)
-        del gen
+        _make(settings, folder, num_images, missing, dev, tk, use_trainer=device is None)
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     valid_now, still_missing = scan(folder, settings, num_images)
@@ -306,13 +310,9 @@ class ImagesPerSecond(pl.Callback):
         self.start = 0.0
 
     def on_predict_start(self, trainer, pl_module):
-        import time
-
         self.start = time.perf_counter()
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-        import time
-
         self.count += len(outputs)
         rate = self.count / max(1e-9, time.perf_counter() - self.start)
         bar = getattr(trainer.progress_bar_callback, "predict_progress_bar", None)
@@ -320,18 +320,6 @@ class ImagesPerSecond(pl.Callback):
             bar.set_postfix({"images/s": f"{rate:.2f}"})
 
     def on_predict_end(self, trainer, pl_module):
-        import time
-
         dt = time.perf_counter() - self.start
         if self.count:
             print(f"Made {self.count} images in {dt:.1f} s ({self.count / dt:.2f} images/s)", file=sys.stderr)
-
-
-def image_grid(paths_or_images: list, cols: int = 4, size: int = 128) -> Image.Image:
-    """Tile images (paths or PIL) into one grid image, each resized to `size` px square."""
-    imgs = [Image.open(p).convert("RGB") if not isinstance(p, Image.Image) else p for p in paths_or_images]
-    rows = max(1, math.ceil(len(imgs) / cols))
-    grid = Image.new("RGB", (cols * size, rows * size), "white")
-    for k, img in enumerate(imgs):
-        grid.paste(img.resize((size, size)), ((k % cols) * size, (k // cols) * size))
-    return grid

@@ -7,10 +7,12 @@ import json
 import math
 from pathlib import Path
 
+from matplotlib.figure import Figure
 from PIL import Image
 
-from .callbacks import FILE_RE, METRIC_KEYS, PAPER_ROWS
-from .priors import atomic_write_text
+from .data import load_image
+from .evaluation import FILE_RE, METRIC_KEYS, PAPER_ROWS
+from .files import labelled_grid, square, write_image, write_text
 
 LABELS = {"dino": "DINO", "clip_i": "CLIP-I", "clip_t": "CLIP-T", "clip_t_no_token": "CLIP-T (no token)",
           "pres": "PRES ↓", "div": "DIV"}
@@ -59,31 +61,21 @@ def read_csv_metrics(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return series
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _save_figure(fig, ax, title: str, path: Path) -> Path:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
-    _pyplot().close(fig)
+    fig.savefig(path)  # a plain Figure (no pyplot): files only, no display, nothing global to close
     return path
 
 
 def plot_series(series: dict[str, list[tuple[int, float]]], keys: list[str], path: Path, title: str) -> Path | None:
-    plt = _pyplot()
     present = [k for k in keys if series.get(k)]
     if not present:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    fig = Figure(figsize=(7, 4), dpi=100)
+    ax = fig.subplots()
     for k in present:
         xs, ys = zip(*sorted(set(series[k])), strict=True)
         ax.plot(xs, ys, label=k, marker="o" if len(xs) < 30 else None)
@@ -102,29 +94,14 @@ def prompt_grid(run_dir: Path, index: int, prompt: str, stages: list[str], path:
     return labelled_grid(rows, prompt, path, size, label_w=70) if rows else None
 
 
-def _font(size: int = 14):
-    from PIL import ImageFont
-
-    try:
-        return ImageFont.load_default(size=size)  # Pillow >= 10.1: a scalable font, readable labels
-    except TypeError:
-        return ImageFont.load_default()
-
-
 def photo_strip(paths: list[Path], path: Path, size: int = 128) -> Path | None:
     """The subject's real photos side by side."""
-    from .data import load_image
-
     if not paths:
         return None
     strip = Image.new("RGB", (len(paths) * size, size), "white")
     for k, p in enumerate(paths):
-        img = load_image(p)
-        side = min(img.size)
-        left, top = (img.width - side) // 2, (img.height - side) // 2
-        strip.paste(img.crop((left, top, left + side, top + side)).resize((size, size)), (k * size, 0))
-    strip.save(path)
-    return path
+        strip.paste(square(load_image(p), size), (k * size, 0))
+    return write_image(strip, path)
 
 
 def write_report(run_dir: str | Path) -> Path:
@@ -173,8 +150,7 @@ def write_report(run_dir: str | Path) -> Path:
             if g:
                 lines.append(f"![prompt {idx}](figures/{g.name})\n\n")
     out = run_dir / "report.md"
-    atomic_write_text(out, "".join(lines))
-    return out
+    return write_text(out, "".join(lines))
 
 
 def aggregate(metric_files: list[str | Path], out: str | Path, stage: str = "final") -> Path:
@@ -204,10 +180,7 @@ def _ci_table(out: str | Path, title: str, subjects: list[str], calibrated: bool
     text = (f"# {title}\n\n"
             + ("" if calibrated else "> **Uncalibrated smoke numbers** (random tiny encoders/models).\n\n")
             + f"Subjects: {', '.join(subjects)}. Mean ± 95% CI (Student t over subjects).\n\n" + head + body)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    return out
+    return write_text(out, text)
 
 
 COMPARE_KEYS = ("dino", "clip_i", "clip_t", "div", "clip_dir", "clip_img_input")
@@ -217,7 +190,8 @@ COMPARE_LABELS = {"dino": "DINO", "clip_i": "CLIP-I", "clip_t": "CLIP-T (class p
 
 def tradeoff_plot(methods: dict, path: Path) -> Path:
     """CLIP-T against DINO per prompt for each method: the fidelity/editability trade-off."""
-    fig, ax = _pyplot().subplots(figsize=(6, 5), dpi=100)
+    fig = Figure(figsize=(6, 5), dpi=100)
+    ax = fig.subplots()
     for (name, m), marker in zip(methods.items(), "o^sD", strict=False):
         pp = m["per_prompt"]
         pts = ax.scatter([p["dino"] for p in pp], [p["clip_t"] for p in pp], label=name, marker=marker, alpha=0.75)
@@ -229,28 +203,8 @@ def tradeoff_plot(methods: dict, path: Path) -> Path:
     return _save_figure(fig, ax, "per prompt; stars: means", path)
 
 
-def labelled_grid(rows: list[tuple[str, list[Image.Image]]], title: str, path: Path, size: int = 128,
-                  label_w: int = 130) -> Path:
-    """Rows of images with a label each and a title on top (stages of a prompt; real | DreamBooth | IP2P)."""
-    from PIL import ImageDraw
-
-    head = 24
-    cols = max(len(imgs) for _, imgs in rows)
-    grid = Image.new("RGB", (label_w + cols * size, head + len(rows) * size), "white")
-    draw = ImageDraw.Draw(grid)
-    draw.text((4, 4), title, fill="black", font=_font())
-    for r, (label, imgs) in enumerate(rows):
-        draw.text((4, head + r * size + size // 2 - 8), label, fill="black", font=_font())
-        for c, img in enumerate(imgs):
-            grid.paste(img.convert("RGB").resize((size, size)), (label_w + c * size, head + r * size))
-    grid.save(path)
-    return path
-
-
 def write_compare_report(run_dir: Path, payload: dict, prompts, photos: list[Image.Image]) -> Path:
     """compare/report.md: every metric for base, DreamBooth and InstructPix2Pix, grids, trade-off plot, cost."""
-    from .instructpix2pix import square
-
     out = Path(run_dir) / "compare"
     fig = out / "figures"
     fig.mkdir(parents=True, exist_ok=True)
@@ -291,8 +245,7 @@ def write_compare_report(run_dir: Path, payload: dict, prompts, photos: list[Ima
         g = labelled_grid(rows, ep.prompt_no_token, fig / f"prompt_{ep.index:02d}.png")
         lines.append(f"**{ep.index:02d}. {ep.prompt_no_token}**\n\n![prompt {ep.index}](figures/{g.name})\n\n")
     path = out / "report.md"
-    atomic_write_text(path, "".join(lines))
-    return path
+    return write_text(path, "".join(lines))
 
 
 def aggregate_compare(files: list[str | Path], out: str | Path) -> Path:

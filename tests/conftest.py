@@ -12,13 +12,27 @@ os.environ.pop("WANDB_API_KEY", None)
 
 import numpy as np
 import pytest
+import pytorch_lightning as pl
 import torch
 from PIL import Image
+
+from dreambooth_pl import components
+from dreambooth_pl.data import DreamBoothDataModule
+from dreambooth_pl.tiny import tiny_model_path
 
 torch.set_flush_denormal(True)  # as the CLI does: denormals in random weights slow CPU kernels 30x
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data" / "dreambooth"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """One intra-op thread for the whole session: the tiny models' kernels run 20-100x slower with more."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -37,16 +51,18 @@ def model_cache(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_dir(model_cache) -> Path:
     """The tiny epsilon-prediction model in diffusers layout (what `pretrained: tiny` loads)."""
-    from dreambooth_pl.components import tiny_model_path
-
     torch.manual_seed(0)
     return tiny_model_path("tiny")
 
 
 @pytest.fixture(scope="session")
-def tiny_v_dir(model_cache) -> Path:
-    from dreambooth_pl.components import tiny_model_path
+def tiny_parts(tiny_dir):
+    """The tiny model's parts, loaded once; tests only read them."""
+    return components.load_components(str(tiny_dir))
 
+
+@pytest.fixture(scope="session")
+def tiny_v_dir(model_cache) -> Path:
     return tiny_model_path("tiny-v")
 
 
@@ -65,6 +81,20 @@ def make_photos(folder: Path, n: int, size: tuple[int, int] = (80, 96), seed: in
             arr = ((arr + 1) * 127.5).astype(np.uint8)
         Image.fromarray(arr).save(folder / f"{i:02d}.jpg", quality=95)
     return folder
+
+
+def make_datamodule(photos: dict[str, Path], **kw):
+    """The tests' DreamBoothDataModule: the `photos` fixture's folders, 64 px, batch 2; `kw` overrides."""
+    args = dict(subject="t", class_noun="can", instance_dir=str(photos["instance"]), class_dir=str(photos["class"]),
+                resolution=64, batch_size=2, min_image_size=64)
+    return DreamBoothDataModule(**{**args, **kw})
+
+
+def make_trainer(root: Path, steps: int, callbacks=(), **kw):
+    """The tests' CPU Trainer: `steps` optimizer steps, no logger, checkpoints, progress bar or summary; `kw` overrides."""
+    args = dict(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
+                enable_progress_bar=False, enable_model_summary=False, default_root_dir=root)
+    return pl.Trainer(callbacks=list(callbacks), **{**args, **kw})
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""A callback for tests/test_ddp.py: each DDP rank dumps its trainable weights and a synced metric.
+"""A callback for tests/test_ddp.py: each DDP rank dumps its trainable weights, its steps and a synced metric.
 
 Used from the command line (`--trainer.callbacks+=tests.ddp_probe.DumpRankState`), so it must import
 from the repository root in every rank process Lightning launches.
@@ -26,11 +26,21 @@ def embeddings() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class DumpRankState(pl.Callback):
-    """On train end, write `rank{R}.pt` (trainable parameters) and `rank{R}.json` (synced metric, step)."""
+    """On train end, write `rank{R}.pt` (trainable parameters), `rank{R}_steps.pt` (every step's batch, the RNG
+    state it started from and the learning rate it used: what a single-process replay needs) and `rank{R}.json`
+    (synced metric, step)."""
 
     def __init__(self, out_dir: str):
         super().__init__()
         self.out_dir = out_dir
+        self.steps: list[dict] = []
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        self.steps.append({
+            "batch": {k: v.detach().cpu().clone() if torch.is_tensor(v) else v for k, v in batch.items()},
+            "rng": torch.get_rng_state(),
+            "lr": [g["lr"] for g in trainer.optimizers[0].param_groups],
+        })
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         from dreambooth_pl.metrics import PairwiseCosine
@@ -40,6 +50,7 @@ class DumpRankState(pl.Callback):
         out.mkdir(parents=True, exist_ok=True)
         params = {n: p.detach().cpu().clone() for n, p in pl_module.named_parameters() if p.requires_grad}
         torch.save(params, out / f"rank{rank}.pt")
+        torch.save(self.steps, out / f"rank{rank}_steps.pt")
         real, generated = embeddings()
         metric = PairwiseCosine()
         metric.update(real, generated[RANK_ROWS[rank]])

@@ -1,21 +1,30 @@
-"""SampleAndScore: protocol prompts, score orchestration against numpy, a tiny fit that samples, scores and logs."""
+"""Callbacks: SampleAndScore's tiny fit (samples, scores, logs, checkpoints on val/dino); RunRecord, ExportModel and
+LearningProbe under a plain Trainer.fit."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
 from PIL import Image
-from pytorch_lightning.callbacks import ModelCheckpoint
-from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger, Logger
+from safetensors.torch import load_file
 
-from dreambooth_pl.callbacks import EvalPrompt, SampleAndScore, protocol_prompts, real_vs_real, score
+from dreambooth_pl.callbacks import ExportModel, LearningProbe, RunRecord, SampleAndScore
+from dreambooth_pl.data import load_image
+from dreambooth_pl.encoders import load_encoders
+from dreambooth_pl.evaluation import Protocol, protocol_prompts, score
+from dreambooth_pl.loggers import AutoWandbLogger, git_sha
+from dreambooth_pl.module import DreamBoothModule, Optimization
 
-from .conftest import SHARED_DATA
+from .conftest import make_datamodule, make_photos, make_trainer
 
 TEMPLATES = "a {0} {1} in the jungle\na {0} {1} in the snow\na red {0} {1}\n"
 
@@ -29,90 +38,17 @@ def prompts_dir(tmp_path) -> Path:
     return d
 
 
-def test_protocol_prompts_with_and_without_identifier():
-    if not (SHARED_DATA / "prompts_object.txt").is_file():
-        pytest.skip("DreamBench data absent")
-    for kind in ("object", "live"):
-        ps = protocol_prompts(SHARED_DATA, kind, "sks", "dog")
-        assert len(ps) == 25 and [p.index for p in ps] == list(range(25))
-        assert all("sks dog" in p.prompt and "sks" not in p.prompt_no_token for p in ps)
-        assert all("  " not in p.prompt_no_token and " dog" in p.prompt_no_token for p in ps)
-    assert protocol_prompts(SHARED_DATA, "object", "sks", "can")[20].prompt_no_token == "a red can"
-
-
-class FakeEncoder:
-    """Deterministic embeddings: images -> mean RGB + 1; texts -> a vector that depends on 'sks'."""
-
-    name, calibrated = "fake", False
-
-    def encode_images(self, images):
-        return torch.tensor(np.stack([np.asarray(i, dtype=np.float64).mean((0, 1)) / 255 + [1, 0, 0] for i in images]))
-
-    def encode_texts(self, texts):
-        return torch.tensor([[1.0, 2.0, 0.0] if "sks" in t else [1.0, 0.0, 2.0] for t in texts], dtype=torch.float64)
-
-    def distances(self, a, b):
-        return torch.tensor([float(np.abs(np.asarray(x, float) - np.asarray(y, float)).mean()) for x, y in zip(a, b, strict=True)])
-
-
-def solid(rgb) -> Image.Image:
-    return Image.new("RGB", (8, 8), tuple(rgb))
-
-
-def unit(x):
-    x = np.asarray(x, dtype=np.float64)
-    return x / np.linalg.norm(x, axis=-1, keepdims=True)
-
-
-def test_score_matches_numpy():
-    enc = {"dino": FakeEncoder(), "clip": FakeEncoder(), "lpips": FakeEncoder()}
-    rng = np.random.default_rng(0)
-    real = [solid(rng.integers(0, 255, 3)) for _ in range(3)]
-    gens = [[solid(rng.integers(0, 255, 3)) for _ in range(4)] for _ in range(2)]
-    cls = [solid(rng.integers(0, 255, 3)) for _ in range(5)]
-    groups = [(EvalPrompt(i, f"a sks can {i}", f"a can {i}"), [0, 1, 2, 3], g) for i, g in enumerate(gens)]
-    s = score(enc, real, groups, cls)
-    emb = lambda ims: unit([np.asarray(i, float).mean((0, 1)) / 255 + [1, 0, 0] for i in ims])  # noqa: E731
-    r, g_all = emb(real), emb([i for g in gens for i in g])
-    assert s.metrics["dino"] == pytest.approx((r @ g_all.T).mean(), abs=1e-9)
-    assert s.metrics["clip_i"] == pytest.approx((r @ g_all.T).mean(), abs=1e-9)
-    assert s.metrics["pres"] == pytest.approx((r @ emb(cls).T).mean(), abs=1e-9)
-    assert s.metrics["clip_t"] == pytest.approx((g_all @ unit([1, 2, 0])).mean(), abs=1e-9)
-    assert s.metrics["clip_t_no_token"] == pytest.approx((g_all @ unit([1, 0, 2])).mean(), abs=1e-9)
-    dists = [np.abs(np.asarray(g[i], float) - np.asarray(g[j], float)).mean() for g in gens for i in range(4) for j in range(i + 1, 4)]
-    assert s.metrics["div"] == pytest.approx(np.mean(dists), abs=1e-9)
-    assert len(s.rows) == 8 and len(s.per_prompt) == 2
-    assert s.rows[0]["dino"] == pytest.approx((r @ g_all[0]).mean(), abs=1e-9)
-
-
-def test_real_vs_real_excludes_self_pairs_and_self_scores_one():
-    enc = {"dino": FakeEncoder(), "clip": FakeEncoder()}
-    photos = [solid((10, 200, 30)), solid((200, 10, 30)), solid((30, 30, 200))]
-    e = unit([np.asarray(p, float).mean((0, 1)) / 255 + [1, 0, 0] for p in photos])
-    sims = e @ e.T
-    expect = (sims.sum() - np.trace(sims)) / 6
-    assert real_vs_real(enc, photos)["dino"] == pytest.approx(expect, abs=1e-9)
-    assert real_vs_real(enc, photos[:1])["dino"] == pytest.approx(1.0, abs=1e-9)
-
-
 def test_tiny_fit_samples_scores_logs_and_checkpoints_on_val_dino(tiny_dir, photos, prompts_dir, tmp_path, wandb_run):
-    from dreambooth_pl.data import DreamBoothDataModule
-    from dreambooth_pl.module import DreamBoothModule
     from dreambooth_pl.report import write_report
 
     out = tmp_path / "run"
-    cb = SampleAndScore(every_n_steps=2, subset_prompts=2, images_per_prompt=2, steps=3, encoders="tiny",
-                        prompts_dir=str(prompts_dir), pres_images=3, batch_size=8)
+    cb = SampleAndScore(protocol=Protocol(images_per_prompt=2, steps=3, pres_images=3), every_n_steps=2,
+                        subset_prompts=2, encoders="tiny", prompts_dir=str(prompts_dir), batch_size=8)
     ckpt = ModelCheckpoint(dirpath=out / "ckpt", monitor="val/dino", mode="max", save_top_k=1, every_n_train_steps=2)
-    dm = DreamBoothDataModule(subject="toy", class_noun="can", instance_dir=str(photos["instance"]),
-                              class_dir=str(photos["class"]), resolution=64, batch_size=2, min_image_size=64)
-    from dreambooth_pl.cli import AutoWandbLogger
-
+    dm = make_datamodule(photos, subject="toy")
     loggers = [CSVLogger(out, name="", version="csv"), AutoWandbLogger(save_dir=str(out), name="toy")]
-    trainer = pl.Trainer(accelerator="cpu", max_steps=5, default_root_dir=out, callbacks=[cb, ckpt],
-                         logger=loggers, log_every_n_steps=1,
-                         enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(DreamBoothModule(pretrained="tiny", learning_rate=1e-3), datamodule=dm)
+    trainer = make_trainer(out, 5, [cb, ckpt], logger=loggers, log_every_n_steps=1, enable_checkpointing=True)
+    trainer.fit(DreamBoothModule(pretrained="tiny", optim=Optimization(learning_rate=1e-3)), datamodule=dm)
     for stage in ("base", "final"):
         names = sorted(p.name for p in (out / "samples" / stage).iterdir())
         assert names == ["00_0.png", "00_1.png", "01_0.png", "01_1.png", "02_0.png", "02_1.png",
@@ -120,9 +56,26 @@ def test_tiny_fit_samples_scores_logs_and_checkpoints_on_val_dino(tiny_dir, phot
     assert sorted(p.name for p in (out / "samples" / "step000002").iterdir()) == ["00_0.png", "00_1.png", "01_0.png", "01_1.png"]
     m = json.loads((out / "metrics.json").read_text())
     assert m["calibrated"] is False and all("uncalibrated" in n for n in m["encoders"].values())
+    assert m["protocol"] == {"images_per_prompt": 2, "seed": 0, "steps": 3, "guidance_scale": 7.5, "sampler": "dpm++",
+                             "resolution": 64, "pres_images": 3}
+    # Every stage's scores are those of its sample files, scored again here with the same tiny encoders.
+    encoders = load_encoders("tiny")
+    real = [load_image(p) for p in dm.instance_images]
+    prompts = protocol_prompts(prompts_dir, "object", "sks", "can")
     for stage in ("base", "final"):
+        folder = out / "samples" / stage
+        groups = [(ep, [0, 1], [Image.open(folder / f"{ep.index:02d}_{s}.png").convert("RGB") for s in (0, 1)])
+                  for ep in prompts]
+        pres = [Image.open(folder / f"class_{s}.png").convert("RGB") for s in range(3)]
+        expected = score(encoders, real, groups, pres)
         assert set(m["stages"][stage]["metrics"]) == {"dino", "clip_i", "clip_t", "clip_t_no_token", "pres", "div"}
         assert all(-1 <= v <= 1 for k, v in m["stages"][stage]["metrics"].items() if k != "div")
+        assert m["stages"][stage]["metrics"] == pytest.approx(expected.metrics, abs=1e-6)
+        got = m["stages"][stage]["per_prompt"]
+        assert [(r["index"], r["prompt"]) for r in got] == [(r["index"], r["prompt"]) for r in expected.per_prompt]
+        assert [{k: v for k, v in r.items() if k not in ("index", "prompt")} for r in got] == [
+            pytest.approx({k: v for k, v in r.items() if k not in ("index", "prompt")}, abs=1e-6)
+            for r in expected.per_prompt]
     assert m["stages"]["final"]["step"] == 5 and len(m["stages"]["final"]["per_prompt"]) == 3
     # val/dino was logged during training and drove the checkpoint choice.
     assert ckpt.best_model_score is not None and Path(ckpt.best_model_path).is_file()
@@ -136,9 +89,154 @@ def test_tiny_fit_samples_scores_logs_and_checkpoints_on_val_dino(tiny_dir, phot
     assert list((media / "images" / "grids").glob("*.png")) and list((media / "images" / "priors").glob("*.png"))
     history = wandb_run(run_dir)["history"]
     assert any("val/dino" in h for h in history) and any("val/clip_t_no_token" in h for h in history)
+    # The final scores reached the loggers as val/* at the last step.
+    final_dino = m["stages"]["final"]["metrics"]["dino"]
+    assert any(h.get("val/dino") is not None and float(h["val/dino"]) == pytest.approx(final_dino, abs=1e-6)
+               for h in history)
     # The local report from the same run.
     report = write_report(out).read_text()
     assert "Uncalibrated" in report and "Base model (before)" in report and "0.668" in report
     assert (out / "figures" / "loss.png").is_file() and (out / "figures" / "prompt_00.png").is_file()
     assert Image.open(out / "figures" / "prompt_00.png").size[1] > 2 * 100  # two rows: base and final
 
+
+# ------------------------------------------------------------------------------ RunRecord, ExportModel, LearningProbe
+
+
+class MemoryLogger(Logger):
+    """Keeps every log_metrics call: [(step, {key: value})]."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows: list[tuple[int | None, dict]] = []
+
+    @property
+    def name(self) -> str:
+        return "memory"
+
+    @property
+    def version(self) -> str:
+        return "0"
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self.rows.append((step, {k: float(v) for k, v in metrics.items()}))
+
+    def values(self, key: str) -> list[tuple[int | None, float]]:
+        return [(step, row[key]) for step, row in self.rows if key in row]
+
+
+class TrainParts(Callback):
+    """The train/* values of every step (what the progress bar and loggers get)."""
+
+    def __init__(self):
+        self.logged: list[dict] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.logged.append({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")})
+
+
+SEED, STEPS, LR, WARMUP = 1234, 60, 1e-3, 5
+
+
+@pytest.fixture(scope="module")
+def after_fit(tiny_dir, tmp_path_factory):
+    """A 60-step prior-preservation fit with the after-fit callbacks, as the CLI adds them, under a plain Trainer."""
+    root = tmp_path_factory.mktemp("after_fit")
+    photos = {"instance": make_photos(root / "instance", 4, seed=1),
+              "class": make_photos(root / "class", 6, seed=2, kind="noise")}
+    pl.seed_everything(SEED)
+    module = DreamBoothModule(pretrained="tiny", optim=Optimization(learning_rate=LR, lr_warmup_steps=WARMUP))
+    dm = make_datamodule(photos)
+    logger, parts, run = MemoryLogger(), TrainParts(), root / "run"
+    callbacks = [parts, LearningRateMonitor(logging_interval="step"), RunRecord(), ExportModel(),
+                 LearningProbe(enabled=True)]
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        make_trainer(run, STEPS, callbacks, logger=logger, log_every_n_steps=1).fit(module, datamodule=dm)
+    return SimpleNamespace(module=module, dm=dm, run=run, logger=logger, logged=parts.logged, stdout=stdout.getvalue())
+
+
+def test_fit_logs_the_loss_parts_and_the_learning_rate(after_fit):
+    logged = after_fit.logged
+    assert len(logged) == STEPS
+    assert {"train/loss", "train/loss_instance", "train/loss_prior"} <= set(logged[-1])
+    assert all(r["train/loss_prior"] > 0 for r in logged)  # class rows are in every batch
+    assert all(r["train/loss"] == pytest.approx(r["train/loss_instance"] + r["train/loss_prior"], rel=1e-6)
+               for r in logged)  # prior_loss_weight 1
+    # LearningRateMonitor logs train/lr (the scheduler's name): the linear warm-up, then the constant rate.
+    lrs = dict(after_fit.logger.values("train/lr"))
+    assert sorted(lrs) == list(range(STEPS))
+    assert all(lr == pytest.approx(LR * min(1.0, (step + 1) / WARMUP), rel=1e-9) for step, lr in lrs.items())
+
+
+def test_run_record_writes_run_json(after_fit):
+    record = json.loads((after_fit.run / "run.json").read_text())
+    assert set(record) == {"fit_seconds", "peak_gpu_memory_gb", "steps", "git_sha", "seed"}
+    assert record["steps"] == STEPS and record["seed"] == SEED and record["git_sha"] == git_sha()
+    assert record["peak_gpu_memory_gb"] is None and record["fit_seconds"] > 0  # CPU run
+
+
+def test_export_model_writes_the_pipeline_and_the_single_file(after_fit):
+    from diffusers import StableDiffusionPipeline
+
+    run, module = after_fit.run, after_fit.module
+    assert sorted(p.name for p in run.iterdir()) == ["model", "model.safetensors", "run.json"]
+    pipe = StableDiffusionPipeline.from_pretrained(run / "model")
+    unet = module.unet.state_dict()
+    assert pipe.unet.state_dict().keys() == unet.keys()
+    assert all(torch.equal(v, unet[k]) for k, v in pipe.unet.state_dict().items())
+    meta = json.loads((run / "model" / "dreambooth_pl.json").read_text())
+    assert meta == {"base_model": "tiny", "revision": None, **after_fit.dm.describe(), "steps": STEPS, "seed": SEED,
+                    "git_sha": git_sha()}
+    single = load_file(run / "model.safetensors")
+    assert torch.equal(single["model.diffusion_model.input_blocks.0.0.weight"], module.unet.conv_in.weight.half())
+    assert f"Exported diffusers: {run / 'model'}" in after_fit.stdout
+    assert f"Exported single file: {run / 'model.safetensors'}" in after_fit.stdout
+
+
+def test_learning_probe_logs_base_and_tuned_denoising_mse(after_fit):
+    (step, probe), = [(s, r) for s, r in after_fit.logger.rows if "probe/denoising_mse_base" in r]
+    assert step == STEPS and set(probe) == {"probe/denoising_mse_base", "probe/denoising_mse_tuned"}
+    # The probe's pixels: the center-cropped, unflipped instance photos (at most 8).
+    pixels = torch.stack([v[0] for v in after_fit.dm.fixed_views("instance", limit=8)])
+    prompts = [after_fit.dm.instance_prompt] * len(pixels)
+    assert pixels.shape == (4, 3, 64, 64)
+    base = DreamBoothModule(pretrained="tiny").denoising_mse(pixels, prompts)
+    assert probe["probe/denoising_mse_base"] == base
+    assert probe["probe/denoising_mse_tuned"] == after_fit.module.denoising_mse(pixels, prompts)
+    assert probe["probe/denoising_mse_tuned"] <= 0.7 * base, probe  # the fit learnt the photos
+    assert "Denoising MSE on the instance photos" in after_fit.stdout
+
+
+def test_export_model_disabled_writes_nothing(tiny_dir, photos, tmp_path):
+    run = tmp_path / "run"
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        make_trainer(run, 1, [ExportModel(enabled=False)]).fit(DreamBoothModule(pretrained="tiny"),
+                                                              datamodule=make_datamodule(photos))
+    assert not run.exists() or list(run.iterdir()) == []
+    assert "Exported" not in stdout.getvalue()
+
+
+def test_interrupted_fit_records_and_exports_nothing(tiny_dir, photos, tmp_path):
+    class Crash(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 1:
+                raise RuntimeError("node lost")
+
+    run = tmp_path / "run"
+    module, dm = DreamBoothModule(pretrained="tiny"), make_datamodule(photos)
+    after = [RunRecord(), ExportModel(), LearningProbe(enabled=True)]
+    logger = MemoryLogger()
+    trainer = make_trainer(run, 3, [Crash(), *after], logger=logger, log_every_n_steps=1)
+    with pytest.raises(RuntimeError, match="node lost"):
+        trainer.fit(module, datamodule=dm)
+    assert trainer.interrupted
+    # Even when Lightning reaches on_fit_end of an interrupted fit, the callbacks leave it alone.
+    for cb in after:
+        cb.on_fit_end(trainer, module)
+    assert not run.exists() or list(run.iterdir()) == []
+    assert logger.values("probe/denoising_mse_base") == []

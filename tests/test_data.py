@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
 
+from dreambooth_pl.components import ModelSource
 from dreambooth_pl.data import (
     IMAGE_EXTENSIONS,
     DataError,
@@ -21,6 +26,9 @@ from dreambooth_pl.data import (
     list_images,
     load_image,
 )
+from dreambooth_pl.priors import PriorSampling
+
+from .conftest import make_datamodule
 
 DREAMBENCH = Path(__file__).resolve().parents[2] / "shared/data/dreambooth"
 RED = (255, 0, 0)
@@ -276,12 +284,27 @@ def test_center_crop_deterministic_random_crop_varies(tmp_path):
     torch.manual_seed(1)
     b = center[0]["instance_pixel_values"]
     assert torch.equal(a, b)
+    # The resized photo by hand: shorter side 80 -> 32, so 32 wide and 96 * 32 / 80 = 38 high.
+    with Image.open(inst[0]) as img:
+        full = TF.resize(TF.pil_to_tensor(img.convert("RGB")), 32, interpolation=InterpolationMode.BILINEAR,
+                         antialias=True).float().div(127.5).sub(1.0)
+    assert full.shape == (3, 38, 32)
+    assert torch.equal(a, full[:, 3:35])  # center: (38 - 32) // 2 = 3 rows off the top
     rand = DreamBoothDataset(inst, "p", resolution=32, center_crop=False, random_flip=False)
     torch.manual_seed(0)
     crops = [rand[0]["instance_pixel_values"] for _ in range(10)]
     assert any(not torch.equal(crops[0], c) for c in crops[1:])
     torch.manual_seed(0)
     assert all(torch.equal(c, rand[0]["instance_pixel_values"]) for c in crops)  # torch RNG drives it
+    # Each crop is the window the torch RNG picks: top in [0, 6], left in [0, 0].
+    torch.manual_seed(0)
+    tops = []
+    for _ in range(10):
+        tops.append(int(torch.randint(0, 7, (1,))))
+        assert int(torch.randint(0, 1, (1,))) == 0
+    assert len(set(tops)) > 1
+    for top, c in zip(tops, crops, strict=True):
+        assert torch.equal(c, full[:, top : top + 32])
 
 
 def test_random_flip_flag_matches_pixels(tmp_path):
@@ -302,6 +325,9 @@ def test_random_flip_flag_matches_pixels(tmp_path):
             assert torch.equal(ex[f"{prefix}_pixel_values"], expected)
             flags.append(flipped)
     assert any(flags) and not all(flags)
+    # Center crops draw no random numbers: one torch.rand per image decides each flip, instance then class.
+    torch.manual_seed(0)
+    assert flags == [bool(torch.rand(()).item() < 0.5) for _ in range(60)]
 
 
 def test_dataset_rejects_bad_arguments(tmp_path):
@@ -317,45 +343,25 @@ def test_dataset_rejects_bad_arguments(tmp_path):
 # ---------------------------------------------------------------- DataModule
 
 
-def _dm(tmp_path: Path, **kw) -> DreamBoothDataModule:
-    inst = tmp_path / "subject"
-    cls = tmp_path / "class"
-    if not inst.exists():
-        _folder(inst, 5)
-        _folder(cls, 7, seed=100)
-    args = dict(
-        subject="dog",
-        class_noun="dog",
-        instance_dir=str(inst),
-        class_dir=str(cls),
-        resolution=32,
-        batch_size=2,
-        min_image_size=64,
-        seed=0,
-    )
-    args.update(kw)
-    return DreamBoothDataModule(**args)
-
-
 def _first_batch(dm: DreamBoothDataModule) -> dict:
     return next(iter(dm.train_dataloader()))
 
 
-def test_datamodule_end_to_end(tmp_path):
-    dm = _dm(tmp_path)
+def test_datamodule_end_to_end(photos):
+    dm = make_datamodule(photos)
     dm.setup("fit")
-    assert dm.num_instance_images == 5 and dm.num_class_images == 7
-    assert len(dm.dataset) == 7
-    assert dm.instance_prompt == "a sks dog" and dm.class_prompt == "a dog"
-    assert dm.hparams.instance_dir == dm.instance_dir
+    assert len(dm.instance_images) == 4 and len(dm.class_images) == 6
+    assert len(dm.dataset) == 6
+    assert dm.instance_prompt == "a sks can" and dm.class_prompt == "a can"
+    assert dm.hparams.instance_dir == str(photos["instance"])
     batch = _first_batch(dm)
-    assert batch["pixel_values"].shape == (4, 3, 32, 32)
+    assert batch["pixel_values"].shape == (4, 3, 64, 64)
     assert batch["num_instance"] == 2
-    assert batch["prompts"] == ["a sks dog", "a sks dog", "a dog", "a dog"]
+    assert batch["prompts"] == ["a sks can", "a sks can", "a can", "a can"]
 
 
-def test_datamodule_same_seed_same_batches(tmp_path):
-    dm = _dm(tmp_path)
+def test_datamodule_same_seed_same_batches(photos):
+    dm = make_datamodule(photos)
     dm.setup("fit")
     torch.manual_seed(123)  # what seed_everything does for the in-process crop/flip RNG
     a = _first_batch(dm)
@@ -365,61 +371,135 @@ def test_datamodule_same_seed_same_batches(tmp_path):
     assert torch.equal(a["image_index"], b["image_index"]) and torch.equal(a["flipped"], b["flipped"])
 
     def order(seed: int) -> list[int]:
-        dm.seed = seed
+        dm.hparams.seed = seed
         return [i for bt in dm.train_dataloader() for i in bt["image_index"][: bt["num_instance"]].tolist()]
 
-    assert order(0) == order(0)
+    def expected(seed: int) -> list[int]:
+        # The loader's generator, seeded with `seed`, first gives the iterator its base seed (one int64 draw),
+        # then the sampler's permutation of the 6 examples; example k shows instance photo k % 4.
+        g = torch.Generator().manual_seed(seed)
+        torch.empty((), dtype=torch.int64).random_(generator=g)
+        perm = torch.randperm(len(dm.dataset), generator=g)
+        return [k % len(dm.instance_images) for k in perm.tolist()]
+
+    assert order(0) == order(0) == expected(0)
+    assert order(1) == expected(1)
     assert order(0) != order(1)  # seed drives the shuffle
 
 
-def test_datamodule_worker_seeding_reproducible(tmp_path):
+def test_datamodule_worker_seeding_reproducible(photos):
     # With workers, crop/flip RNG is seeded from the loader's generator, so no global seeding is needed.
-    dm = _dm(tmp_path, num_workers=1)
+    dm = make_datamodule(photos, num_workers=1)
     dm.setup("fit")
     a = _first_batch(dm)
     b = _first_batch(dm)
     assert torch.equal(a["pixel_values"], b["pixel_values"])
 
 
-def test_datamodule_without_prior_preservation(tmp_path):
-    dm = _dm(tmp_path, with_prior_preservation=False, class_dir=None, repeats=2)
+def test_datamodule_without_prior_preservation(photos):
+    dm = make_datamodule(photos, with_prior_preservation=False, class_dir=None, repeats=2)
     dm.setup("fit")
-    assert dm.num_class_images == 0
-    assert len(dm.dataset) == 10
+    assert len(dm.class_images) == 0
+    assert len(dm.dataset) == 8
     batch = _first_batch(dm)
-    assert batch["pixel_values"].shape == (2, 3, 32, 32)
+    assert batch["pixel_values"].shape == (2, 3, 64, 64)
     assert batch["num_instance"] == 2
-    assert batch["prompts"] == ["a sks dog"] * 2
+    assert batch["prompts"] == ["a sks can"] * 2
 
 
-def test_datamodule_missing_class_dir(tmp_path):
-    dm = _dm(tmp_path, class_dir=None)
+def test_datamodule_missing_class_dir(photos):
+    dm = make_datamodule(photos, class_dir=None)
     with pytest.raises(DataError, match="data.class_dir"):
         dm.setup("fit")
 
 
 @pytest.mark.parametrize("kind", ["missing", "empty"])
-def test_datamodule_bad_instance_dir_raises_at_setup(tmp_path, kind):
+def test_datamodule_bad_instance_dir_raises_at_setup(photos, tmp_path, kind):
     bad = tmp_path / "nobody"
     if kind == "empty":
         bad.mkdir()
-    dm = _dm(tmp_path, instance_dir=str(bad))
+    dm = make_datamodule(photos, instance_dir=str(bad))
     with pytest.raises(DataError) as e:
         dm.setup("fit")
     assert str(bad) in str(e.value)
 
 
-def test_datamodule_small_instance_image_raises_at_setup(tmp_path):
-    dm = _dm(tmp_path)
-    small = _photo(tmp_path / "subject" / "99.jpg", size=(48, 60))
+def test_datamodule_small_instance_image_raises_at_setup(photos):
+    dm = make_datamodule(photos)
+    small = _photo(photos["instance"] / "99.jpg", size=(48, 60))
     with pytest.raises(DataError) as e:
         dm.setup("fit")
     assert str(small) in str(e.value) and "48x60" in str(e.value)
 
 
-def test_datamodule_bad_subject_type(tmp_path):
-    with pytest.raises(DataError, match="subject_type"):
+def test_datamodule_bad_subject_type():
+    # jsonargparse checks the Literal from the config; built directly, the module still refuses it by name.
+    with pytest.raises(DataError, match="subject_type") as e:
         DreamBoothDataModule(subject_type="animal")
+    assert "'animal'" in str(e.value) and "'object' or 'live'" in str(e.value)
+
+
+def _center_crop(path: Path, resolution: int) -> torch.Tensor:
+    """The dataset's own center crop of one photo, unflipped: (3, R, R)."""
+    return DreamBoothDataset([path], "p", resolution=resolution, center_crop=True, random_flip=False)[0][
+        "instance_pixel_values"
+    ]
+
+
+@pytest.mark.parametrize("split", ["instance", "class"])
+def test_fixed_views_with_random_flip(photos, split):
+    dm = make_datamodule(photos)
+    dm.setup("fit")
+    paths = dm.instance_images if split == "instance" else dm.class_images
+    torch.manual_seed(0)
+    before = torch.rand(4)
+    torch.manual_seed(0)
+    views = list(dm.fixed_views(split))
+    assert torch.equal(torch.rand(4), before)  # no augmentation draw: the views are the same every call
+    assert len(views) == len(paths) == (4 if split == "instance" else 6)
+    for path, v in zip(paths, views, strict=True):
+        assert v.shape == (2, 3, 64, 64) and v.dtype == torch.float32
+        assert v.min() >= -1.0 and v.max() <= 1.0
+        assert torch.equal(v[0], _center_crop(path, 64))  # as is
+        assert torch.equal(v[1], v[0].flip(-1))  # then mirrored
+    limited = list(dm.fixed_views(split, limit=2))
+    assert len(limited) == 2
+    assert all(torch.equal(a, b) for a, b in zip(limited, views[:2], strict=True))
+
+
+def test_fixed_views_without_random_flip(photos):
+    dm = make_datamodule(photos, random_flip=False)
+    dm.setup("fit")
+    views = list(dm.fixed_views("instance"))
+    assert len(views) == 4
+    for path, v in zip(dm.instance_images, views, strict=True):
+        assert v.shape == (1, 3, 64, 64)
+        assert torch.equal(v[0], _center_crop(path, 64))
+    assert [v.shape for v in dm.fixed_views("class", limit=3)] == [(1, 3, 64, 64)] * 3
+
+
+def test_describe(photos):
+    dm = make_datamodule(photos, identifier="zwx")
+    assert dm.describe() == {
+        "subject": "t",
+        "class_noun": "can",
+        "identifier": "zwx",
+        "instance_prompt": "a zwx can",
+        "class_prompt": "a can",
+    }
+
+
+def test_hparams_are_plain_values(photos):
+    prior = PriorSampling(sampler="ddim", steps=7, batch_size=3)
+    source = ModelSource("tiny", revision="r1")
+    dm = make_datamodule(photos, prior=prior, model=source)
+    assert dm.prior is prior and dm.model_source is source  # the dataclasses stay on the module
+    assert type(dm.hparams.prior) is dict and dm.hparams.prior == dataclasses.asdict(dm.prior)
+    assert type(dm.hparams.model) is dict and dm.hparams.model == dataclasses.asdict(dm.model_source)
+    assert dm.hparams.prior["steps"] == 7 and dm.hparams.model["pretrained"] == "tiny"
+    assert dm.hparams.resolution == 64 and dm.hparams.subject == "t" and dm.hparams.seed == 0
+    # Plain data only: safe YAML (W&B config, weights_only checkpoints) round-trips it unchanged.
+    assert yaml.safe_load(yaml.safe_dump(dict(dm.hparams))) == dict(dm.hparams)
 
 
 # ---------------------------------------------------------------- DreamBench (optional)

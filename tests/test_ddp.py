@@ -1,7 +1,8 @@
 """Multi-process training: a 2-rank DDP fit (gloo, CPU) on the tiny model through the real CLI.
 
-Both ranks must end with identical trainable weights that moved from the initial ones, and the
-sum/count metric states must merge over the process group into the exact global mean.
+Both ranks must end with identical trainable weights, equal to a one-process replay of the two ranks' steps
+with averaged gradients, and the sum/count metric states must merge over the process group into the exact
+global mean.
 """
 
 from __future__ import annotations
@@ -14,13 +15,39 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from dreambooth_pl.components import load_components
 from dreambooth_pl.metrics import PairwiseCosine
+from dreambooth_pl.module import DreamBoothModule, LoraSettings, Optimization, SpeedSettings
 from tests.ddp_probe import RANK_ROWS, embeddings
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 3
+
+
+def replay(config: dict, steps: dict[int, list[dict]]) -> dict[str, torch.Tensor]:
+    """The run's steps in one process: each rank's loss on its batch (from its RNG state), gradients averaged
+    over the ranks as DDP does, clipped as the trainer does, then the AdamW step at the rate the run used."""
+    model = config["model"]
+    groups = {"optim": Optimization, "lora": LoraSettings, "speed": SpeedSettings}
+    m = DreamBoothModule(**{**model, **{k: cls(**model[k]) for k, cls in groups.items()}})
+    opt = m.make_optimizer()
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for i in range(STEPS):
+        grads = []
+        for r in (0, 1):
+            torch.set_rng_state(steps[r][i]["rng"])
+            opt.zero_grad()
+            m.compute_loss(steps[r][i]["batch"])[0].backward()
+            grads.append([p.grad.clone() for p in params])
+        for p, g0, g1 in zip(params, *grads, strict=True):
+            p.grad = g0 / 2 + g1 / 2
+        torch.nn.utils.clip_grad_norm_(params, config["trainer"]["gradient_clip_val"])
+        for group, lr in zip(opt.param_groups, steps[0][i]["lr"], strict=True):
+            group["lr"] = lr
+        opt.step()
+    return {f"unet.{n}": p.detach() for n, p in m.unet.named_parameters() if p.requires_grad}
 
 
 def test_ddp_two_gloo_ranks_train_identically_and_merge_metrics(photos, tmp_path, tiny_dir):
@@ -34,7 +61,7 @@ def test_ddp_two_gloo_ranks_train_identically_and_merge_metrics(photos, tmp_path
         "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
         "--trainer.max_steps", str(STEPS),
         "--eval.every_n_steps", "0", "--eval.evaluate_base", "false", "--eval.final", "false",
-        "--probe_learning", "false", "--export", "false", "--trainer.enable_progress_bar", "false",
+        "--probe.enabled", "false", "--export.enabled", "false", "--trainer.enable_progress_bar", "false",
         "--trainer.callbacks+=tests.ddp_probe.DumpRankState", f"--trainer.callbacks.out_dir={ranks}",
     ]
     # DREAMBOOTH_PL_CACHE (the session's tiny model, built by `tiny_dir`) is inherited from os.environ.
@@ -64,6 +91,15 @@ def test_ddp_two_gloo_ranks_train_identically_and_merge_metrics(photos, tmp_path
         assert torch.equal(params[0][name], params[1][name]), f"{name} differs between the ranks"
     moved = [n for n in params[0] if not torch.equal(params[0][n], init[n])]
     assert len(moved) == len(params[0]), f"{len(params[0]) - len(moved)} trainable tensors never changed"
+    # ... and they are what one process gets by averaging the two ranks' gradients of the same batches.
+    steps = {r: torch.load(ranks / f"rank{r}_steps.pt", weights_only=True) for r in (0, 1)}
+    assert len(steps[0]) == len(steps[1]) == STEPS
+    assert not torch.equal(steps[0][0]["batch"]["pixel_values"], steps[1][0]["batch"]["pixel_values"])  # own shards
+    config = yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())
+    expected = replay(config, steps)
+    assert expected.keys() == params[0].keys()
+    for name, value in expected.items():
+        assert torch.allclose(params[0][name], value, rtol=0, atol=1e-6), name
 
     # Metric states merged over the process group: the exact single-process mean over all 10 rows.
     real, generated = embeddings()

@@ -25,6 +25,30 @@ def _image(seed: int, size: tuple[int, int] = (72, 48)) -> Image.Image:
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
 
 
+def _np_unit(x: torch.Tensor) -> np.ndarray:
+    a = x.numpy().astype(np.float64)
+    return a / np.linalg.norm(a, axis=-1, keepdims=True)
+
+
+def _resized_crop(img: Image.Image, short: int, crop: int) -> np.ndarray:
+    """By hand with PIL: bicubic resize of the shorter side to `short`, centre `crop` square; (crop, crop, 3) in [0, 1]."""
+    w, h = img.size
+    size = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
+    left, top = round((size[0] - crop) / 2), round((size[1] - crop) / 2)
+    out = img.resize(size, Image.BICUBIC).crop((left, top, left + crop, top + crop))
+    return np.asarray(out, dtype=np.float32) / 255
+
+
+def _dino_reference(dino, images: list[Image.Image]) -> np.ndarray:
+    """DINO embeddings from hand-made pixels: the model's post-norm CLS token, normalised in float64 numpy."""
+    pixels = [(_resized_crop(im, 256, 224) - np.array(enc.IMAGENET_MEAN, np.float32))
+              / np.array(enc.IMAGENET_STD, np.float32) for im in images]
+    x = torch.from_numpy(np.stack(pixels).transpose(0, 3, 1, 2).copy())
+    with torch.inference_mode():
+        cls = dino.model.forward_features(x)[:, 0]
+    return _np_unit(cls)
+
+
 @contextmanager
 def no_network(calls: list):
     """Every route to a download records the attempt and raises an OSError (as a dead network would)."""
@@ -74,6 +98,9 @@ def test_dino_tiny_embeddings_are_unit_and_batched(tiny):
     torch.testing.assert_close(z.norm(dim=1), torch.ones(3))
     torch.testing.assert_close(dino.encode_images(images, batch_size=1), z)
     assert (z[0] @ z[1]).item() < 1 - 1e-4  # different images, different embeddings
+    ref = _dino_reference(dino, images)
+    np.testing.assert_allclose(z.numpy(), ref, atol=1e-5)
+    assert (z[0] @ z[1]).item() == pytest.approx(float(ref[0] @ ref[1]), abs=1e-5)
     assert dino.encode_images([]).shape == (0, enc.TINY_DIM)
 
 
@@ -143,9 +170,19 @@ def test_clip_tiny_texts_and_images(tiny):
     assert t.shape == (3, enc.TINY_DIM) and t.dtype == torch.float32
     torch.testing.assert_close(t.norm(dim=1), torch.ones(3))
     assert (t[0] @ t[1]).item() < 1 - 1e-4 and torch.allclose(t[0], t[2])
-    i = clip.encode_images([_image(8), _image(9, (50, 70))])
+    # Expected values: the model's raw (unnormalised) outputs, one text or image at a time, normalised in numpy.
+    with torch.inference_mode():
+        raw_t = torch.cat([clip.model.encode_text(clip.tokenizer([x])) for x in ("a photo of a dog", "a photo of a cat")])
+    ref_t = _np_unit(raw_t)
+    np.testing.assert_allclose(t[:2].numpy(), ref_t, atol=1e-5)
+    assert (t[0] @ t[1]).item() == pytest.approx(float(ref_t[0] @ ref_t[1]), abs=1e-5)
+    images = [_image(8), _image(9, (50, 70))]
+    i = clip.encode_images(images)
     assert i.shape == (2, enc.TINY_DIM)
     torch.testing.assert_close(i.norm(dim=1), torch.ones(2))
+    with torch.inference_mode():
+        raw_i = torch.cat([clip.model.encode_image(clip.preprocess(im)[None]) for im in images])
+    np.testing.assert_allclose(i.numpy(), _np_unit(raw_i), atol=1e-5)
     with pytest.raises(TypeError, match="list of strings"):
         clip.encode_texts("a photo of a dog")
 
@@ -180,10 +217,29 @@ def test_lpips_tiny_distances(tiny):
     d = lpips.distances([x, y, x], [y, x, x.copy()])  # d(x, y), d(y, x), d(x, x)
     assert d.shape == (3,) and d.dtype == torch.float32
     assert d[0] > 1e-3
+    assert d[0].item() == pytest.approx(_lpips_reference(lpips, x, y), rel=1e-4)
     assert abs(d[0] - d[1]) <= 1e-5 * d[0]
     assert abs(d[2].item()) < 1e-6
     with pytest.raises(ValueError, match="pairs"):
         lpips.distances([x, y], [x])
+
+
+def _lpips_reference(lpips, a: Image.Image, b: Image.Image) -> float:
+    """LPIPS by its definition (Zhang et al. 2018) in float64 numpy, from the backbone's five feature maps:
+    sum over layers of the spatial mean of w_l . (unit(f_l(a)) - unit(f_l(b)))^2, units along channels."""
+    shift = np.array([-0.030, -0.088, -0.188], np.float32)  # LPIPS's input scaling of [-1, 1] pixels
+    scale = np.array([0.458, 0.448, 0.450], np.float32)
+    pixels = [(_resized_crop(im, enc.LPIPS_SIZE, enc.LPIPS_SIZE) * 2 - 1 - shift) / scale for im in (a, b)]
+    x = torch.from_numpy(np.stack(pixels).transpose(0, 3, 1, 2).copy())
+    with torch.inference_mode():
+        feats = lpips.net.net(x)  # AlexNet relu1..relu5
+    total = 0.0
+    for f, lin in zip(feats, lpips.net.lins, strict=True):
+        f = f.double().numpy()
+        unit = f / np.sqrt(1e-8 + (f**2).sum(axis=1, keepdims=True))
+        w = lin.model[-1].weight.double().numpy().reshape(-1)  # the 1x1 conv: one weight per channel
+        total += float(np.einsum("c,chw->hw", w, (unit[0] - unit[1]) ** 2).mean())
+    return total
 
 
 def test_lpips_tiny_uses_torchmetrics_linear_heads(tiny):

@@ -7,12 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from dreambooth_pl.cli import parse_config
+from dreambooth_pl.config import parse_config
 
 REPO = Path(__file__).resolve().parents[1]
 EXP = REPO / "experiments"
 SUBJECTS = sorted((EXP / "subjects").glob("*.yaml"))
 SHARED = REPO.parent / "shared" / "data" / "dreambooth"
+OVERLAYS = sorted([*(p for p in EXP.glob("*.yaml") if p.name != "base.yaml"), *EXP.glob("memory/*.yaml")])
+SWEEPS = sorted((EXP / "sweeps").glob("*.yaml"))
 
 
 def layered(*files: Path) -> list[str]:
@@ -24,14 +26,20 @@ def test_subject_config_parses(subject):
     cfg = parse_config(layered(subject))
     assert cfg.data.subject == subject.stem
     assert cfg.data.class_noun and cfg.data.subject_type in ("object", "live")
-    assert cfg.model.learning_rate == 5e-6 and cfg.model.prior_loss_weight == 1.0
+    assert cfg.model.optim.learning_rate == 5e-6 and cfg.model.prior_loss_weight == 1.0
 
 
-@pytest.mark.parametrize("extra", sorted([*(p for p in EXP.glob("*.yaml") if p.name != "base.yaml"), *EXP.glob("memory/*.yaml")]),
-                         ids=lambda p: p.stem)
+@pytest.mark.parametrize("extra", OVERLAYS, ids=lambda p: p.stem)
 def test_overlay_config_parses(extra):
     cfg = parse_config(layered(EXP / "subjects" / "can.yaml", extra))
     assert cfg.data.subject == "can"
+
+
+def test_every_yaml_is_checked_here():
+    """Base, subjects, overlays (incl. memory presets) and sweeps: a YAML in a new place would go unchecked."""
+    checked = {EXP / "base.yaml", *SUBJECTS, *OVERLAYS, *SWEEPS}
+    assert set(EXP.rglob("*.yaml")) == checked
+    assert {p.stem for p in OVERLAYS} == {"tiny", "8gb", "12gb", "16gb", "24gb"}
 
 
 def test_tiny_overlay_is_offline_and_small():
@@ -54,7 +62,8 @@ def test_every_dreambench_subject_has_a_config():
 def test_sweep_parameters_are_config_keys():
     import yaml
 
-    for sweep in sorted((EXP / "sweeps").glob("*.yaml")):
+    assert SWEEPS
+    for sweep in SWEEPS:
         spec = yaml.safe_load(sweep.read_text())
         assert spec["metric"]["name"] == "val/dino"
         cmd = spec["command"]
@@ -63,14 +72,16 @@ def test_sweep_parameters_are_config_keys():
             for v in values["values"]:
                 args = [x for c in configs for x in ("--config", str(REPO / c))] + [f"--{key}={v}"]
                 cfg = parse_config(args)
-                section, name = key.split(".")
-                assert float(getattr(getattr(cfg, section), name)) == float(v)
+                assert float(cfg[key]) == float(v)  # a dotted key names a nested setting
 
 
 def test_memory_presets_choose_the_memory_levers():
     cfg = {name: parse_config(layered(EXP / "subjects" / "can.yaml", EXP / "memory" / f"{name}.yaml"))
            for name in ("8gb", "12gb", "16gb", "24gb")}
-    assert cfg["8gb"].model.lora_rank > 0 and all(cfg[n].model.lora_rank == 0 for n in ("12gb", "16gb", "24gb"))
-    assert cfg["16gb"].model.gradient_checkpointing and cfg["16gb"].model.optimizer == "adamw_8bit"
-    assert not cfg["24gb"].model.gradient_checkpointing
-    assert all(c.model.cache_latents and c.data.cache_latents and c.data.center_crop for c in cfg.values())
+    assert cfg["8gb"].model.lora.rank > 0 and all(cfg[n].model.lora.rank == 0 for n in ("12gb", "16gb", "24gb"))
+    assert cfg["8gb"].model.lora.rank == 16 and cfg["8gb"].model.optim.learning_rate == 1e-4
+    assert cfg["16gb"].model.speed.gradient_checkpointing and cfg["16gb"].model.optim.optimizer == "adamw_8bit"
+    assert cfg["12gb"].model.speed.gradient_checkpointing and cfg["12gb"].model.optim.optimizer == "adamw_8bit"
+    assert not cfg["24gb"].model.speed.gradient_checkpointing and cfg["24gb"].model.optim.optimizer == "adamw_fused"
+    assert all(c.model.speed.cache_latents and c.data.cache_latents and c.data.center_crop for c in cfg.values())
+    assert all(c.model.speed.frozen_dtype == "bf16" and c.trainer.precision == "bf16-mixed" for c in cfg.values())

@@ -11,7 +11,8 @@ import yaml
 from PIL import Image
 
 from dreambooth_pl import components
-from dreambooth_pl.callbacks import EvalPrompt, protocol_prompts
+from dreambooth_pl.config import parse_run_config
+from dreambooth_pl.evaluation import EvalPrompt, protocol_prompts
 from dreambooth_pl.instructpix2pix import (
     INSTRUCTIONS,
     compare,
@@ -112,7 +113,8 @@ def test_directional_similarity_matches_independent_computation(tmp_path):
     assert r["metrics"]["clip_t"] == pytest.approx(np.mean(out @ unit([1.0, 0.0, 1.1])), abs=1e-9)
 
 
-def test_compare_writes_report_for_all_methods(ip2p_pipe, tmp_path):
+def make_run(tmp_path):
+    """A DreamBooth run folder as `fit` leaves it for `compare`: config.yaml, run.json, base and final samples."""
     (tmp_path / "prompts_object.txt").write_text(TEMPLATES)
     photos = make_photos(tmp_path / "photos", 2)
     run_dir = tmp_path / "run"
@@ -123,10 +125,17 @@ def test_compare_writes_report_for_all_methods(ip2p_pipe, tmp_path):
                 Image.open(sorted(photos.iterdir())[k]).resize((64, 64)).save(run_dir / "samples" / stage / f"{i:02d}_{k}.png")
     cfg = {"data": {"subject": "toy", "class_noun": "can", "subject_type": "object", "identifier": "sks",
                     "instance_dir": str(photos), "resolution": 64},
-           "eval": {"images_per_prompt": 2, "seed": 0, "prompts_dir": str(tmp_path), "encoders": "tiny"}}
+           "eval": {"protocol": {"images_per_prompt": 2, "seed": 0}, "prompts_dir": str(tmp_path), "encoders": "tiny"},
+           # As in every config.yaml that fit writes: the seed it ran with, and fit's own arguments.
+           "seed_everything": 0, "ckpt_path": None, "weights_only": True}
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg))
     (run_dir / "run.json").write_text(json.dumps({"fit_seconds": 12.5, "peak_gpu_memory_gb": None, "steps": 50}))
-    report = compare(run_dir, model="tiny-ip2p", steps=2).read_text()
+    return run_dir
+
+
+def test_compare_writes_report_for_all_methods(ip2p_pipe, tmp_path):
+    run_dir = make_run(tmp_path)
+    report = compare(run_dir, parse_run_config(run_dir), model="tiny-ip2p", steps=2).read_text()
     m = json.loads((run_dir / "compare" / "metrics.json").read_text())
     assert list(m["methods"]) == ["base model", "DreamBooth", "InstructPix2Pix"]
     for res in m["methods"].values():
@@ -134,5 +143,6 @@ def test_compare_writes_report_for_all_methods(ip2p_pipe, tmp_path):
     assert m["calibrated"] is False and m["cost"]["DreamBooth"]["seconds"] == 12.5
     assert "Uncalibrated" in report and "| InstructPix2Pix |" in report and "tradeoff.png" in report
     assert (run_dir / "compare" / "figures" / "tradeoff.png").is_file()
-    assert Image.open(run_dir / "compare" / "figures" / "prompt_01.png").size[1] > 3 * 120  # real | DB | IP2P rows
+    # Rows real | DreamBooth | InstructPix2Pix of 2 images (128 px) under a 24 px title, beside 130 px labels.
+    assert Image.open(run_dir / "compare" / "figures" / "prompt_01.png").size == (130 + 2 * 128, 24 + 3 * 128)
     assert len(list((run_dir / "compare" / "wandb").glob("offline-run-*"))) == 1

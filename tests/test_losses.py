@@ -127,6 +127,7 @@ def test_prior_weight_zero_gives_instance_loss():
     pred, target = rows(2, 6), rows(3, 6)
     total, parts = prior_preservation_loss(pred, target, 3, 0.0)
     assert parts["prior"].item() > 0
+    assert parts["prior"].item() == pytest.approx(mse(pred[3:], target[3:]), rel=1e-5)  # computed, then weighed 0
     assert total.item() == pytest.approx(mse(pred[:3], target[:3]), rel=1e-5)
 
 
@@ -141,6 +142,8 @@ def test_prior_loss_row_order(perturbed):
     _, after = prior_preservation_loss(changed, target, n)
     other = "prior" if perturbed == "instance" else "instance"
     assert after[perturbed].item() != pytest.approx(before[perturbed].item(), rel=1e-3)
+    rows_of = slice(0, n) if perturbed == "instance" else slice(n, 2 * n)
+    assert after[perturbed].item() == pytest.approx(mse(changed[rows_of], target[rows_of]), rel=1e-5)
     assert after[other].item() == before[other].item()
 
 
@@ -159,6 +162,8 @@ def test_prior_loss_reduces_half_precision_in_float32():
     ref, _ = prior_preservation_loss(pred.float(), target.float(), 2)
     assert total.dtype == torch.float32
     assert total.item() == ref.item()
+    # The bf16 values themselves, reduced in float64: instance rows [0, 2) plus class rows [2, 4).
+    assert total.item() == pytest.approx(mse(pred[:2], target[:2]) + mse(pred[2:], target[2:]), rel=1e-5)
 
 
 # ------------------------------------------------------------------------------------------ lr_lambda

@@ -74,6 +74,10 @@ def test_pairwise_exclude_self_matches_numpy():
     assert m.count.item() == 30
     # Including the diagonal (all ones) would raise the score: the exclusion matters.
     assert sims.mean() > expected + 1e-3
+    with_self = PairwiseCosine()
+    with_self.update(real, real)
+    assert with_self.count.item() == 36
+    assert with_self.compute().item() == pytest.approx((30 * expected + 6) / 36, abs=1e-12)
 
 
 def test_exclude_self_rejects_two_sets():
@@ -141,6 +145,7 @@ def test_mean_value_matches_numpy():
 def test_within_group_pairs():
     pairs = within_group_pairs(4)
     assert len(pairs) == 6 and len(set(pairs)) == 6
+    assert pairs == [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]
     assert all(i < j for i, j in pairs)  # no self pairs, each unordered pair once
     assert within_group_pairs(1) == [] and within_group_pairs(0) == []
     with pytest.raises(ValueError, match="n >= 0"):
@@ -174,6 +179,10 @@ def test_ddp_merge_is_exact_and_mean_of_means_is_wrong():
     assert rank0.compute().item() == pytest.approx(full.compute().item(), abs=1e-12)
     assert rank0.count.item() == 50
     assert abs(mean_of_means - full.compute().item()) > 0.1
+    # Both by hand: the mean over all 50 pairs, and the unweighted mean of the ranks' means (10 and 40 pairs).
+    sims = _np_unit(real) @ _np_unit(gen).T  # (5, 10)
+    assert full.compute().item() == pytest.approx(sims.mean(), abs=1e-12)
+    assert mean_of_means == pytest.approx((sims[:, :2].mean() + sims[:, 2:].mean()) / 2, abs=1e-12)
 
 
 @pytest.mark.parametrize("cls, n_inputs", [(PairedCosine, 2), (MeanValue, 1), (DirectionalSimilarity, 4)])

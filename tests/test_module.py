@@ -1,43 +1,79 @@
-"""DreamBoothModule: freezing, trainable counts, checkpoints, resume, determinism, export."""
+"""DreamBoothModule: freezing, trainable counts, the loss, the optimizer, checkpoints, resume, determinism, options."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
+import dataclasses
 
 import pytest
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 
-from dreambooth_pl.data import DreamBoothDataModule
-from dreambooth_pl.module import DreamBoothModule, NonFiniteLossError, learning_probe
+from dreambooth_pl.components import load_components
+from dreambooth_pl.module import (
+    DreamBoothModule,
+    LoraSettings,
+    NonFiniteLossError,
+    Optimization,
+    SpeedSettings,
+)
+
+from .conftest import make_datamodule, make_photos, make_trainer
+
+# The layers LoRA adapts by default (peft matches a target as the full name or its last dotted part).
+UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 
-class LossRecorder(Callback):
-    """Collects every step's train/loss parts."""
+class Tape(Callback):
+    """Records every step: its batch (cloned), the global RNG state it starts from, its loss and what it logged."""
 
     def __init__(self):
-        self.losses: list[float] = []
+        self.steps: list[dict] = []
+
+    @property
+    def losses(self) -> list[float]:
+        return [s["loss"] for s in self.steps]
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        batch = {k: v.clone() if torch.is_tensor(v) else v for k, v in batch.items()}
+        self.steps.append({"batch": batch, "rng": torch.get_rng_state()})
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.losses.append(float(outputs["loss"]))
-
-
-def datamodule(photos, **kw) -> DreamBoothDataModule:
-    args = dict(subject="t", class_noun="can", instance_dir=str(photos["instance"]), class_dir=str(photos["class"]),
-                resolution=64, batch_size=2, min_image_size=64)
-    return DreamBoothDataModule(**{**args, **kw})
-
-
-def trainer(tmp_path, steps: int, callbacks=(), **kw) -> pl.Trainer:
-    args = dict(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
-                enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
-    return pl.Trainer(callbacks=list(callbacks), **{**args, **kw})
+        logged = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
+        self.steps[-1].update(loss=float(outputs["loss"]), logged=logged)
 
 
 def state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def numel(params) -> int:
+    return sum(p.numel() for p in params)
+
+
+def optimizer_ids(opt: torch.optim.Optimizer) -> list[int]:
+    return [id(p) for g in opt.param_groups for p in g["params"]]
+
+
+def assert_optimizer_holds_exactly_the_trainable(m: DreamBoothModule) -> torch.optim.Optimizer:
+    opt = m.make_optimizer()  # no Trainer needed
+    ids = optimizer_ids(opt)
+    assert len(ids) == len(set(ids)) and set(ids) == {id(p) for p in m.trainable_parameters()}
+    return opt
+
+
+@pytest.fixture(scope="module")
+def base_parts(tiny_dir):
+    """The tiny model as loaded, with no adapters: what adapter sizes are computed from."""
+    return load_components(str(tiny_dir))
+
+
+def lora_size(model: torch.nn.Module, targets: tuple[str, ...], rank: int) -> tuple[int, int]:
+    """(adapted Linear layers, LoRA parameters): each adapted (in -> out) layer gains rank * (in + out) weights."""
+    layers = [m for n, m in model.named_modules()
+              if isinstance(m, torch.nn.Linear) and any(n == t or n.endswith("." + t) for t in targets)]
+    return len(layers), sum(rank * (m.in_features + m.out_features) for m in layers)
 
 
 def test_frozen_parts_and_trainable_counts(tiny_dir):
@@ -48,39 +84,125 @@ def test_frozen_parts_and_trainable_counts(tiny_dir):
     assert not any(p.requires_grad for p in m.text_encoder.parameters())
     m.train()
     assert m.unet.training and not m.vae.training and not m.text_encoder.training
-    # The optimizer holds exactly the trainable parameters.
-    opt = m.configure_optimizers()["optimizer"]
-    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
-    assert in_opt == {id(p) for p in m.trainable_parameters()}
+    # The optimizer holds exactly the trainable parameters, at the configured rate.
+    opt = assert_optimizer_holds_exactly_the_trainable(m)
+    assert [g["lr"] for g in opt.param_groups] == [Optimization().learning_rate]
 
 
 def test_train_text_encoder_adds_its_parameters(tiny_dir):
-    m = DreamBoothModule(pretrained="tiny", train_text_encoder=True, text_encoder_learning_rate=1e-4)
+    m = DreamBoothModule(pretrained="tiny", train_text_encoder=True, optim=Optimization(text_encoder_learning_rate=1e-4))
     n = sum(p.numel() for p in m.unet.parameters()) + sum(p.numel() for p in m.text_encoder.parameters())
     assert sum(p.numel() for p in m.trainable_parameters()) == n
     m.train()
     assert m.text_encoder.training and not m.vae.training
-    groups = m.configure_optimizers()["optimizer"].param_groups
-    assert [g["lr"] for g in groups] == [m.hparams.learning_rate, 1e-4]
+    groups = assert_optimizer_holds_exactly_the_trainable(m).param_groups
+    assert [g["lr"] for g in groups] == [m.optim.learning_rate, 1e-4]
+    assert numel(groups[1]["params"]) == numel(m.text_encoder.parameters())
+
+
+@pytest.mark.parametrize("rank, text_rank", [(2, 0), (4, 0), (4, 3), (0, 3)])
+def test_lora_trainable_counts(base_parts, rank, text_rank):
+    m = DreamBoothModule(pretrained="tiny", lora=LoraSettings(rank=rank, text_encoder_rank=text_rank))
+    unet_layers, unet_lora = lora_size(base_parts.unet, UNET_TARGETS, rank)
+    text_layers, text_lora = lora_size(base_parts.text_encoder, TEXT_TARGETS, text_rank)
+    # 4 transformer blocks x 2 attentions x 4 projections; 2 CLIP layers x 4 projections
+    assert (unet_layers, text_layers) == (32, 8)
+    unet_trainable = unet_lora if rank else numel(base_parts.unet.parameters())  # rank 0: the whole UNet trains
+    assert numel(p for p in m.unet.parameters() if p.requires_grad) == unet_trainable
+    assert numel(p for p in m.text_encoder.parameters() if p.requires_grad) == text_lora
+    assert numel(m.trainable_parameters()) == unet_trainable + text_lora
+    assert not any(p.requires_grad for p in m.vae.parameters())
+    if rank:
+        assert all("lora_" in n for n in m.trainable_state_names())
+    opt = assert_optimizer_holds_exactly_the_trainable(m)
+    assert len(opt.param_groups) == (2 if text_rank else 1)
+
+
+def test_train_text_encoder_and_text_encoder_lora_conflict(tiny_dir):
+    with pytest.raises(ValueError) as err:
+        DreamBoothModule(pretrained="tiny", train_text_encoder=True, lora=LoraSettings(text_encoder_rank=4))
+    assert "train_text_encoder" in str(err.value) and "text_encoder_rank" in str(err.value)
+
+
+# ------------------------------------------------------------------------------------------ the loss
+
+
+def reference_loss(m: DreamBoothModule, step: dict, snr_gamma: float | None = None, noise_offset: float = 0.0,
+                   prior_loss_weight: float = 1.0) -> float:
+    """The DreamBooth loss of a taped step, computed the diffusers-example way from `m`'s components."""
+    batch, sched = step["batch"], m.noise_scheduler
+    torch.set_rng_state(step["rng"])  # draws in the training step's order: posterior sample, noise, offset, t
+    with torch.no_grad():
+        latents = m.vae.encode(batch["pixel_values"]).latent_dist.sample() * m.vae.config.scaling_factor
+        noise = torch.randn(latents.shape)
+        if noise_offset:
+            noise = noise + noise_offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1)
+        t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],))
+        ids = m.tokenizer(batch["prompts"], padding="max_length", max_length=m.tokenizer.model_max_length,
+                          truncation=True, return_tensors="pt").input_ids
+        pred = m.unet(sched.add_noise(latents, noise, t), t, encoder_hidden_states=m.text_encoder(ids)[0]).sample
+    v = sched.config.prediction_type == "v_prediction"
+    target = sched.get_velocity(latents, noise, t) if v else noise
+    per_row = (pred - target).pow(2).mean(dim=(1, 2, 3))
+    if snr_gamma:
+        a = sched.alphas_cumprod[t]
+        snr = a / (1 - a)
+        per_row = per_row * torch.minimum(snr, torch.full_like(snr, snr_gamma)) / (snr + 1 if v else snr)
+    n = batch["num_instance"]
+    return float(per_row[:n].mean() + prior_loss_weight * per_row[n:].mean())
+
+
+def test_compute_loss_equals_the_logged_training_loss(tiny_dir, photos, tmp_path):
+    pl.seed_everything(0)
+    tape = Tape()
+    make_trainer(tmp_path, 1, [tape]).fit(DreamBoothModule(pretrained="tiny"), datamodule=make_datamodule(photos))
+    (step,) = tape.steps
+    fresh = DreamBoothModule(pretrained="tiny")  # the weights the fit's first step saw
+    torch.set_rng_state(step["rng"])
+    loss, parts = fresh.compute_loss(step["batch"])
+    assert loss.item() == step["logged"]["train/loss"] == step["loss"]
+    assert parts["instance"].item() == step["logged"]["train/loss_instance"]
+    assert parts["prior"].item() == step["logged"]["train/loss_prior"]
+    assert step["logged"]["train/loss"] == pytest.approx(reference_loss(fresh, step), rel=1e-5)
 
 
 def test_steps_change_unet_only(tiny_dir, photos, tmp_path):
-    m = DreamBoothModule(pretrained="tiny", learning_rate=1e-3)
+    m = DreamBoothModule(pretrained="tiny", optim=Optimization(learning_rate=1e-3))
     vae0, te0, unet0 = state(m.vae), state(m.text_encoder), state(m.unet)
-    trainer(tmp_path, 3).fit(m, datamodule=datamodule(photos))
+    tape = Tape()
+    make_trainer(tmp_path, 3, [tape]).fit(m, datamodule=make_datamodule(photos))
     assert all(torch.equal(vae0[k], v) for k, v in m.vae.state_dict().items())
     assert all(torch.equal(te0[k], v) for k, v in m.text_encoder.state_dict().items())
     assert any(not torch.equal(unet0[k], v) for k, v in m.unet.state_dict().items())
+    # The UNet moved exactly as three AdamW steps on compute_loss of the same batches move it.
+    replay = DreamBoothModule(pretrained="tiny", optim=Optimization(learning_rate=1e-3))
+    opt = replay.make_optimizer()
+    for step in tape.steps:
+        torch.set_rng_state(step["rng"])
+        opt.zero_grad()
+        loss, _ = replay.compute_loss(step["batch"])
+        assert loss.item() == step["loss"]
+        loss.backward()
+        opt.step()
+    after = replay.unet.state_dict()
+    assert all(torch.allclose(v, after[k], rtol=0, atol=1e-7) for k, v in m.unet.state_dict().items())
 
 
 def test_checkpoint_holds_trainable_weights_and_optimizer_only(tiny_dir, photos, tmp_path):
-    m = DreamBoothModule(pretrained="tiny")
+    m = DreamBoothModule(pretrained="tiny", optim=Optimization(learning_rate=1e-4), lora=LoraSettings(),
+                         speed=SpeedSettings(channels_last=True))
     ckpt_cb = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0, every_n_train_steps=2)
-    trainer(tmp_path, 2, [ckpt_cb], enable_checkpointing=True).fit(m, datamodule=datamodule(photos))
+    make_trainer(tmp_path, 2, [ckpt_cb], enable_checkpointing=True).fit(m, datamodule=make_datamodule(photos))
     path = tmp_path / "ckpt" / "last.ckpt"
     ckpt = torch.load(path, map_location="cpu", weights_only=True)  # safe loading works
     assert set(ckpt["state_dict"]) == {f"unet.{k}" for k, _ in m.unet.named_parameters()}
     assert ckpt["optimizer_states"] and ckpt["global_step"] == 2
+    # The config groups are stored as plain values.
+    hp = ckpt["hyper_parameters"]
+    assert hp["pretrained"] == "tiny" and hp["train_text_encoder"] is False
+    assert hp["optim"] == dataclasses.asdict(Optimization(learning_rate=1e-4))
+    assert hp["lora"] == dataclasses.asdict(LoraSettings())
+    assert hp["speed"] == dataclasses.asdict(SpeedSettings(channels_last=True))
     trainable_bytes = sum(p.numel() * p.element_size() for p in m.trainable_parameters())
     all_bytes = sum(p.numel() * p.element_size() for p in m.parameters())
     # weights + two Adam moments (+ per-tensor pickle overhead); far below the whole model + optimizer
@@ -89,9 +211,9 @@ def test_checkpoint_holds_trainable_weights_and_optimizer_only(tiny_dir, photos,
 
 
 def test_resume_continues_step_count_and_weights(tiny_dir, photos, tmp_path):
-    m = DreamBoothModule(pretrained="tiny", learning_rate=1e-3)
+    m = DreamBoothModule(pretrained="tiny", optim=Optimization(learning_rate=1e-3))
     ckpt_cb = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0, every_n_train_steps=1)
-    trainer(tmp_path, 3, [ckpt_cb], enable_checkpointing=True).fit(m, datamodule=datamodule(photos))
+    make_trainer(tmp_path, 3, [ckpt_cb], enable_checkpointing=True).fit(m, datamodule=make_datamodule(photos))
     saved = state(m.unet)
 
     seen = {}
@@ -101,9 +223,9 @@ def test_resume_continues_step_count_and_weights(tiny_dir, photos, tmp_path):
             seen["step"] = trainer.global_step
             seen["equal"] = all(torch.equal(saved[k], v) for k, v in pl_module.unet.state_dict().items())
 
-    m2 = DreamBoothModule(pretrained="tiny", learning_rate=1e-3)
-    t2 = trainer(tmp_path, 5, [AtStart()])
-    t2.fit(m2, datamodule=datamodule(photos), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    m2 = DreamBoothModule(pretrained="tiny", optim=Optimization(learning_rate=1e-3))
+    t2 = make_trainer(tmp_path, 5, [AtStart()])
+    t2.fit(m2, datamodule=make_datamodule(photos), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
     assert seen == {"step": 3, "equal": True}
     assert t2.global_step == 5
 
@@ -111,18 +233,18 @@ def test_resume_continues_step_count_and_weights(tiny_dir, photos, tmp_path):
 def test_checkpoint_from_other_trainable_set_is_refused(tiny_dir, photos, tmp_path):
     m = DreamBoothModule(pretrained="tiny")
     ckpt_cb = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0, every_n_train_steps=1)
-    trainer(tmp_path, 1, [ckpt_cb], enable_checkpointing=True).fit(m, datamodule=datamodule(photos))
+    make_trainer(tmp_path, 1, [ckpt_cb], enable_checkpointing=True).fit(m, datamodule=make_datamodule(photos))
     m2 = DreamBoothModule(pretrained="tiny", train_text_encoder=True)
     with pytest.raises(KeyError, match="text_encoder"):
-        trainer(tmp_path, 2).fit(m2, datamodule=datamodule(photos), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+        make_trainer(tmp_path, 2).fit(m2, datamodule=make_datamodule(photos), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
 
 
 def run_losses(photos, tmp_path, seed: int, steps: int = 4) -> list[float]:
     pl.seed_everything(seed)
-    rec = LossRecorder()
-    trainer(tmp_path, steps, [rec]).fit(DreamBoothModule(pretrained="tiny", learning_rate=1e-3),
-                                        datamodule=datamodule(photos, seed=seed))
-    return rec.losses
+    tape = Tape()
+    make_trainer(tmp_path, steps, [tape]).fit(DreamBoothModule(pretrained="tiny", optim=Optimization(learning_rate=1e-3)),
+                                              datamodule=make_datamodule(photos, seed=seed))
+    return tape.losses
 
 
 def test_same_seed_same_losses(tiny_dir, photos, tmp_path):
@@ -140,53 +262,17 @@ def test_non_finite_loss_stops_with_step(tiny_dir, photos, tmp_path):
                 batch["pixel_values"].fill_(float("nan"))
 
     with pytest.raises(NonFiniteLossError, match=r"at step 2.*learning rate"):
-        trainer(tmp_path, 5, [Poison()]).fit(DreamBoothModule(pretrained="tiny"), datamodule=datamodule(photos))
+        make_trainer(tmp_path, 5, [Poison()]).fit(DreamBoothModule(pretrained="tiny"), datamodule=make_datamodule(photos))
 
 
 def test_v_prediction_trains(tiny_v_dir, photos, tmp_path):
-    m = DreamBoothModule(pretrained="tiny-v", learning_rate=1e-3)
+    m = DreamBoothModule(pretrained="tiny-v", optim=Optimization(learning_rate=1e-3))
     assert m.noise_scheduler.config.prediction_type == "v_prediction"
-    rec = LossRecorder()
-    trainer(tmp_path, 3, [rec]).fit(m, datamodule=datamodule(photos))
-    assert len(rec.losses) == 3 and all(torch.isfinite(torch.tensor(rec.losses)))
-
-
-def test_tiny_fit_with_prior_preservation_learns(tiny_dir, photos, tmp_path):
-    pl.seed_everything(0)
-    m = DreamBoothModule(pretrained="tiny", learning_rate=1e-3, lr_warmup_steps=5)
-    dm = datamodule(photos)
-    logged = []
-
-    class Parts(Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            logged.append({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")})
-
-    trainer(tmp_path, 60, [Parts()]).fit(m, datamodule=dm)
-    assert {"train/loss", "train/loss_instance", "train/loss_prior", "train/lr"} <= set(logged[-1])
-    assert all(r["train/loss_prior"] > 0 for r in logged)  # class rows are in every batch
-    base, tuned = learning_probe(m, dm)
-    assert tuned <= 0.7 * base, (base, tuned)
-
-
-def test_export_round_trip(tiny_dir, photos, tmp_path):
-    from diffusers import StableDiffusionPipeline
-
-    m = DreamBoothModule(pretrained="tiny", learning_rate=1e-3)
-    trainer(tmp_path, 2).fit(m, datamodule=datamodule(photos))
-    out = m.export(tmp_path / "export" / "model", metadata={"subject": "t"})
-    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["model"]  # no temp folders left
-    assert list(out.rglob("*.safetensors")) and not list(out.rglob("*.bin"))
-    pipe = StableDiffusionPipeline.from_pretrained(out)
-    assert all(torch.equal(v, m.unet.state_dict()[k]) for k, v in pipe.unet.state_dict().items())
-    assert json.loads((out / "dreambooth_pl.json").read_text())["subject"] == "t"
-    img = pipe("a sks can", num_inference_steps=2, height=64, width=64, output_type="np").images
-    assert img.shape == (1, 64, 64, 3)
-    # A second export replaces the first atomically.
-    m.unet.conv_out.bias.data.add_(1.0)
-    m.export(out)
-    reloaded = StableDiffusionPipeline.from_pretrained(out)
-    assert torch.equal(reloaded.unet.conv_out.bias, m.unet.conv_out.bias)
-    assert sorted(p.name for p in Path(tmp_path / "export").iterdir()) == ["model"]
+    tape = Tape()
+    make_trainer(tmp_path, 3, [tape]).fit(m, datamodule=make_datamodule(photos))
+    assert len(tape.losses) == 3 and all(torch.isfinite(torch.tensor(tape.losses)))
+    # The first step's loss is the MSE to diffusers' velocity target.
+    assert tape.losses[0] == pytest.approx(reference_loss(DreamBoothModule(pretrained="tiny-v"), tape.steps[0]), rel=1e-5)
 
 
 def test_denoising_mse_is_deterministic(tiny_dir):
@@ -198,46 +284,51 @@ def test_denoising_mse_is_deterministic(tiny_dir):
 # ------------------------------------------------------------------------------------ speed / memory options
 
 
-def option_losses(photos, tmp_path, steps: int = 3, dm_kw=None, precision="32-true", **mod_kw) -> list[float]:
-    """Losses of a short seeded fit with center crops and no flips (so every option sees the same images)."""
+def option_run(photos, tmp_path, steps: int = 3, dm_kw=None, precision="32-true", optim=None, speed=None,
+               **mod_kw) -> Tape:
+    """A short seeded fit with center crops and no flips (so every option sees the same images); `optim` and
+    `speed` override the groups' fields."""
     pl.seed_everything(0)
-    rec = LossRecorder()
-    dm = datamodule(photos, center_crop=True, random_flip=False, **(dm_kw or {}))
-    trainer(tmp_path, steps, [rec], precision=precision).fit(
-        DreamBoothModule(pretrained="tiny", learning_rate=1e-3, **mod_kw), datamodule=dm)
-    return rec.losses
+    tape = Tape()
+    dm = make_datamodule(photos, center_crop=True, random_flip=False, **(dm_kw or {}))
+    m = DreamBoothModule(pretrained="tiny", optim=Optimization(**{"learning_rate": 1e-3, **(optim or {})}),
+                         speed=SpeedSettings(**(speed or {})), **mod_kw)
+    make_trainer(tmp_path, steps, [tape], precision=precision).fit(m, datamodule=dm)
+    return tape
+
+
+def option_losses(photos, tmp_path, **kw) -> list[float]:
+    return option_run(photos, tmp_path, **kw).losses
 
 
 @pytest.fixture(scope="module")
 def plain_losses(tiny_dir, tmp_path_factory):
-    from .conftest import make_photos
-
     tmp = tmp_path_factory.mktemp("plain")
     p = {"instance": make_photos(tmp / "instance", 4, seed=1), "class": make_photos(tmp / "class", 6, seed=2, kind="noise")}
-    return p, option_losses(p, tmp, cache_text_embeddings=False)
+    return p, option_losses(p, tmp, speed={"cache_text_embeddings": False})
 
 
 def test_cached_latents_equal_uncached(plain_losses, tmp_path):
     photos, plain = plain_losses
-    cached = option_losses(photos, tmp_path, dm_kw={"cache_latents": True}, cache_latents=True)
+    cached = option_losses(photos, tmp_path, dm_kw={"cache_latents": True}, speed={"cache_latents": True})
     assert cached == pytest.approx(plain, rel=1e-5, abs=1e-6)
 
 
 def test_cached_latents_skip_image_decoding_and_need_center_crop(tiny_dir, photos):
     from dreambooth_pl.data import DataError
 
-    dm = datamodule(photos, center_crop=True, cache_latents=True)
+    dm = make_datamodule(photos, center_crop=True, cache_latents=True)
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     assert "pixel_values" not in batch and batch["image_index"].shape == (4,)
     with pytest.raises(DataError, match="center_crop"):
-        datamodule(photos, center_crop=False, cache_latents=True)
+        make_datamodule(photos, center_crop=False, cache_latents=True)
 
 
 def test_cached_latents_cover_both_flips(tiny_dir, photos, tmp_path):
-    m = DreamBoothModule(pretrained="tiny", cache_latents=True)
-    dm = datamodule(photos, center_crop=True, random_flip=True, cache_latents=True)
-    trainer(tmp_path, 1).fit(m, datamodule=dm)
+    m = DreamBoothModule(pretrained="tiny", speed=SpeedSettings(cache_latents=True))
+    dm = make_datamodule(photos, center_crop=True, random_flip=True, cache_latents=True)
+    make_trainer(tmp_path, 1).fit(m, datamodule=dm)
     cache = m._latent_cache["instance"]  # (N, 2 flips, 2 moments, 4, h, w)
     assert cache.shape[:3] == (4, 2, 2)
     from dreambooth_pl.data import DreamBoothDataset
@@ -250,12 +341,27 @@ def test_cached_latents_cover_both_flips(tiny_dir, photos, tmp_path):
     assert not torch.allclose(cache[0, 0, 0], cache[0, 1, 0], atol=1e-3)
 
 
+@pytest.mark.parametrize("random_flip", [True, False])
+def test_cache_latents_fills_the_moments_of_the_views(tiny_dir, photos, random_flip):
+    m = DreamBoothModule(pretrained="tiny")
+    dm = make_datamodule(photos, center_crop=True, random_flip=random_flip)
+    dm.setup("fit")
+    m.cache_latents({split: dm.fixed_views(split) for split in ("instance", "class")}, progress=False)
+    flips = 2 if random_flip else 1
+    for split, n in (("instance", 4), ("class", 6)):
+        cache = m._latent_cache[split]
+        assert cache.shape == (n, flips, 2, 4, 8, 8)
+        for i, views in enumerate(dm.fixed_views(split)):  # views (F, 3, 64, 64)
+            mean, std = m.latent_moments(views)
+            assert torch.allclose(cache[i, :, 0], mean, atol=1e-6) and torch.allclose(cache[i, :, 1], std, atol=1e-6)
+
+
 @pytest.mark.parametrize("option, tol", [
-    ({"cache_text_embeddings": True}, 1e-6),
-    ({"gradient_checkpointing": True}, 1e-5),
-    ({"channels_last": True}, 1e-4),
-    ({"optimizer": "adamw_fused"}, 1e-4),
-    ({"frozen_dtype": "bf16"}, 5e-2),
+    ({"speed": {"cache_text_embeddings": True}}, 1e-6),
+    ({"speed": {"gradient_checkpointing": True}}, 1e-5),
+    ({"speed": {"channels_last": True}}, 1e-4),
+    ({"optim": {"optimizer": "adamw_fused"}}, 1e-4),
+    ({"speed": {"frozen_dtype": "bf16"}}, 5e-2),
 ])
 def test_option_trains_like_the_plain_path(plain_losses, tmp_path, option, tol):
     photos, plain = plain_losses
@@ -267,33 +373,41 @@ def test_bf16_mixed_precision_close_to_fp32(plain_losses, tmp_path):
     assert option_losses(photos, tmp_path, precision="bf16-mixed") == pytest.approx(plain, rel=5e-2, abs=5e-2)
 
 
-def test_loss_options_change_the_loss_as_defined(plain_losses, tmp_path):
-    """min-SNR and offset noise are different objectives: finite, and not the plain loss."""
+# gamma 1 (not the usual 5): it clips the weights of the first step's timesteps, so that step tells the two apart
+@pytest.mark.parametrize("option", [{"snr_gamma": 1.0}, {"noise_offset": 0.1}, {"prior_loss_weight": 0.5}])
+def test_loss_options_change_the_loss_as_defined(plain_losses, tmp_path, option):
+    """min-SNR, offset noise and the prior weight are different objectives: the first step's loss is the
+    reference loss with that option, not the plain loss."""
     photos, plain = plain_losses
-    snr = option_losses(photos, tmp_path, snr_gamma=5.0)
-    off = option_losses(photos, tmp_path, noise_offset=0.1)
-    for losses in (snr, off):
-        assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses))) and losses != plain
+    tape = option_run(photos, tmp_path, **option)
+    losses = tape.losses
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses))) and losses != plain
+    fresh = DreamBoothModule(pretrained="tiny")
+    expected = reference_loss(fresh, tape.steps[0], **option)
+    assert losses[0] == pytest.approx(expected, rel=1e-5)
+    assert losses[0] != pytest.approx(reference_loss(fresh, tape.steps[0]), rel=1e-3)  # the option mattered
 
 
 def test_text_encoder_training_with_half_frozen_parts(tiny_dir, photos, tmp_path):
     """Trainable weights stay fp32 (no 'unscale FP16 gradients'); the frozen VAE is half precision."""
-    m = DreamBoothModule(pretrained="tiny", train_text_encoder=True, frozen_dtype="bf16", learning_rate=1e-4)
+    m = DreamBoothModule(pretrained="tiny", train_text_encoder=True, speed=SpeedSettings(frozen_dtype="bf16"),
+                         optim=Optimization(learning_rate=1e-4))
     assert m.vae.dtype == torch.bfloat16 and m.text_encoder.dtype == torch.float32 and m.unet.dtype == torch.float32
     te0 = state(m.text_encoder)
-    trainer(tmp_path, 2, precision="bf16-mixed").fit(m, datamodule=datamodule(photos))
+    make_trainer(tmp_path, 2, precision="bf16-mixed").fit(m, datamodule=make_datamodule(photos))
     assert any(not torch.equal(te0[k], v) for k, v in m.text_encoder.state_dict().items())
 
 
 def test_lora_trains_only_adapter_weights(tiny_dir, photos, tmp_path):
-    m = DreamBoothModule(pretrained="tiny", lora_rank=4, lora_text_encoder=True, learning_rate=1e-3)
+    m = DreamBoothModule(pretrained="tiny", lora=LoraSettings(rank=4, text_encoder_rank=4),
+                         optim=Optimization(learning_rate=1e-3))
     names = m.trainable_state_names()
     assert names and all("lora_" in n for n in names)
     assert any(n.startswith("text_encoder.") for n in names) and any(n.startswith("unet.") for n in names)
     base = {k: v.clone() for k, v in m.unet.state_dict().items() if "lora_" not in k}
     lora0 = {k: v.clone() for k, v in m.unet.state_dict().items() if "lora_" in k}
     ckpt_cb = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0, every_n_train_steps=2)
-    trainer(tmp_path, 2, [ckpt_cb], enable_checkpointing=True).fit(m, datamodule=datamodule(photos))
+    make_trainer(tmp_path, 2, [ckpt_cb], enable_checkpointing=True).fit(m, datamodule=make_datamodule(photos))
     after = m.unet.state_dict()
     assert all(torch.equal(v, after[k]) for k, v in base.items())  # base weights untouched
     assert any(not torch.equal(v, after[k]) for k, v in lora0.items())
@@ -302,36 +416,12 @@ def test_lora_trains_only_adapter_weights(tiny_dir, photos, tmp_path):
 
 
 def test_adamw_8bit_without_bitsandbytes_says_how(tiny_dir):
-    pytest.importorskip("torch")
     try:
         import bitsandbytes  # noqa: F401
 
         pytest.skip("bitsandbytes installed")
     except ImportError:
         pass
-    m = DreamBoothModule(pretrained="tiny", optimizer="adamw_8bit")
+    m = DreamBoothModule(pretrained="tiny", optim=Optimization(optimizer="adamw_8bit"))
     with pytest.raises(ImportError, match="bitsandbytes"):
-        m.configure_optimizers()
-
-
-def test_lora_fit_exports_both_formats_that_change_the_output(tiny_dir, photos, tmp_path):
-    import numpy as np
-    from diffusers import StableDiffusionPipeline
-
-    from dreambooth_pl.export import export_lora
-
-    m = DreamBoothModule(pretrained="tiny", lora_rank=4, learning_rate=1e-2)
-    trainer(tmp_path, 3).fit(m, datamodule=datamodule(photos))
-    paths = export_lora(m, tmp_path / "lora")
-
-    def image(lora: str | None):
-        pipe = StableDiffusionPipeline.from_pretrained(tiny_dir)
-        pipe.set_progress_bar_config(disable=True)
-        if lora:
-            pipe.load_lora_weights(lora)
-        return pipe("a sks can", num_inference_steps=2, height=64, width=64, output_type="np",
-                    generator=torch.Generator().manual_seed(0)).images
-
-    base, diffusers_fmt, kohya_fmt = image(None), image(str(paths["diffusers"].parent)), image(str(paths["kohya"]))
-    assert np.abs(diffusers_fmt - base).max() > 1e-4
-    assert np.abs(kohya_fmt - diffusers_fmt).max() < 1e-2  # kohya file is fp16
+        m.make_optimizer()

@@ -8,7 +8,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from dreambooth_pl import components
+from dreambooth_pl import components, tiny
 from dreambooth_pl.data import DreamBoothDataModule
 from dreambooth_pl.module import DreamBoothModule
 
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.mark.parametrize("arch, prediction", [("sd15", "epsilon"), ("sd21", "v_prediction")])
 def test_public_architecture_trains_and_samples(arch, prediction, tmp_path):
-    folder = components.build_random(arch, tmp_path / arch)  # diffusers layout, loaded back by from_pretrained
+    folder = tiny.build_random(arch, tmp_path / arch)  # diffusers layout, loaded back by from_pretrained
     m = DreamBoothModule(pretrained=str(folder), learning_rate=1e-5, gradient_checkpointing=True)
     assert m.noise_scheduler.config.prediction_type == prediction
     n_unet = sum(p.numel() for p in m.unet.parameters())

@@ -1,0 +1,86 @@
+"""Architecture tables: UNet, VAE, text-encoder and scheduler configs of the tiny models and SD 1.5 / SD 2.1.
+
+Data only: `tiny.build_random` turns a table into random-initialised modules, and the tests build the public
+shapes on the meta device to check their parameter counts.
+"""
+
+from __future__ import annotations
+
+# SD's DDPM/DDIM-style training schedule (also the key set of the released PNDM sampling config).
+SCHEDULER = dict(
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
+)
+V_SCHEDULER = {**SCHEDULER, "prediction_type": "v_prediction"}
+
+# ------------------------------------------------------------------------------------ tiny (tests, demo)
+
+TINY_UNET = dict(
+    sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+    block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+    attention_head_dim=8, norm_num_groups=8,
+)
+# InstructPix2Pix: 8 input channels (noisy latents ++ image latents).
+TINY_IP2P_UNET = {**TINY_UNET, "in_channels": 8}
+# Four encoder blocks -> three 2x downsamples: 8x like the real VAE (64 px -> 8x8 latents).
+TINY_VAE = dict(
+    sample_size=64, in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+    block_out_channels=(8, 16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=8, scaling_factor=0.18215,
+)
+TINY_TEXT = dict(
+    vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    max_position_embeddings=77, projection_dim=32, hidden_act="quick_gelu",
+    bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+)
+
+# ------------------------------------------------------------------------------------ public SD shapes
+
+SD_VAE = dict(
+    sample_size=512, in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
+    block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32, scaling_factor=0.18215,
+)
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    cross_attention_dim=768, attention_head_dim=8,
+)
+# runwayml/stable-diffusion-v1-5: CLIP ViT-L/14 text tower
+SD15_TEXT = dict(
+    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+    num_attention_heads=12, max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu",
+    bos_token_id=49406, eos_token_id=49407, pad_token_id=1,
+)
+# stabilityai/stable-diffusion-2-1: 768 px, 1024-d cross-attention, linear attention projections.
+SD21_UNET = {
+    **SD15_UNET, "sample_size": 96, "cross_attention_dim": 1024, "attention_head_dim": (5, 10, 20, 20),
+    "use_linear_projection": True,
+}
+# stabilityai/stable-diffusion-2-1: OpenCLIP ViT-H text tower (23 layers)
+SD21_TEXT = dict(
+    vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+    num_attention_heads=16, max_position_embeddings=77, projection_dim=512, hidden_act="gelu",
+    bos_token_id=0, eos_token_id=2, pad_token_id=1,
+)
+
+ARCHITECTURES: dict[str, dict[str, dict]] = {
+    "tiny": dict(unet=TINY_UNET, vae=TINY_VAE, text=TINY_TEXT, scheduler=SCHEDULER),
+    "tiny-v": dict(unet=TINY_UNET, vae=TINY_VAE, text=TINY_TEXT, scheduler=V_SCHEDULER),
+    "tiny-ip2p": dict(unet=TINY_IP2P_UNET, vae=TINY_VAE, text=TINY_TEXT, scheduler=SCHEDULER),
+    "sd15": dict(unet=SD15_UNET, vae=SD_VAE, text=SD15_TEXT, scheduler=SCHEDULER),
+    "sd21": dict(unet=SD21_UNET, vae=SD_VAE, text=SD21_TEXT, scheduler=V_SCHEDULER),
+}
+
+
+def architecture(name: str) -> dict[str, dict]:
+    """UNet, VAE, text-encoder and scheduler configs for `tiny`, `tiny-v`, `tiny-ip2p`, `sd15` or `sd21`.
+
+    Fresh dicts on every call: a caller may change them without touching the tables.
+    """
+    if name not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {name!r}: choose tiny, tiny-v, tiny-ip2p, sd15 or sd21")
+    return {part: dict(config) for part, config in ARCHITECTURES[name].items()}

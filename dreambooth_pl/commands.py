@@ -1,0 +1,198 @@
+"""The project's own commands beside fit: priors, evaluate, report, compare, tiny-model, dreambench-files.
+
+Each command is an `add_<name>_args(parser)` that declares its options and a `<name>(args)` that runs it;
+`cli.py` puts them under one program.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from . import priors as prior_images
+from .components import SAMPLERS, ModelSource
+from .config import parse_config, parse_run_config
+from .data import class_prompt, list_images, load_image, write_benchmark_files
+from .encoders import load_encoders
+from .evaluation import FILE_RE, PAPER_ROWS, encoder_info, protocol_prompts, real_vs_real, score
+from .files import write_json
+from .instructpix2pix import DEFAULT_MODEL as IP2P_MODEL
+from .instructpix2pix import compare as compare_run
+from .report import aggregate, aggregate_compare, write_report
+from .tiny import TINY, TINY_MODELS, build_random
+
+# ------------------------------------------------------------------------------------------------ priors
+
+
+def add_priors_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", action="append", default=[], help="fit config files (base.yaml, subject, tiny.yaml)")
+    p.add_argument("--model", help="hub id, diffusers folder, .safetensors file or tiny (default: model.pretrained)")
+    p.add_argument("--class-prompt", help="default: 'a <data.class_noun>'")
+    p.add_argument("--num-images", type=int, help="default: data.num_class_images")
+    p.add_argument("--out", help="folder; default cache/priors/<key of the settings>")
+    p.add_argument("--negative-prompt", help="default: data.prior.negative_prompt")
+    p.add_argument("--sampler", choices=SAMPLERS, help="default: data.prior.sampler")
+    p.add_argument("--steps", type=int, help="default: data.prior.steps")
+    p.add_argument("--guidance", type=float, help="default: data.prior.guidance_scale")
+    p.add_argument("--resolution", type=int, help="default: data.resolution")
+    p.add_argument("--seed", type=int, help="image i uses seed + i (default: data.prior.seed)")
+    p.add_argument("--batch-size", type=int, help="default: as large as GPU memory allows (4 on CPU)")
+    p.add_argument("--accelerator", default="auto", help="Lightning accelerator")
+    p.add_argument("--devices", default="auto", help="GPUs to shard over (Lightning DDP)")
+    p.add_argument("--precision", default=None, help="Lightning precision; default bf16-mixed on GPU, 32-true on CPU")
+
+
+def _given(**flags) -> dict:
+    return {k: v for k, v in flags.items() if v is not None}
+
+
+def priors(a: argparse.Namespace) -> None:
+    """Make the class images that `fit` with the same configs would make (and then reuses)."""
+    if not a.config and (a.model is None or a.class_prompt is None):
+        sys.exit("priors: give --config files, or both --model and --class-prompt")
+    cfg = parse_config([x for c in a.config for x in ("--config", c)])  # no files: the defaults
+    d = cfg.data
+    source = ModelSource(**d.model.as_dict()) if a.model is None else ModelSource(a.model)
+    sampling = dataclasses.replace(prior_images.PriorSampling(**d.prior.as_dict()), **_given(
+        negative_prompt=a.negative_prompt, sampler=a.sampler, steps=a.steps, guidance_scale=a.guidance, seed=a.seed,
+        batch_size=a.batch_size))
+    settings = prior_images.PriorSettings(model=source, prompt=a.class_prompt or class_prompt(d.class_noun),
+                                          resolution=d.resolution if a.resolution is None else a.resolution, sampling=sampling)
+    trainer_kwargs = {"accelerator": a.accelerator, "devices": a.devices, **_given(precision=a.precision)}
+    num_images = d.num_class_images if a.num_images is None else a.num_images
+    print(prior_images.generate(settings, num_images, folder=a.out or d.class_dir,
+                                trainer_kwargs=trainer_kwargs))
+
+
+# ------------------------------------------------------------------------------------------------ evaluate
+
+
+def add_evaluate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--images", help="folder of generated images (<prompt index>_<seed>.png, class_<seed>.png)")
+    p.add_argument("--subject", required=True, help="folder of the subject's real photos")
+    p.add_argument("--class-noun", help="class noun in the prompts, e.g. 'can'")
+    p.add_argument("--type", default="object", choices=("object", "live"), help="which DreamBench prompt list")
+    p.add_argument("--identifier", default="sks", help="the identifier in the prompts")
+    p.add_argument("--prompts-dir", default="data/dreambooth", help="folder holding prompts_object.txt / prompts_live.txt")
+    p.add_argument("--encoders", default="real", choices=("real", "tiny"), help="tiny: offline random encoders (uncalibrated)")
+    p.add_argument("--real-vs-real", action="store_true", help="score the photos against each other (paper's real-image row)")
+    p.add_argument("--out", default=None, help="metrics.json path (default: <images>/metrics.json)")
+
+
+def _score_folder(a: argparse.Namespace, encoders: dict, real: list) -> dict:
+    """Scores of a folder of <prompt index>_<seed>.png images (and class_<seed>.png for PRES)."""
+    if not a.images or not a.class_noun:
+        sys.exit("evaluate: --images and --class-noun are required (or --real-vs-real)")
+    prompts = {ep.index: ep for ep in protocol_prompts(a.prompts_dir, a.type, a.identifier, a.class_noun)}
+    groups: dict[int, list[tuple[int, Path]]] = {}
+    for f in sorted(Path(a.images).iterdir()):
+        if mt := FILE_RE.match(f.name):
+            groups.setdefault(int(mt.group(1)), []).append((int(mt.group(2)), f))
+    if not groups:
+        sys.exit(f"evaluate: no <prompt index>_<seed>.png files in {a.images}: name generated images so")
+    if bad := sorted(set(groups) - set(prompts)):
+        sys.exit(f"evaluate: {a.images} has images for prompt indices {bad} but prompts_{a.type}.txt has "
+                 f"{len(prompts)} prompts")
+    triples = [(prompts[i], [s for s, _ in sorted(g)], [load_image(f) for _, f in sorted(g)]) for i, g in sorted(groups.items())]
+    pres = [load_image(f) for f in sorted(Path(a.images).glob("class_*.png"))] or None
+    scored = score(encoders, real, triples, pres)
+    return {"images": a.images, "metrics": scored.metrics, "per_prompt": scored.per_prompt, "rows": scored.rows}
+
+
+def evaluate(a: argparse.Namespace) -> None:
+    """Score a folder of generated images (or the photos against each other) with the DreamBench protocol."""
+    enc = load_encoders(a.encoders, device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    real = [load_image(x) for x in list_images(a.subject)]
+    info = {"subject": a.subject, **encoder_info(enc), "reference": PAPER_ROWS}
+    if a.real_vs_real:
+        result = {**info, "real_vs_real": real_vs_real(enc, real), "num_photos": len(real)}
+        out = Path(a.out or "metrics_real_vs_real.json")
+    else:
+        result = {**info, **_score_folder(a, enc, real)}
+        out = Path(a.out or Path(a.images) / "metrics.json")
+    write_json(out, result)
+    print(json.dumps(result.get("metrics", result.get("real_vs_real")), indent=2))
+    if not result["calibrated"]:
+        print("(tiny random encoders: uncalibrated smoke numbers)")
+    print(f"wrote {out}")
+
+
+# ------------------------------------------------------------------------------------------------ report, compare
+
+
+def add_report_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("runs", nargs="+", help="run folders (outputs/<subject>)")
+    p.add_argument("--aggregate", default=None, help="write a mean ± 95%% CI table over the runs to this file")
+
+
+def report(a: argparse.Namespace) -> None:
+    """report.md + figures per run folder, or one DreamBench table over them."""
+    if a.aggregate:
+        print(f"wrote {aggregate([Path(r) / 'metrics.json' for r in a.runs], a.aggregate)}")
+        return
+    for r in a.runs:
+        print(f"wrote {write_report(r)}")
+
+
+def add_compare_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("runs", nargs="+", help="DreamBooth run folders (outputs/<subject>)")
+    p.add_argument("--model", default=IP2P_MODEL, help="InstructPix2Pix hub id, folder, or tiny-ip2p (offline)")
+    p.add_argument("--encoders", default=None, choices=("real", "tiny"), help="default: the run's eval.encoders")
+    p.add_argument("--steps", type=int, default=100, help="sampling steps per edit")
+    p.add_argument("--guidance", type=float, default=7.5, help="text guidance")
+    p.add_argument("--image-guidance", type=float, default=1.5, help="image guidance")
+    p.add_argument("--batch-size", type=int, default=4, help="edits per batch")
+    p.add_argument("--aggregate", default=None, help="only aggregate the runs' compare/metrics.json into this table")
+
+
+def compare(a: argparse.Namespace) -> None:
+    """InstructPix2Pix on DreamBooth runs' subjects, prompts, seeds and metrics."""
+    if a.aggregate:
+        print(f"wrote {aggregate_compare([Path(r) / 'compare' / 'metrics.json' for r in a.runs], a.aggregate)}")
+        return
+    for r in a.runs:
+        path = compare_run(r, parse_run_config(r), model=a.model, encoders=a.encoders, steps=a.steps,
+                           guidance_scale=a.guidance, image_guidance_scale=a.image_guidance, batch_size=a.batch_size)
+        print(f"wrote {path}")
+
+
+# ------------------------------------------------------------------------------------------------ models, data
+
+
+def add_tiny_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dir", help="output folder")
+    p.add_argument("--arch", default=TINY, choices=TINY_MODELS, help="which tiny model")
+    p.add_argument("--seed", type=int, default=0, help="initialisation seed")
+
+
+def tiny_model(a: argparse.Namespace) -> None:
+    """Write a tiny random Stable Diffusion (diffusers layout)."""
+    path = build_random(a.arch, a.dir, seed=a.seed)
+    print(f"Wrote the tiny random model ({a.arch}, seed {a.seed}) to {path}; random weights: for tests and demos only.")
+
+
+def add_dreambench_files_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("root", help="a clone of the DreamBooth dataset repository")
+
+
+def dreambench_files(a: argparse.Namespace) -> None:
+    """Write subjects.csv and prompts_{object,live}.txt into a clone of the DreamBooth dataset repo."""
+    for path in write_benchmark_files(a.root):
+        print(f"wrote {path}")
+
+
+# name -> (declare options, run, one-line help)
+COMMANDS = {
+    "priors": (add_priors_args, priors, "make the class-prior images once (content-keyed cache); fit reuses them"),
+    "evaluate": (add_evaluate_args, evaluate, "score a folder of generated images with the DreamBench protocol"),
+    "report": (add_report_args, report, "write report.md + figures for run folders, or a DreamBench table"),
+    "compare": (add_compare_args, compare, "InstructPix2Pix on a run's subject, prompts and metrics; compare report"),
+    "tiny-model": (add_tiny_model_args, tiny_model, "write a tiny random Stable Diffusion (tests, offline demos)"),
+    "dreambench-files": (add_dreambench_files_args, dreambench_files,
+                         "write subjects.csv and the prompt lists into a clone of the DreamBooth dataset"),
+}

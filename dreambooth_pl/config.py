@@ -1,0 +1,120 @@
+"""The run configuration: LightningCLI over the module, the data module and the callback groups; one parser for all."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
+
+from .callbacks import ExportModel, LearningProbe, SampleAndScore
+from .data import DreamBoothDataModule
+from .loggers import finish_wandb, git_sha
+from .module import DreamBoothModule
+
+PROG = "python -m dreambooth_pl"
+# default_env: no DREAMBOOTH_* variable silently changes a run; allow_abbrev: `--model.learning_rat` is an error.
+PARSER_KWARGS = {"prog": PROG, "default_env": False, "allow_abbrev": False}
+# The model's source settings that the class images are made with: one setting, read by both.
+SOURCE_KEYS = ("pretrained", "revision", "variant", "single_file_config")
+
+
+class LogConfigCallback(SaveConfigCallback):
+    """Writes config.yaml into the run folder and makes the parsed config the W&B run config."""
+
+    def save_config(self, trainer, pl_module, stage) -> None:
+        if trainer.logger is not None:
+            cfg = self.config.as_dict()
+            cfg.pop("config", None)  # the list of YAML paths; the merged values are what count
+            trainer.logger.log_hyperparams({"config": cfg, "git_sha": git_sha(), "method": "dreambooth"})
+
+
+class DreamBoothCLI(LightningCLI):
+    """LightningCLI with the callback groups (`checkpoint:`, `eval:`, `export:`, `probe:`) and the run folder."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--output_dir", type=str | None, default=None, help="run folder; default outputs/<data.subject>")
+        # Callbacks as config groups: an overlay (tiny.yaml, a preset) changes one setting, not the whole list.
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(SampleAndScore, "eval")
+        parser.add_lightning_class_args(ExportModel, "export")
+        parser.add_lightning_class_args(LearningProbe, "probe")
+        parser.link_arguments("seed_everything", "data.seed")
+        parser.link_arguments("model.speed.cache_latents", "data.cache_latents")  # data then skips decoding images
+        for key in SOURCE_KEYS:
+            parser.link_arguments(f"model.{key}", f"data.model.{key}")
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        out = Path(cfg.output_dir or Path("outputs") / cfg.data.subject)
+        cfg.output_dir = str(out)
+        cfg.trainer.default_root_dir = str(out)
+        if "weights_only" in cfg and cfg.weights_only is None:
+            cfg.weights_only = True  # checkpoints hold tensors and plain values only: load them safely
+        for logger in _as_list(cfg.trainer.logger):
+            _default_logger_args(getattr(logger, "init_args", None), out, cfg.data.subject)
+        if cfg.checkpoint.dirpath is None:
+            cfg.checkpoint.dirpath = str(out / "checkpoints")
+
+
+def _default_logger_args(args, out: Path, subject: str) -> None:
+    """The run folder and run name follow the subject unless the config sets them."""
+    if args is None:
+        return
+    if "save_dir" in args and args.save_dir in (None, "."):
+        args.save_dir = str(out)
+    if "name" in args and args.name is None:
+        args.name = subject
+    if "group" in args and args.group is None:
+        args.group = subject  # the subject's DreamBooth and InstructPix2Pix runs side by side
+
+
+def _as_list(x) -> list:
+    return x if isinstance(x, list) else [] if x in (None, True, False) else [x]
+
+
+def _make_cli(cls: type[DreamBoothCLI], args: list[str], **kwargs) -> DreamBoothCLI:
+    with warnings.catch_warnings():
+        # The args list *is* the command line here (main passes argv on): nothing is mixed up.
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        # seed_everything defaults to 0, not Lightning's `true` (a random seed): a run is reproducible unless asked
+        # otherwise, and the seed is an int that data.seed can take. The optimizer is model config (model.optim).
+        return cls(DreamBoothModule, DreamBoothDataModule, args=args, parser_kwargs=PARSER_KWARGS,
+                   seed_everything_default=0, auto_configure_optimizers=False, **kwargs)
+
+
+def lightning_cli(args: list[str], run: bool = True) -> DreamBoothCLI:
+    """fit / validate / test / predict with the project's config; the W&B run is closed afterwards, also on failure."""
+    try:
+        return _make_cli(DreamBoothCLI, args, run=run, save_config_callback=LogConfigCallback,
+                         save_config_kwargs={"overwrite": True})
+    finally:
+        finish_wandb()
+
+
+class _ParseOnlyCLI(DreamBoothCLI):
+    """Parses and validates only: no seeding, no model, no trainer."""
+
+    def _set_seed(self) -> None:
+        pass
+
+    def instantiate_classes(self) -> None:
+        pass
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        pass
+
+
+def parse_config(args: list[str]):
+    """Parse and validate a config (YAML files + overrides) without building the model or trainer."""
+    return _make_cli(_ParseOnlyCLI, args, run=False, save_config_callback=None).config
+
+
+def parse_run_config(run_dir: str | Path):
+    """A run's settings: its config.yaml, parsed (and checked) by the same parser as `fit`."""
+    f = Path(run_dir) / "config.yaml"
+    if not f.is_file():
+        raise FileNotFoundError(f"{f} not found: run `make experiment SUBJECT=...` first (this command reads its run)")
+    # Through the `fit` subcommand's parser: config.yaml also holds fit's own arguments (ckpt_path, weights_only).
+    return _make_cli(_ParseOnlyCLI, ["fit", "--config", str(f)], run=True, save_config_callback=None).config.fit

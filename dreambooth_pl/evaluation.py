@@ -1,0 +1,153 @@
+"""The DreamBench evaluation protocol: prompts, seeded sampling, and scoring (DINO, CLIP-I, CLIP-T, PRES, DIV)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from . import components
+from .components import Sampler
+from .data import benchmark_prompts
+from .metrics import MeanValue, PairedCosine, PairwiseCosine, within_group_pairs
+
+# DreamBooth paper, Table 1 (mean over the 30 DreamBench subjects).
+PAPER_ROWS = {
+    "Real images (paper)": {"dino": 0.774, "clip_i": 0.885},
+    "Stable Diffusion, DreamBooth (paper)": {"dino": 0.668, "clip_i": 0.803, "clip_t": 0.305},
+}
+METRIC_KEYS = ("dino", "clip_i", "clip_t", "clip_t_no_token", "pres", "div")
+FILE_RE = re.compile(r"^(\d+)_(\d+)\.png$")  # samples/<stage>/<prompt index>_<seed>.png
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How images are made for scoring (the `eval.protocol:` group); stored with every metrics.json.
+
+    Args:
+        images_per_prompt: images per benchmark prompt (the paper: 4 per prompt, 25 prompts)
+        seed: image k of every prompt uses seed + k
+        steps: sampling steps
+        guidance_scale: classifier-free guidance scale
+        sampler: sampling scheduler (`default` = the model's own)
+        resolution: image size in px; null = the data's resolution
+        pres_images: images of the plain class prompt for PRES; null = images_per_prompt x prompts (4 x 25)
+    """
+
+    images_per_prompt: int = 4
+    seed: int = 0
+    steps: int = 25
+    guidance_scale: float = 7.5
+    sampler: Sampler = "dpm++"
+    resolution: int | None = None
+    pres_images: int | None = None
+
+
+@dataclass
+class EvalPrompt:
+    """One benchmark prompt: with the identifier (for sampling and CLIP-T) and without it."""
+
+    index: int
+    prompt: str
+    prompt_no_token: str
+    template: str = ""
+
+
+def protocol_prompts(prompts_dir: str | Path, subject_type: str, identifier: str, class_noun: str) -> list[EvalPrompt]:
+    """The 25 DreamBench prompts of the subject's type ({0} identifier, {1} class noun)."""
+    f = Path(prompts_dir) / f"prompts_{subject_type}.txt"
+    with_token = benchmark_prompts(f, identifier, class_noun)
+    no_token = benchmark_prompts(f, "", class_noun)
+    templates = [t.strip() for t in f.read_text(encoding="utf-8").splitlines() if t.strip()]
+    return [EvalPrompt(i, a, b, t) for i, (a, b, t) in enumerate(zip(with_token, no_token, templates, strict=True))]
+
+
+@torch.inference_mode()
+def sample(parts: components.SDComponents, prompts: list[str], seeds: list[int], protocol: Protocol,
+           batch_size: int = 8) -> list[Image.Image]:
+    """One image per (prompt, seed) pair, each from its own CPU generator (same noise on any device)."""
+    pipe = components.pipeline(parts, sampler=protocol.sampler)
+    out: list[Image.Image] = []
+    for start in range(0, len(prompts), batch_size):
+        p, s = prompts[start : start + batch_size], seeds[start : start + batch_size]
+        out += pipe(prompt=p, num_inference_steps=protocol.steps, guidance_scale=protocol.guidance_scale,
+                    height=protocol.resolution, width=protocol.resolution,
+                    generator=[torch.Generator("cpu").manual_seed(x) for x in s], output_type="pil").images
+    return out
+
+
+@dataclass
+class Scored:
+    """Scores of one stage: means per metric, per-prompt means and per-image rows."""
+
+    metrics: dict[str, float]
+    per_prompt: list[dict] = field(default_factory=list)
+    rows: list[dict] = field(default_factory=list)
+
+
+def _new_metrics(keys) -> dict:
+    """A sum-and-count metric per key: pairwise cosine for subject fidelity, paired for CLIP-T, mean for DIV."""
+    return {k: PairwiseCosine() if k in ("dino", "clip_i", "pres") else PairedCosine() if k.startswith("clip_t")
+            else MeanValue() for k in keys}
+
+
+def _image_rows(ep: EvalPrompt, seeds: list[int], dino_real, clip_real, d, c, t) -> list[dict]:
+    """Per-image scores of one prompt: mean cosine to the real photos, cosine to the prompt."""
+    unit = lambda x: torch.nn.functional.normalize(x.double(), dim=-1)  # noqa: E731
+    dr, cr, dn, cn, tn = unit(dino_real), unit(clip_real), unit(d), unit(c), unit(t)
+    return [{"prompt_index": ep.index, "prompt": ep.prompt, "seed": seed, "dino": float((dr @ dn[j]).mean()),
+             "clip_i": float((cr @ cn[j]).mean()), "clip_t": float(tn[0] @ cn[j])} for j, seed in enumerate(seeds)]
+
+
+@torch.inference_mode()
+def score(encoders: dict, real: list[Image.Image], groups: list[tuple[EvalPrompt, list[int], list[Image.Image]]],
+          class_images: list[Image.Image] | None = None) -> Scored:
+    """DINO / CLIP-I / CLIP-T (with and without the identifier) / DIV over prompt groups, PRES over class images."""
+    dino_real = encoders["dino"].encode_images(real)  # (R, Dd)
+    clip_real = encoders["clip"].encode_images(real)  # (R, Dc)
+    m = _new_metrics(METRIC_KEYS)
+    per_prompt, rows = [], []
+    for ep, seeds, images in groups:
+        d = encoders["dino"].encode_images(images)  # (k, Dd)
+        c = encoders["clip"].encode_images(images)  # (k, Dc)
+        t = encoders["clip"].encode_texts([ep.prompt, ep.prompt_no_token])  # (2, Dc)
+        # Fresh per-prompt metrics for the table; the stage metrics accumulate sums and counts.
+        p = _new_metrics(("dino", "clip_i", "clip_t", "clip_t_no_token", "div"))
+        for mm in (m, p):
+            mm["dino"].update(dino_real, d)
+            mm["clip_i"].update(clip_real, c)
+            mm["clip_t"].update(t[:1].expand_as(c), c)
+            mm["clip_t_no_token"].update(t[1:].expand_as(c), c)
+        pairs = within_group_pairs(len(images))
+        if pairs:
+            dist = encoders["lpips"].distances([images[i] for i, _ in pairs], [images[j] for _, j in pairs])
+            m["div"].update(dist)
+            p["div"].update(dist)
+        per_prompt.append({"index": ep.index, "prompt": ep.prompt,
+                           **{k: float(v.compute()) for k, v in p.items() if k != "div" or pairs}})
+        rows += _image_rows(ep, seeds, dino_real, clip_real, d, c, t)
+    if class_images:
+        m["pres"].update(dino_real, encoders["dino"].encode_images(class_images))
+    metrics = {k: float(v.compute()) for k, v in m.items() if k != "pres" or class_images}
+    metrics = {k: v for k, v in metrics.items() if v == v}  # drop NaN (e.g. DIV with one image per prompt)
+    return Scored(metrics=metrics, per_prompt=per_prompt, rows=rows)
+
+
+def real_vs_real(encoders: dict, real: list[Image.Image]) -> dict[str, float]:
+    """The paper's 'real images' reference: all pairs of distinct photos of the subject."""
+    out = {}
+    for key, enc in (("dino", encoders["dino"]), ("clip_i", encoders["clip"])):
+        e = enc.encode_images(real)
+        metric = PairwiseCosine()
+        metric.update(e, e, exclude_self=len(real) > 1)
+        out[key] = float(metric.compute())
+    return out
+
+
+def encoder_info(encoders: dict) -> dict:
+    """The encoders' names and whether every one of them is calibrated (real weights), for metrics.json."""
+    return {"encoders": {k: getattr(v, "name", k) for k, v in encoders.items()},
+            "calibrated": bool(encoders) and all(getattr(v, "calibrated", False) for v in encoders.values())}

@@ -1,0 +1,62 @@
+"""Run provenance and the W&B logger: online with credentials, offline otherwise, never waiting on a network."""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import wandb
+from pytorch_lightning.loggers import WandbLogger
+
+
+@functools.cache
+def git_sha() -> str:
+    """The checkout's commit (with `-dirty` when it has changes), or `unknown` outside git; asked once."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                               timeout=5).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def wandb_online() -> bool:
+    """Online only with an API key and no WANDB_MODE=offline/disabled: never wait on an unreachable server."""
+    return bool(os.environ.get("WANDB_API_KEY")) and os.environ.get("WANDB_MODE", "") not in ("offline", "disabled")
+
+
+class AutoWandbLogger(WandbLogger):
+    """WandbLogger that runs online with WANDB_API_KEY and offline otherwise (`offline=None`), saying which."""
+
+    def __init__(self, save_dir: str = ".", name: str | None = None, project: str = "dreambooth_pl",
+                 group: str | None = None, offline: bool | None = None, log_model: bool = False, **kwargs):
+        """W&B logger settings (`trainer.logger` init_args).
+
+        Args:
+            save_dir: folder of the W&B run (default: the run folder)
+            name: run name (default: the subject)
+            project: W&B project
+            group: W&B group (default: the subject, so its DreamBooth and InstructPix2Pix runs sit together)
+            offline: null = online when WANDB_API_KEY is set, else offline (`wandb sync` uploads it later)
+            log_model: upload checkpoints as W&B artifacts
+        """
+        offline = not wandb_online() if offline is None else offline
+        Path(save_dir).mkdir(parents=True, exist_ok=True)
+        where = (f"offline in {save_dir}/wandb (set WANDB_API_KEY to log online; `wandb sync` uploads it later)"
+                 if offline else "online (WANDB_API_KEY is set)")
+        print(f"W&B: logging {where}", file=sys.stderr)
+        super().__init__(name=name, save_dir=save_dir, project=project, group=group, offline=offline,
+                         log_model=log_model, **kwargs)
+        # Lightning always passes `anonymous`, which wandb deprecates with a warning on every run.
+        if self._wandb_init.get("anonymous") is None:
+            self._wandb_init.pop("anonymous", None)
+
+
+def finish_wandb() -> None:
+    """Close the W&B run, also after a failure, so its log is complete and the next run in this process is new."""
+    if wandb.run is not None:
+        wandb.finish()

@@ -1,0 +1,84 @@
+"""Tests for dreambooth_pl.architectures: the shapes fit together and match the released models' sizes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from dreambooth_pl.architectures import ARCHITECTURES, architecture
+from dreambooth_pl.tiny import TINY_MODELS
+
+
+def n_params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def meta_counts(name: str) -> dict[str, int]:
+    """Parameter counts of an architecture built on the meta device (no memory, no init)."""
+    arch = architecture(name)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**arch["unet"])
+        vae = AutoencoderKL(**arch["vae"])
+        text = CLIPTextModel(CLIPTextConfig(**arch["text"]))
+    assert next(unet.parameters()).device.type == "meta"
+    return {"unet": n_params(unet), "vae": n_params(vae), "text": n_params(text)}
+
+
+def test_sd15_parameter_counts():
+    """SD 1.5 shapes: UNet ~859.5M, CLIP ViT-L/14 text encoder ~123.1M, VAE ~83.7M parameters."""
+    counts = meta_counts("sd15")
+    assert counts["unet"] == pytest.approx(859_520_964, rel=0.01)
+    assert counts["text"] == pytest.approx(123_060_480, rel=0.01)
+    assert counts["vae"] == pytest.approx(83_653_863, rel=0.01)
+
+
+def test_sd21_architecture():
+    """SD 2.1: v-prediction, 1024-d cross-attention; UNet ~865.9M, OpenCLIP ViT-H text ~340.4M parameters."""
+    arch = architecture("sd21")
+    assert arch["scheduler"]["prediction_type"] == "v_prediction"
+    assert arch["unet"]["cross_attention_dim"] == 1024
+    counts = meta_counts("sd21")
+    assert counts["unet"] == pytest.approx(865_910_724, rel=0.01)
+    assert counts["text"] == pytest.approx(340_387_840, rel=0.01)
+
+
+@pytest.mark.parametrize("name", [*TINY_MODELS, "sd15", "sd21"])
+def test_architecture_parts_fit_together(name):
+    """Text width = UNet cross-attention width, 77 positions, CLIP vocab, VAE latents = UNet channels."""
+    arch = architecture(name)
+    assert arch["text"]["hidden_size"] == arch["unet"]["cross_attention_dim"]
+    assert arch["text"]["max_position_embeddings"] == 77
+    assert arch["text"]["vocab_size"] == 49408
+    assert arch["vae"]["latent_channels"] == arch["unet"]["out_channels"] == 4
+
+
+def test_unknown_architecture_raises():
+    """An unknown architecture name is a ValueError naming it."""
+    with pytest.raises(ValueError, match="sdxl"):
+        architecture("sdxl")
+
+
+def test_every_tiny_model_has_an_architecture():
+    """Each tiny model name is an architecture; the table offers the tiny models, SD 1.5 and SD 2.1."""
+    assert set(TINY_MODELS) <= set(ARCHITECTURES)
+    assert set(ARCHITECTURES) == {*TINY_MODELS, "sd15", "sd21"}
+
+
+def test_tiny_variants_differ_only_where_stated():
+    """tiny-v differs from tiny in prediction type only; tiny-ip2p in its 8 UNet input channels only."""
+    tiny, v, ip2p = architecture("tiny"), architecture("tiny-v"), architecture("tiny-ip2p")
+    assert {**v, "scheduler": tiny["scheduler"]} == tiny
+    assert v["scheduler"] == {**tiny["scheduler"], "prediction_type": "v_prediction"}
+    assert {**ip2p, "unet": tiny["unet"]} == tiny
+    assert ip2p["unet"] == {**tiny["unet"], "in_channels": 8}
+
+
+def test_architecture_returns_fresh_dicts():
+    """Changing a returned config does not change the tables."""
+    arch = architecture("sd15")
+    arch["unet"]["sample_size"] = 1
+    arch["scheduler"]["prediction_type"] = "sample"
+    assert architecture("sd15")["unet"]["sample_size"] == 64
+    assert architecture("sd15")["scheduler"]["prediction_type"] == "epsilon"

@@ -1,0 +1,140 @@
+"""dreambooth_pl.config: LightningCLI fits end to end, resume, parse-time errors, a run's config read back."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dreambooth_pl import components, config, loggers
+
+from .conftest import REPO, make_photos
+
+BASE = ["--config", "experiments/base.yaml", "--config", "experiments/tiny.yaml"]
+
+
+def fit_args(photos: dict[str, Path], out: Path, *extra: str, overlays: tuple[str, ...] = ()) -> list[str]:
+    """`fit` on the tiny model with the photos; per-step evaluation off (SampleAndScore: test_callbacks)."""
+    return ["fit", *BASE, *(a for f in overlays for a in ("--config", f)),
+            "--data.subject", "toy", "--data.class_noun", "can",
+            "--data.instance_dir", str(photos["instance"]), "--data.class_dir", str(photos["class"]),
+            "--output_dir", str(out), "--trainer.enable_progress_bar", "false", "--probe.enabled", "false",
+            "--eval.every_n_steps", "0", "--eval.evaluate_base", "false", "--eval.final", "false", *extra]
+
+
+@pytest.fixture
+def in_repo(monkeypatch):
+    monkeypatch.chdir(REPO)  # the configs name experiments/... relative to the checkout
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory, tiny_dir):
+    """One 6-step fit through `config.lightning_cli` (W&B offline, every step logged), shared by the checks below."""
+    root = tmp_path_factory.mktemp("fit")
+    photos = {"instance": make_photos(root / "instance", 4, seed=1),
+              "class": make_photos(root / "class", 6, seed=2, kind="noise")}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(REPO)
+        start = time.perf_counter()
+        c = config.lightning_cli(fit_args(photos, root / "out", "--trainer.max_steps", "6",
+                                          "--trainer.log_every_n_steps", "1"))
+        c.wall_seconds = time.perf_counter() - start
+    return c, root / "out"
+
+
+def test_fit_runs_the_steps_and_writes_the_run_folder(fitted):
+    c, out = fitted
+    assert c.trainer.global_step == 6
+    assert (out / "config.yaml").is_file() and "learning_rate" in (out / "config.yaml").read_text()
+    assert (out / "checkpoints" / "last.ckpt").is_file()
+    run = json.loads((out / "run.json").read_text())
+    assert run["steps"] == 6 and run["seed"] == 0 and run["git_sha"] == loggers.git_sha()
+    if torch.cuda.is_available():
+        assert run["peak_gpu_memory_gb"] >= 0  # the CUDA peak during this CPU fit (other tests may hold memory)
+    else:
+        assert run["peak_gpu_memory_gb"] is None  # no GPU: nothing to report
+    assert 0 < run["fit_seconds"] < c.wall_seconds  # Trainer.fit alone, inside the whole CLI call
+
+
+def test_fit_exports_pipeline_and_single_file(fitted):
+    c, out = fitted
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(out / "model")
+    assert torch.equal(pipe.unet.conv_out.weight, c.model.unet.conv_out.weight)
+    single = components.load_components(str(out / "model.safetensors"), single_file_config=str(out / "model"))
+    assert torch.allclose(single.unet.conv_out.weight, c.model.unet.conv_out.weight.half().float())
+    meta = json.loads((out / "model" / "dreambooth_pl.json").read_text())
+    assert meta["instance_prompt"] == "a sks can" and meta["steps"] == 6
+
+
+def test_fit_logs_offline_wandb_history_and_config(fitted, wandb_run):
+    _, out = fitted
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    run = wandb_run(runs[0])
+    for key in ("train/loss", "train/loss_instance", "train/loss_prior", "train/lr"):
+        assert sum(key in h for h in run["history"]) == 6, key
+    # LearningRateMonitor before each step: tiny.yaml's 1e-3 after a 20-step linear warm-up, (i + 1) / 20.
+    lrs = [json.loads(h["train/lr"]) for h in run["history"] if "train/lr" in h]
+    assert lrs == pytest.approx([1e-3 * (i + 1) / 20 for i in range(6)], rel=1e-6)
+    cfg = json.loads(run["config"]["config"])
+    assert cfg["model"]["optim"]["learning_rate"] == 1e-3 and cfg["data"]["subject"] == "toy"
+    assert json.loads(run["config"]["git_sha"]) == loggers.git_sha()
+
+
+def test_parse_run_config_reads_the_run_back(fitted):
+    c, out = fitted
+    back = config.parse_run_config(out).as_dict()
+    used = c.config["fit"].as_dict()
+    back.pop("config", None), used.pop("config", None)  # the YAML paths it came from; the values are what count
+    assert back == used
+    assert back["model"]["optim"]["learning_rate"] == 1e-3 and back["data"]["class_dir"] == used["data"]["class_dir"]
+
+
+def test_parse_run_config_without_a_run_says_what_to_do(tmp_path):
+    with pytest.raises(FileNotFoundError, match="make experiment"):
+        config.parse_run_config(tmp_path)
+
+
+def test_resume_from_last_checkpoint_continues(photos, tmp_path, in_repo, tiny_dir):
+    out = tmp_path / "out"
+    config.lightning_cli(fit_args(photos, out, "--trainer.max_steps", "4", "--export.enabled", "false",
+                                  "--checkpoint.every_n_train_steps", "2"))
+    assert (out / "checkpoints" / "last.ckpt").is_file()
+    c = config.lightning_cli(fit_args(photos, out, "--trainer.max_steps", "6", "--export.enabled", "false",
+                                      "--ckpt_path", "last"))
+    assert c.trainer.global_step == 6
+    assert not (out / "model").exists()
+
+
+@pytest.mark.parametrize("bad", [["--model.optim.learning_rat", "1"], ["--data.clas_noun", "can"],
+                                 ["--model.learning_rate", "1"], ["--eval.images_per_prompt", "2"]])
+def test_misspelt_key_fails_at_parse_time(bad, in_repo, capsys):
+    with pytest.raises(SystemExit):
+        config.parse_config(BASE + bad)
+    assert bad[0].split(".")[-1] in capsys.readouterr().err
+
+
+def test_misspelt_key_in_yaml_fails(tmp_path, in_repo, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  prior_los_weight: 0.5\n")
+    with pytest.raises(SystemExit):
+        config.parse_config(BASE + ["--config", str(bad)])
+    assert "prior_los_weight" in capsys.readouterr().err
+
+
+def test_8gb_preset_fits_lora_and_exports_lora_files(photos, tmp_path, in_repo, tiny_dir):
+    out = tmp_path / "out"
+    args = fit_args(photos, out, "--trainer.max_steps", "2", "--trainer.precision", "bf16-mixed",
+                    overlays=("experiments/memory/8gb.yaml",))
+    c = config.lightning_cli(args)
+    assert c.model.lora.rank == 16 and c.model.hparams.lora["rank"] == 16 and c.datamodule.hparams.cache_latents
+    assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert (out / "lora" / "lora_kohya.safetensors").is_file()
+    assert not (out / "model").exists()
+    with pytest.raises(ValueError, match="bf16-mixed"):
+        config.lightning_cli([*args, "--trainer.max_steps", "1", "--trainer.precision", "32-true"])

@@ -1,0 +1,292 @@
+"""Tests for dreambooth_pl.lora: adapter injection, and LoRA export in the diffusers and kohya / A1111
+formats, read back by diffusers' `load_lora_weights`."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft import LoraConfig, get_peft_model_state_dict
+from peft.tuners.lora import LoraLayer
+from safetensors import safe_open
+from safetensors.torch import load_file
+from torch import nn
+from transformers import CLIPTextModel
+
+from dreambooth_pl import components
+from dreambooth_pl.lora import (
+    TEXT_LORA_TARGETS,
+    UNET_LORA_TARGETS,
+    add_lora,
+    export_lora,
+    export_lora_diffusers,
+    export_lora_kohya,
+    has_lora,
+)
+
+
+def randomise_lora(seed: int, *modules) -> None:
+    """peft zero-initialises lora_B: give every LoRA factor random values so the adapter changes the output."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in modules:
+            for name, p in module.named_parameters():
+                if "lora_" in name:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+
+
+def sample(pipe) -> np.ndarray:
+    gen = torch.Generator().manual_seed(7)
+    return pipe("a sks dog", num_inference_steps=2, height=64, width=64, generator=gen, output_type="np").images
+
+
+def fresh_pipeline(tiny_dir) -> StableDiffusionPipeline:
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_dir), safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def lora_layers(module) -> dict:
+    return {n: m for n, m in module.named_modules() if isinstance(m, LoraLayer)}
+
+
+def set_text_lora_enabled(text_encoder, enabled: bool) -> None:
+    for layer in lora_layers(text_encoder).values():
+        layer.enable_adapters(enabled)
+
+
+def max_diff(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max())
+
+
+@pytest.fixture(scope="module")
+def lora_parts(tiny_dir) -> components.SDComponents:
+    """The tiny model (its own copy) with a UNet LoRA (rank 4, alpha 4) and a text-encoder LoRA (rank 4, alpha 8)."""
+    parts = components.load_components(str(tiny_dir))
+    parts.unet.requires_grad_(False)
+    add_lora(parts.unet, rank=4)
+    add_lora(parts.text_encoder, rank=4, alpha=8)
+    randomise_lora(0, parts.unet, parts.text_encoder)
+    return parts
+
+
+@pytest.fixture(scope="module")
+def lora_images(lora_parts, tiny_dir) -> dict[str, np.ndarray]:
+    """Reference images: the adapted pipeline, the same without its text-encoder LoRA, and the base model."""
+    pipe = components.pipeline(lora_parts)
+    images = {"lora": sample(pipe)}
+    set_text_lora_enabled(lora_parts.text_encoder, False)
+    try:
+        images["unet_only"] = sample(pipe)
+    finally:
+        set_text_lora_enabled(lora_parts.text_encoder, True)
+    images["base"] = sample(fresh_pipeline(tiny_dir))
+    return images
+
+
+@pytest.fixture(scope="module")
+def lora_files(lora_parts, tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("lora")
+    files = export_lora(lora_parts, folder)
+    files["kohya32"] = export_lora_kohya(lora_parts.unet, lora_parts.text_encoder,
+                                         path=tmp_path_factory.mktemp("lora32") / "k.safetensors", dtype=torch.float32)
+    return files
+
+
+def test_reference_images_depend_on_both_adapters(lora_images):
+    assert max_diff(lora_images["lora"], lora_images["base"]) > 1e-2
+    # The text-encoder LoRA alone moves the image, so matching images below also check that part of the file.
+    assert max_diff(lora_images["lora"], lora_images["unet_only"]) > 1e-3
+
+
+def test_has_lora(lora_parts, tiny_parts):
+    assert has_lora(lora_parts.unet) and has_lora(lora_parts.text_encoder)
+    assert not has_lora(tiny_parts.unet) and not has_lora(tiny_parts.text_encoder) and not has_lora(None)
+
+
+def test_export_lora_writes_both_files_and_nothing_else(lora_files):
+    folder = lora_files["diffusers"].parent
+    assert lora_files["kohya"].parent == folder
+    assert sorted(os.listdir(folder)) == ["lora_kohya.safetensors", "pytorch_lora_weights.safetensors"]
+    assert os.listdir(lora_files["kohya32"].parent) == ["k.safetensors"]
+    assert all(oct(p.stat().st_mode & 0o777) == oct(0o644) for p in lora_files.values())
+
+
+def test_diffusers_format_matches_the_library_state_dict(lora_parts, lora_files):
+    written = load_file(lora_files["diffusers"])
+    unet_keys = {f"unet.{k}" for k in convert_state_dict_to_diffusers(get_peft_model_state_dict(lora_parts.unet))}
+    text_keys = {k for k in written if k.startswith("text_encoder.")}
+    assert {k for k in written if k.startswith("unet.")} == unet_keys and len(unet_keys) == 64
+    assert len(text_keys) == 16 and len(written) == 80  # only LoRA factors: 2 per adapted module
+    assert "text_encoder.text_model.encoder.layers.1.self_attn.out_proj.lora_linear_layer.up.weight" in text_keys
+    assert torch.equal(
+        written["unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_v.lora.down.weight"],
+        lora_parts.unet.mid_block.attentions[0].transformer_blocks[0].attn2.to_v.lora_A["default"].weight,
+    )
+    with safe_open(str(lora_files["diffusers"]), "pt") as f:
+        meta = json.loads(f.metadata()["lora_adapter_metadata"])
+    assert (meta["unet.r"], meta["unet.lora_alpha"], meta["text_encoder.lora_alpha"]) == (4, 4, 8)
+    # The loader adapts exactly the exported modules; text-encoder names fit CLIP with or without `text_model.`.
+    assert meta["unet.target_modules"] == sorted(n for n in lora_layers(lora_parts.unet))
+    assert "encoder.layers.0.self_attn.q_proj" in meta["text_encoder.target_modules"]
+    assert len(meta["text_encoder.target_modules"]) == 8
+
+
+def test_diffusers_format_loads_into_a_fresh_pipeline(tiny_dir, lora_files, lora_images):
+    pipe = fresh_pipeline(tiny_dir)
+    pipe.load_lora_weights(str(lora_files["diffusers"].parent))
+    assert has_lora(pipe.unet) and has_lora(pipe.text_encoder)
+    image = sample(pipe)
+    assert np.allclose(image, lora_images["lora"], atol=1e-4), max_diff(image, lora_images["lora"])
+    assert max_diff(image, lora_images["base"]) > 1e-3
+
+
+def test_kohya_keys_alphas_and_metadata(lora_parts, lora_files):
+    written = load_file(lora_files["kohya"])
+    n_modules = len(lora_layers(lora_parts.unet)) + len(lora_layers(lora_parts.text_encoder))
+    assert n_modules == 32 + 8  # 4 transformer blocks x 2 attentions x 4 projections; 2 CLIP layers x 4
+    assert len(written) == 3 * n_modules  # lora_down, lora_up, alpha per module: no base weights
+    for key in (
+        "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight",
+        "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_out_0.lora_up.weight",
+        "lora_unet_up_blocks_0_attentions_1_transformer_blocks_0_attn2_to_k.alpha",
+        "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight",
+        "lora_te_text_model_encoder_layers_1_self_attn_out_proj.alpha",
+    ):
+        assert key in written, key
+    downs = [k for k in written if k.endswith(".lora_down.weight")]
+    assert len(downs) == n_modules
+    for key in downs:
+        base = key.removesuffix(".lora_down.weight")
+        assert {f"{base}.lora_up.weight", f"{base}.alpha"} <= written.keys(), base
+        assert written[f"{base}.alpha"].ndim == 0
+        assert float(written[f"{base}.alpha"]) == (4.0 if base.startswith("lora_unet_") else 8.0)
+    assert {v.dtype for v in written.values()} == {torch.float16}
+    q = lora_parts.text_encoder.encoder.layers[0].self_attn.q_proj
+    assert torch.equal(written["lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight"],
+                       q.lora_B["default"].weight.half())
+    with safe_open(str(lora_files["kohya"]), "pt") as f:
+        meta = f.metadata()
+    # One rank; UNet and text encoder alphas differ, which kohya records as `Dynamic`.
+    assert (meta["ss_network_dim"], meta["ss_network_alpha"]) == ("4", "Dynamic")
+    assert meta["ss_network_module"] == "networks.lora"
+
+
+def test_kohya_file_loads_like_the_diffusers_format(tiny_dir, lora_files, lora_images):
+    images = {}
+    for name in ("kohya32", "kohya"):
+        pipe = fresh_pipeline(tiny_dir)
+        pipe.load_lora_weights(str(lora_files[name]))  # diffusers converts kohya keys and alphas on load
+        images[name] = sample(pipe)
+    assert np.allclose(images["kohya32"], lora_images["lora"], atol=1e-4), max_diff(images["kohya32"], lora_images["lora"])
+    assert np.allclose(images["kohya"], lora_images["lora"], atol=1e-3), max_diff(images["kohya"], lora_images["lora"])
+    assert max_diff(images["kohya"], lora_images["base"]) > 1e-3
+    ratio = lora_files["kohya"].stat().st_size / lora_files["kohya32"].stat().st_size
+    assert 0.45 < ratio < 0.6, ratio
+
+
+def test_alpha_rank_patterns_and_rslora_survive_both_formats(tiny_dir, tmp_path):
+    """alpha != rank, a per-module rank and rsLoRA scaling (alpha / sqrt(rank)) must all reach the reader."""
+    parts = components.load_components(str(tiny_dir))
+    parts.unet.add_adapter(LoraConfig(r=4, lora_alpha=2, use_rslora=True, rank_pattern={"to_k": 2},
+                                      target_modules=UNET_LORA_TARGETS))
+    randomise_lora(1, parts.unet)
+    want = sample(components.pipeline(parts))
+    folder = export_lora_diffusers(parts.unet, folder=tmp_path / "d").parent
+    pipe = fresh_pipeline(tiny_dir)
+    pipe.load_lora_weights(str(folder))  # rank, alpha, rank_pattern and use_rslora come from the metadata
+    image = sample(pipe)
+    assert np.allclose(image, want, atol=1e-4), max_diff(image, want)
+
+    kohya = export_lora_kohya(parts.unet, path=tmp_path / "k.safetensors", dtype=torch.float32)
+    written = load_file(kohya)
+    assert not any(k.startswith("lora_te_") for k in written)
+    q, k = (f"lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_{p}" for p in ("to_q", "to_k"))
+    assert written[f"{k}.lora_down.weight"].shape[0] == 2
+    # A1111 scales by alpha / rank: rsLoRA's alpha / sqrt(rank) becomes alpha' = alpha * sqrt(rank).
+    assert float(written[f"{q}.alpha"]) == pytest.approx(2 * 4**0.5)
+    assert float(written[f"{k}.alpha"]) == pytest.approx(2 * 2**0.5)
+    with safe_open(str(kohya), "pt") as f:
+        assert (f.metadata()["ss_network_dim"], f.metadata()["ss_network_alpha"]) == ("Dynamic", "Dynamic")
+    # Every module's weight delta as A1111 / ComfyUI compute it equals peft's. (diffusers 0.42's kohya reader
+    # is not used here: it builds alpha_pattern keys that match no module, so it applies the most common alpha
+    # everywhere whenever UNet alphas differ per module.)
+    for name, layer in lora_layers(parts.unet).items():
+        key = "lora_unet_" + name.replace(".", "_")
+        down, up, alpha = (written[f"{key}.{p}"] for p in ("lora_down.weight", "lora_up.weight", "alpha"))
+        delta = alpha / down.shape[0] * up @ down
+        assert torch.allclose(delta, layer.get_delta_weight("default"), atol=1e-6), name
+
+
+def test_lora_export_errors(tiny_parts, lora_parts, tmp_path):
+    with pytest.raises(ValueError, match="LoRA layers to export"):
+        export_lora(tiny_parts, tmp_path)
+    with pytest.raises(ValueError, match="LoRA layers to export"):
+        export_lora_kohya(tiny_parts.unet, tiny_parts.text_encoder, path=tmp_path / "k.safetensors")
+    with pytest.raises(ValueError, match=r"\.safetensors"):
+        export_lora_kohya(lora_parts.unet, path=tmp_path / "k.pt")
+    with pytest.raises(TypeError, match="folder"):
+        export_lora_diffusers(lora_parts.unet, tmp_path)  # a folder passed where the text encoder goes
+    with pytest.raises(ValueError, match="adapter"):
+        export_lora_kohya(lora_parts.unet, path=tmp_path / "k.safetensors", adapter_name="other")
+    with pytest.raises(ValueError, match="dtype"):
+        export_lora_kohya(lora_parts.unet, path=tmp_path / "k.safetensors", dtype=torch.int8)
+    assert os.listdir(tmp_path) == []
+
+
+def test_lora_writes_are_atomic_and_leave_no_temp_files(lora_parts, tmp_path, monkeypatch):
+    files = export_lora(lora_parts, tmp_path)
+    inodes = {name: p.stat().st_ino for name, p in files.items()}
+    files = export_lora(lora_parts, tmp_path)  # a second export replaces both files by renames
+    assert all(p.stat().st_ino != inodes[name] for name, p in files.items())
+    assert sorted(os.listdir(tmp_path)) == ["lora_kohya.safetensors", "pytorch_lora_weights.safetensors"]
+    before = {name: p.read_bytes() for name, p in files.items()}
+
+    def crash(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")
+        raise OSError("disk full")
+
+    # diffusers' writer and ours (`files.write_tensors`) both end in safetensors' save_file: a crash in either
+    # keeps the old files.
+    monkeypatch.setattr("safetensors.torch.save_file", crash)
+    monkeypatch.setattr("dreambooth_pl.files.save_file", crash)
+    for name in ("diffusers", "kohya"):
+        with pytest.raises(OSError, match="disk full"):
+            if name == "diffusers":
+                export_lora_diffusers(lora_parts.unet, lora_parts.text_encoder, tmp_path)
+            else:
+                export_lora_kohya(lora_parts.unet, lora_parts.text_encoder, tmp_path / "lora_kohya.safetensors")
+    assert sorted(os.listdir(tmp_path)) == ["lora_kohya.safetensors", "pytorch_lora_weights.safetensors"]
+    assert all(files[name].read_bytes() == data for name, data in before.items())
+
+
+def test_add_lora_adapts_the_attention_projections(tiny_dir):
+    unet = UNet2DConditionModel.from_pretrained(tiny_dir / "unet")
+    targets = [m for n, m in unet.named_modules()
+               if isinstance(m, nn.Linear) and n.endswith(tuple(f".{t}" for t in UNET_LORA_TARGETS))]
+    rank = 4
+    # lora_A is (rank, in), lora_B is (out, rank); peft adds no LoRA bias by default.
+    expected = sum(rank * (m.in_features + m.out_features) for m in targets)
+    add_lora(unet, rank=rank)
+    assert len(targets) == 32
+    assert sum(p.numel() for n, p in unet.named_parameters() if "lora_" in n) == expected
+    layers = lora_layers(unet)
+    assert len(layers) == len(targets)
+    assert all(layer.scaling["default"] == 1.0 for layer in layers.values())  # alpha=None means alpha = rank
+
+
+def test_add_lora_on_the_text_encoder_and_bad_rank(tiny_dir):
+    text = CLIPTextModel.from_pretrained(tiny_dir / "text_encoder")
+    add_lora(text, rank=2, alpha=8)  # not a diffusers model: TEXT_LORA_TARGETS through peft directly
+    layers = lora_layers(text)
+    assert len(layers) == 4 * text.config.num_hidden_layers
+    assert all(n.endswith(tuple(TEXT_LORA_TARGETS)) and layer.scaling["default"] == 4.0
+               for n, layer in layers.items())
+    with pytest.raises(ValueError, match="rank must be >= 1, got 0"):
+        add_lora(text, rank=0)

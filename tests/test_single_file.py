@@ -1,0 +1,230 @@
+"""Tests for dreambooth_pl.single_file: diffusers -> original LDM single-file checkpoint, read back by diffusers."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.loaders import single_file_utils as sfu
+from open_clip.transformer import TextTransformer
+from safetensors import safe_open
+from safetensors.torch import load_file
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from dreambooth_pl import components
+from dreambooth_pl.architectures import architecture
+from dreambooth_pl.module import DreamBoothModule
+from dreambooth_pl.single_file import diffusers_to_ldm_state_dict, export_single_file, text_layout_of
+
+PARTS = ("unet", "vae", "text_encoder")
+
+
+@pytest.fixture(scope="module")
+def fp32_file(tiny_parts, tmp_path_factory) -> Path:
+    return export_single_file(tiny_parts, tmp_path_factory.mktemp("export") / "m.safetensors", dtype=torch.float32)
+
+
+def assert_same_weights(expected, loaded, cast: torch.dtype | None = None) -> None:
+    for name in PARTS:
+        want, got = getattr(expected, name).state_dict(), getattr(loaded, name).state_dict()
+        assert want.keys() == got.keys(), name
+        for key, value in want.items():
+            value = value if cast is None else value.to(cast).to(value.dtype)
+            assert torch.equal(value, got[key]), f"{name}.{key}"
+
+
+def meta_model(name: str) -> tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module]:
+    """Full-size UNet, VAE and text encoder with no storage: shapes and keys only."""
+    arch = architecture(name)
+    with torch.device("meta"):
+        return (
+            UNet2DConditionModel(**arch["unet"]),
+            AutoencoderKL(**arch["vae"]),
+            CLIPTextModel(CLIPTextConfig(**arch["text"])),
+        )
+
+
+def test_round_trip_through_load_components(tiny_parts, tiny_dir, fp32_file):
+    loaded = components.load_components(str(fp32_file), single_file_config=str(tiny_dir))
+    assert_same_weights(tiny_parts, loaded)
+    assert loaded.prediction_type == "epsilon" and loaded.source == str(fp32_file)
+
+
+def test_tiny_name_resolves_as_single_file_config(tiny_parts, fp32_file):
+    assert_same_weights(tiny_parts, components.load_components(str(fp32_file), single_file_config="tiny"))
+
+
+def test_from_single_file_samples_the_same_image(tiny_parts, tiny_dir, fp32_file):
+    pipe = StableDiffusionPipeline.from_single_file(str(fp32_file), config=str(tiny_dir), local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    original = components.pipeline(tiny_parts)
+    images = [
+        p("a sks dog", num_inference_steps=2, generator=torch.Generator().manual_seed(7), output_type="np").images
+        for p in (original, pipe)
+    ]
+    assert images[0].shape == (1, 64, 64, 3)
+    assert np.allclose(images[0], images[1], atol=1e-5)
+
+
+def test_file_is_original_layout(fp32_file):
+    with safe_open(str(fp32_file), "pt") as f:
+        keys, meta = set(f.keys()), f.metadata()
+    assert meta["format"] == "pt" and meta["dtype"] == "float32"
+    prefixes = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer.text_model.")
+    assert all(k.startswith(prefixes) for k in keys)
+    # Tiny: input_blocks 0 conv_in, 1 resnet, 2 downsampler, 3 resnet+attention; output_blocks 0-3, upsampler
+    # after the attention of row 1; the VAE decoder levels count up from the latent side.
+    for key in (
+        "model.diffusion_model.input_blocks.2.0.op.weight",
+        "model.diffusion_model.input_blocks.3.1.transformer_blocks.0.attn2.to_k.weight",
+        "model.diffusion_model.output_blocks.1.2.conv.weight",
+        "model.diffusion_model.middle_block.2.emb_layers.1.weight",
+        "first_stage_model.decoder.up.3.block.1.conv1.weight",
+        "first_stage_model.decoder.up.1.upsample.conv.weight",
+        "first_stage_model.encoder.down.1.block.0.nin_shortcut.weight",
+        "first_stage_model.decoder.mid.attn_1.proj_out.weight",
+    ):
+        assert key in keys, key
+    # Without SD 1.5's key set diffusers guesses `v1` (and would fetch SD 1.5 configs): `config=` is needed.
+    assert sfu.infer_diffusers_model_type(load_file(fp32_file)) == "v1"
+
+
+def test_fp16_export_halves_the_file_and_loads(tiny_parts, tiny_dir, fp32_file, tmp_path):
+    path = export_single_file(tiny_parts, tmp_path / "half.safetensors")  # fp16 is the default
+    ratio = path.stat().st_size / fp32_file.stat().st_size
+    assert 0.45 < ratio < 0.55, ratio
+    assert {t.dtype for t in load_file(path).values()} == {torch.float16}
+    loaded = components.load_components(str(path), single_file_config=str(tiny_dir))
+    assert_same_weights(tiny_parts, loaded, cast=torch.float16)
+
+
+def test_exports_a_trained_module(tmp_path):
+    module = DreamBoothModule(pretrained="tiny")
+    with torch.no_grad():  # stand-in for fine-tuning: the export must carry the module's current weights
+        module.unet.conv_in.weight.add_(1.0)
+    path = export_single_file(module, tmp_path / "ft.safetensors", dtype=torch.float32, metadata={"step": 3})
+    written = load_file(path)
+    assert torch.equal(written["model.diffusion_model.input_blocks.0.0.weight"], module.unet.conv_in.weight)
+    expected = diffusers_to_ldm_state_dict(module.unet, module.vae, module.text_encoder)
+    assert written.keys() == expected.keys() and all(torch.equal(written[k], v) for k, v in expected.items())
+    with safe_open(str(path), "pt") as f:
+        assert json.loads(f.metadata()["step"]) == 3
+
+
+@pytest.mark.parametrize("name", ["sd15", "sd21"])
+def test_full_size_keys_parse_back_with_diffusers(name):
+    unet, vae, text = meta_model(name)
+    state = diffusers_to_ldm_state_dict(unet, vae, text)
+    sizes = {m: len(x.state_dict()) for m, x in zip(PARTS, (unet, vae, text), strict=True)}
+    if name == "sd15":
+        assert sizes == {"unet": 686, "vae": 248, "text_encoder": 196}
+        # Nothing dropped or duplicated (the `position_ids` buffer is not in transformers' state dict).
+        assert len(state) == sum(sizes.values())
+        assert all(k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."))
+                   for k in state)
+    else:
+        # OpenCLIP fuses each layer's q/k/v weight and bias into one `in_proj` pair: 4 keys fewer per layer.
+        assert len(state) == sum(sizes.values()) - 4 * text.config.num_hidden_layers
+        assert "cond_stage_model.model.transformer.resblocks.22.attn.in_proj_weight" in state
+    unet_keys = [k for k in state if k.startswith("model.diffusion_model.")]
+    assert len(unet_keys) == sizes["unet"]
+    for key in (
+        "model.diffusion_model.input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight",
+        "model.diffusion_model.middle_block.1.proj_in.weight",
+        "model.diffusion_model.out.2.weight",
+        "model.diffusion_model.output_blocks.11.0.skip_connection.weight",
+    ):
+        assert key in state, key
+    assert state["first_stage_model.encoder.mid.attn_1.q.weight"].shape == (512, 512, 1, 1)
+    assert sfu.infer_diffusers_model_type(state) == ("v1" if name == "sd15" else "v2")
+    # diffusers' own reverse converters must give back every weight with its shape.
+    back = {
+        "unet": sfu.convert_ldm_unet_checkpoint(state, dict(unet.config)),
+        "vae": sfu.convert_ldm_vae_checkpoint(state, dict(vae.config)),
+        "text_encoder": sfu.convert_ldm_clip_checkpoint(state)
+        if name == "sd15"
+        else sfu.convert_open_clip_checkpoint(text, state, prefix="cond_stage_model.model."),
+    }
+    back["text_encoder"] = {k.removeprefix("text_model."): v for k, v in back["text_encoder"].items()}
+    for part, module in zip(PARTS, (unet, vae, text), strict=True):
+        ref = module.state_dict()
+        ref = {k.removeprefix("text_model."): v for k, v in ref.items()}
+        assert ref.keys() == back[part].keys(), part
+        assert all(ref[k].shape == back[part][k].shape for k in ref), part
+
+
+@pytest.fixture
+def tiny_open_clip_dir(tiny_dir, tmp_path) -> Path:
+    """The tiny model with an exact-GELU text encoder, i.e. an SD 2.x-style (OpenCLIP) text tower."""
+    folder = shutil.copytree(tiny_dir, tmp_path / "tiny-openclip")
+    cfg_path = folder / "text_encoder" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["hidden_act"] = "gelu"
+    cfg_path.write_text(json.dumps(cfg))
+    return folder
+
+
+def test_open_clip_layout_round_trips(tiny_open_clip_dir, tmp_path):
+    parts = components.load_components(str(tiny_open_clip_dir))
+    assert text_layout_of(parts.text_encoder) == "open_clip"
+    path = export_single_file(parts, tmp_path / "v2.safetensors", dtype=torch.float32)
+    keys = set(load_file(path))
+    assert "cond_stage_model.model.transformer.resblocks.1.attn.in_proj_weight" in keys
+    assert not any(k.startswith("cond_stage_model.transformer.") for k in keys)
+    assert_same_weights(parts, components.load_components(str(path), single_file_config=str(tiny_open_clip_dir)))
+
+
+def test_open_clip_layout_matches_open_clip_text_tower(tiny_open_clip_dir):
+    text = CLIPTextModel.from_pretrained(tiny_open_clip_dir / "text_encoder")
+    unet, vae, _ = meta_model("sd15")  # only the text part is used here
+    prefix = "cond_stage_model.model."
+    state = {k.removeprefix(prefix): v for k, v in diffusers_to_ldm_state_dict(unet, vae, text).items()
+             if k.startswith(prefix)}
+    cfg = text.config
+    tower = TextTransformer(width=cfg.hidden_size, heads=cfg.num_attention_heads, layers=cfg.num_hidden_layers,
+                            mlp_ratio=cfg.intermediate_size / cfg.hidden_size, output_dim=32, output_tokens=True)
+    missing, unexpected = tower.load_state_dict(state, strict=False)
+    assert not unexpected and all(k.startswith("text_projection") for k in missing)
+    ids = torch.tensor([[49406, 320, 1125, 539, 49407] + [49407] * 72])
+    with torch.no_grad():
+        _, tokens = tower.eval()(ids)
+        ref = text(ids).last_hidden_state
+    assert torch.allclose(tokens, ref, atol=1e-5)
+
+
+def test_unmappable_weights_raise_instead_of_dropping():
+    arch = architecture("tiny")
+    unet = UNet2DConditionModel(**arch["unet"], encoder_hid_dim=16)  # adds `encoder_hid_proj`: no LDM slot
+    vae, text = AutoencoderKL(**arch["vae"]), CLIPTextModel(CLIPTextConfig(**arch["text"]))
+    with pytest.raises(ValueError, match="encoder_hid_proj"):
+        diffusers_to_ldm_state_dict(unet, vae, text)
+    with pytest.raises(ValueError, match="text_layout"):
+        diffusers_to_ldm_state_dict(unet, vae, text, text_layout="t5")
+
+
+def test_write_is_atomic_and_leaves_no_temp_files(tiny_parts, tmp_path, monkeypatch):
+    target = tmp_path / "m.safetensors"
+    target.write_bytes(b"old export")
+    old_inode = target.stat().st_ino
+    export_single_file(tiny_parts, target)
+    assert os.listdir(tmp_path) == ["m.safetensors"]
+    assert target.stat().st_ino != old_inode  # replaced by a rename, not rewritten in place
+    assert len(load_file(target)) == 428
+
+    # A crash while writing keeps the previous file whole and removes the partial temp file.
+    before = target.read_bytes()
+
+    def crash(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr("dreambooth_pl.files.save_file", crash)  # the project's one safetensors writer
+    with pytest.raises(OSError, match="disk full"):
+        export_single_file(tiny_parts, target)
+    assert os.listdir(tmp_path) == ["m.safetensors"] and target.read_bytes() == before
