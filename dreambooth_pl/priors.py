@@ -292,7 +292,10 @@ def generate(
         else:
             gpu = torch.cuda.is_available() and tk.get("accelerator", "auto") in ("auto", "gpu", "cuda")
             dev = torch.device("cuda" if gpu else "cpu")
-        _make(settings, folder, num_images, missing, dev, tk, use_trainer=device is None)
+        # Loading and sampling draw from the global random stream: fork it, so that a fit makes the same
+        # steps whether its class images were made now or found in the cache.
+        with torch.random.fork_rng(devices=[dev.index or 0] if dev.type == "cuda" else []):
+            _make(settings, folder, num_images, missing, dev, tk, use_trainer=device is None)
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     valid_now, still_missing = scan(folder, settings, num_images)

@@ -92,7 +92,7 @@ def build_random(name: str, folder: str | Path, seed: int = 0) -> Path:
         raise FileExistsError(f"{folder} exists and is not a model built by dreambooth_pl: choose a new or empty folder")
     # Seeding inside a fork leaves the caller's random stream alone: a fit that builds `tiny` on first use makes
     # the same steps as one that finds it cached.
-    with atomic_path(folder, folder=True) as tmp:
+    with atomic_path(folder, folder=True) as tmp, torch.random.fork_rng(devices=[]):
         build_tokenizer(tmp / "tokenizer")
         torch.manual_seed(seed)
         CLIPTextModel(CLIPTextConfig(**arch["text"])).save_pretrained(tmp / "text_encoder")

@@ -250,3 +250,14 @@ def test_batch_size_does_not_change_the_key(tiny_dir):
         s = PriorSettings(ModelSource("tiny"), "a can", 64, PriorSampling(batch_size=bs))
         assert s.key() == base.key() and s.identity() == base.identity()
         assert priors.default_folder(s) == priors.default_folder(base)
+
+
+@pytest.mark.parametrize("device", [None, "cpu"])  # Trainer.predict (the command) and the plain loop (inside fit)
+def test_generation_leaves_the_global_random_stream_alone(tiny_dir, tmp_path, device):
+    # A fit must make the same steps whether its class images were made in it or found in the cache.
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    generate(settings(batch_size=2), 2, folder=tmp_path / "p", device=device,
+             trainer_kwargs=dict(accelerator="cpu"))
+    assert torch.equal(torch.rand(4), expected)

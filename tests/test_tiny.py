@@ -180,3 +180,12 @@ def test_tiny_model_path_builds_once_and_rebuilds_on_a_stale_stamp(tmp_path):
 def test_tiny_model_path_defaults_to_the_project_cache(model_cache, tiny_dir):
     """Without `root` the model lives in `$DREAMBOOTH_PL_CACHE/models/<name>`."""
     assert tiny.tiny_model_path("tiny") == tiny_dir == model_cache / "models" / "tiny"
+
+
+def test_build_random_leaves_the_global_random_stream_alone(tmp_path):
+    # A fit that builds `tiny` on first use must make the same steps as one that finds it cached.
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    tiny.build_random(tiny.TINY, tmp_path / "m", seed=5)
+    assert torch.equal(torch.rand(4), expected)
