@@ -44,7 +44,7 @@ class SampleAndScore(pl.Callback):
         protocol: Protocol = Protocol(),
         every_n_steps: int = 200,
         subset_prompts: int = 4,
-        encoders: Literal["real", "tiny"] = "real",
+        encoders: Literal["real", "tiny", "world"] = "real",
         prompts_dir: str = "data/dreambooth",
         evaluate_base: bool = True,
         final: bool = True,
@@ -56,7 +56,8 @@ class SampleAndScore(pl.Callback):
             protocol: how images are made for scoring (README "Evaluation protocol")
             every_n_steps: score a fixed subset of prompts every N steps (val/*); 0 = off
             subset_prompts: prompts in that subset, spread over the list
-            encoders: real = DINO ViT-S/16 + CLIP ViT-B/32 + LPIPS; tiny = random offline encoders (uncalibrated)
+            encoders: real = DINO ViT-S/16 + CLIP ViT-B/32 + LPIPS; tiny = random offline encoders (uncalibrated);
+                world = the toy world's judge (ground truth for world subjects)
             prompts_dir: folder of prompts_object.txt / prompts_live.txt (`make data`)
             evaluate_base: score the base model before training (the "before" of before -> after)
             final: the full protocol after training

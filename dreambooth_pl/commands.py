@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from . import priors as prior_images
+from . import world
 from .components import SAMPLERS, ModelSource
 from .config import parse_config, parse_run_config
 from .data import class_prompt, list_images, load_image, write_benchmark_files
@@ -25,6 +26,7 @@ from .instructpix2pix import DEFAULT_MODEL as IP2P_MODEL
 from .instructpix2pix import compare as compare_run
 from .report import aggregate, aggregate_compare, write_report
 from .tiny import TINY, TINY_MODELS, build_random
+from .world_claims import ClaimsSettings, run_claims
 
 # ------------------------------------------------------------------------------------------------ priors
 
@@ -79,7 +81,7 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--type", default="object", choices=("object", "live"), help="which DreamBench prompt list")
     p.add_argument("--identifier", default="sks", help="the identifier in the prompts")
     p.add_argument("--prompts-dir", default="data/dreambooth", help="folder holding prompts_object.txt / prompts_live.txt")
-    p.add_argument("--encoders", default="real", choices=("real", "tiny"), help="tiny: offline random encoders (uncalibrated)")
+    p.add_argument("--encoders", default="real", choices=("real", "tiny", "world"), help="tiny: offline random encoders (uncalibrated)")
     p.add_argument("--real-vs-real", action="store_true", help="score the photos against each other (paper's real-image row)")
     p.add_argument("--out", default=None, help="metrics.json path (default: <images>/metrics.json)")
 
@@ -142,7 +144,7 @@ def report(a: argparse.Namespace) -> None:
 def add_compare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("runs", nargs="+", help="DreamBooth run folders (outputs/<subject>)")
     p.add_argument("--model", default=IP2P_MODEL, help="InstructPix2Pix hub id, folder, or tiny-ip2p (offline)")
-    p.add_argument("--encoders", default=None, choices=("real", "tiny"), help="default: the run's eval.encoders")
+    p.add_argument("--encoders", default=None, choices=("real", "tiny", "world"), help="default: the run's eval.encoders")
     p.add_argument("--steps", type=int, default=100, help="sampling steps per edit")
     p.add_argument("--guidance", type=float, default=7.5, help="text guidance")
     p.add_argument("--image-guidance", type=float, default=1.5, help="image guidance")
@@ -186,6 +188,34 @@ def dreambench_files(a: argparse.Namespace) -> None:
         print(f"wrote {path}")
 
 
+# ------------------------------------------------------------------------------------------------ the toy world
+
+
+def add_world_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--root", default="data/world", help="folder to write (DreamBench layout)")
+    p.add_argument("--photos", type=int, default=5, help="photos per subject")
+    p.add_argument("--seed", type=int, default=0, help="render seed")
+
+
+def world_data(a: argparse.Namespace) -> None:
+    """Write the toy world's subjects (photos, subjects.csv, prompts_world.txt) in the DreamBench layout."""
+    print(f"wrote the world subjects {', '.join(world.SUBJECTS)} to {world.write_dataset(a.root, a.photos, a.seed)}")
+
+
+def add_world_claims_args(p: argparse.ArgumentParser) -> None:
+    d = ClaimsSettings()
+    p.add_argument("--subjects", nargs="+", default=list(d.subjects), choices=list(world.SUBJECTS), help="world subjects")
+    p.add_argument("--seeds", nargs="+", type=int, default=list(d.seeds), help="seeds per subject")
+    p.add_argument("--steps", type=int, default=d.steps, help="fine-tuning steps")
+    p.add_argument("--out", default="outputs/world", help="folder of claims.md, claims.json and the grids")
+
+
+def world_claims(a: argparse.Namespace) -> None:
+    """Measure DreamBooth's claims (and the InstructPix2Pix contrast) in the toy world against its judge."""
+    s = dataclasses.replace(ClaimsSettings(), subjects=tuple(a.subjects), seeds=tuple(a.seeds), steps=a.steps)
+    print(f"wrote {run_claims(s, a.out)}")
+
+
 # name -> (declare options, run, one-line help)
 COMMANDS = {
     "priors": (add_priors_args, priors, "make the class-prior images once (content-keyed cache); fit reuses them"),
@@ -195,4 +225,7 @@ COMMANDS = {
     "tiny-model": (add_tiny_model_args, tiny_model, "write a tiny random Stable Diffusion (tests, offline demos)"),
     "dreambench-files": (add_dreambench_files_args, dreambench_files,
                          "write subjects.csv and the prompt lists into a clone of the DreamBooth dataset"),
+    "world-data": (add_world_data_args, world_data, "write the toy world's subjects (DreamBench layout) into data/world"),
+    "world-claims": (add_world_claims_args, world_claims,
+                     "measure DreamBooth's claims in the toy world against its judge (outputs/world/claims.md)"),
 }

@@ -26,6 +26,9 @@ from .tiny import TINY_MODELS, tiny_model_path
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # what training and priors load unless told
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+# The toy world's pretrained models, trained by `make world` and committed beside the package.
+WORLD_ROOT = Path(__file__).resolve().parents[1] / "models" / "world"
+WORLD_MODELS = {"world": WORLD_ROOT / "sd", "world-ip2p": WORLD_ROOT / "ip2p"}
 
 
 class ModelLoadError(RuntimeError):
@@ -79,9 +82,20 @@ class ModelSource:
 # Loading: hub id, local diffusers folder, single-file checkpoint
 
 
+def world_model_path(name: str) -> Path:
+    """The committed toy-world model folder of `world` / `world-ip2p`; one clear error when it is missing."""
+    folder = WORLD_MODELS[name]
+    if not (folder / "model_index.json").is_file():
+        raise ModelLoadError(f"Cannot load model '{name}': {folder} holds no trained world model "
+                             f"(no model_index.json); `make world` trains it (and the repository ships it).")
+    return folder
+
+
 def resolve(pretrained: str) -> str:
-    """Map the tiny model names to their cached folders; anything else passes through."""
-    return str(tiny_model_path(pretrained)) if pretrained in TINY_MODELS else pretrained
+    """Map the tiny and world model names to their folders; anything else passes through."""
+    if pretrained in TINY_MODELS:
+        return str(tiny_model_path(pretrained))
+    return str(world_model_path(pretrained)) if pretrained in WORLD_MODELS else pretrained
 
 
 def _is_pathlike(s: str) -> bool:

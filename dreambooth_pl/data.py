@@ -20,7 +20,7 @@ from .files import as_record, image_grid
 from .priors import SETTINGS, PriorSampling, PriorSettings, default_folder, generate
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
-SubjectType = Literal["object", "live"]
+SubjectType = Literal["object", "live", "world"]  # which prompts_<type>.txt evaluates it (world: the toy world)
 
 
 class DataError(ValueError):
@@ -199,13 +199,13 @@ class DreamBoothDataset(Dataset):
             "instance_prompt": self.instance_prompt,
             "instance_index": idx,
             "instance_flipped": flipped,
+            "class_prompt": self.class_prompt,  # also without class images: `prior_loss: teacher` prompts with it
         }
         if self.class_images is not None:
             cidx = i % len(self.class_images)
             pixels, flipped = self._load(self.class_images[cidx])
             example.update(
                 class_pixel_values=pixels,
-                class_prompt=self.class_prompt,
                 class_index=cidx,
                 class_flipped=flipped,
             )
@@ -225,6 +225,7 @@ def collate(examples: list[dict]) -> dict[str, Any]:
         flipped += [e["class_flipped"] for e in examples]
     batch = {
         "prompts": prompts,
+        "class_prompt": examples[0]["class_prompt"] if examples else None,  # the class noun's prompt, "a dog"
         "image_index": torch.tensor(index, dtype=torch.long),  # index into its own (instance or class) list
         "flipped": torch.tensor(flipped, dtype=torch.bool),
         "num_instance": len(examples),
@@ -239,7 +240,7 @@ def _check_config(c: dict) -> None:
     """Refuse a data config that cannot work, naming the key and the fix."""
     if c["subject_type"] not in get_args(SubjectType):
         raise DataError(
-            f"data.subject_type is {c['subject_type']!r} for subject {c['subject']!r}: set it to 'object' or 'live'"
+            f"data.subject_type is {c['subject_type']!r} for subject {c['subject']!r}: set it to 'object', 'live' or 'world'"
         )
     for name in ("resolution", "repeats", "batch_size"):
         if c[name] < 1:
@@ -279,7 +280,7 @@ class DreamBoothDataModule(pl.LightningDataModule):
         Args:
             subject: the subject's name (run folder outputs/<subject>, W&B run name)
             class_noun: the class the subject belongs to ("dog"); prompts are "a <identifier> <class_noun>"
-            subject_type: which DreamBench prompt list evaluates it (object or live)
+            subject_type: which prompt list evaluates it (DreamBench: object or live; the toy world: world)
             instance_dir: folder of the subject's photos (3-6 are typical)
             identifier: the rare token that names the subject in prompts
             with_prior_preservation: pair every photo with a class image (the prior-preservation loss)
@@ -372,7 +373,7 @@ class DreamBoothDataModule(pl.LightningDataModule):
             instance_images=self.instance_images,
             instance_prompt=self.instance_prompt,
             class_images=self.class_images if prior else None,
-            class_prompt=self.class_prompt if prior else None,
+            class_prompt=self.class_prompt,
             resolution=hp.resolution,
             center_crop=hp.center_crop,
             random_flip=hp.random_flip,

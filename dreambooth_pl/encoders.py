@@ -1,4 +1,5 @@
-"""Evaluation encoders: DINO and CLIP embeddings and LPIPS distances, pretrained (`real`) or random (`tiny`).
+"""Evaluation encoders: DINO and CLIP embeddings and LPIPS distances, pretrained (`real`), random (`tiny`) or the
+toy world's judge in those roles (`world`).
 
 Encoders only turn images and texts into unit embeddings (or image pairs into distances); averaging
 them into scores is `dreambooth_pl.metrics`' job.
@@ -25,7 +26,9 @@ from torchmetrics.functional.image.lpips import _NoTrainLpips  # stays in eval m
 from torchvision import transforms as T
 from torchvision.models import AlexNet_Weights
 
-KINDS = ("real", "tiny")
+from .judge import Judge, JudgeLoadError, load_judge, parse_prompt, to_pixels
+
+KINDS = ("real", "tiny", "world")
 DINO_MODEL = "vit_small_patch16_224.dino"  # timm: ViT-S/16 trained with DINO (Caron et al. 2021)
 CLIP_MODEL, CLIP_PRETRAINED = "ViT-B-32", "openai"  # open_clip: CLIP ViT-B/32 with OpenAI's weights
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -75,7 +78,8 @@ def _seeded(seed: int) -> Iterator[None]:
 def _check_kind(kind: str) -> None:
     if kind not in KINDS:
         raise ValueError(f"unknown encoder kind {kind!r}: choose 'real' (pretrained weights, needs them "
-                         f"downloaded once) or 'tiny' (random, offline, uncalibrated)")
+                         f"downloaded once), 'tiny' (random, offline, uncalibrated) or 'world' (the toy world's "
+                         f"judge, committed weights, for images of the world)")
 
 
 def _hub_offline() -> bool:
@@ -240,12 +244,118 @@ class LpipsDistance(_EvalOnly):
 
 
 # ---------------------------------------------------------------------------------------------
+# The toy world's judge in the three roles (kind 'world'): ground truth for images of the world
+
+
+def _judge_pixels(image: Image.Image) -> Tensor:
+    """One PIL image -> (3, 64, 64) float32 in [0, 1], as the judge reads it."""
+    return to_pixels([image])[0]
+
+
+def _check_texts(texts: Sequence[str]) -> list[str]:
+    if isinstance(texts, str):
+        raise TypeError(f"texts must be a list of strings, got the string {texts!r}: wrap it as [prompt]")
+    texts = list(texts)
+    if not all(isinstance(t, str) for t in texts):
+        raise TypeError(f"texts must be a list of strings, got {[type(t).__name__ for t in texts]}")
+    return texts
+
+
+class WorldEmbedding(_EvalOnly):
+    """DINO role: the judge's penultimate features (trained to tell every attribute apart), L2-normalised."""
+
+    def __init__(self, judge: Judge) -> None:
+        super().__init__()
+        self.judge = judge.eval().requires_grad_(False)
+        self.name, self.calibrated, self.dim = "world judge: embedding", True, judge.embed_dim
+
+    def encode_images(self, images: Sequence[Image.Image], *, batch_size: int = 256) -> Tensor:
+        """(N, embed_dim) float32 unit embeddings on the module's device."""
+        return _encode_batches(self, images, _judge_pixels,
+                               lambda x: F.normalize(self.judge(x)[1].float(), dim=-1), batch_size)
+
+
+class WorldAttributes(_EvalOnly):
+    """CLIP role: images as the attributes the judge reads, texts as the attributes they name, both unit one-hot."""
+
+    # Rows are one-hots concatenated over the 7 attributes (D = all classes), L2-normalised. Image-image cosine
+    # is the share of attributes two images agree on (CLIP-I); text-image cosine is agree / sqrt(7 k) for a
+    # prompt naming k attributes (CLIP-T): 1.0 when it names all 7 and the image has them, sqrt(k / 7) when
+    # it names k and all agree, 1 / sqrt(7 k) less per disagreement. judge.agreement gives the plain share.
+
+    def __init__(self, judge: Judge) -> None:
+        super().__init__()
+        self.judge = judge.eval().requires_grad_(False)
+        self.name, self.calibrated = "world judge: attributes", True
+        sizes = [len(v) for v in judge.classes.values()]
+        self.offsets = dict(zip(judge.classes, [sum(sizes[:i]) for i in range(len(sizes))], strict=True))
+        self.dim: int = sum(sizes)
+
+    def _one_hot(self, index: dict[str, Tensor], n: int, device: torch.device) -> Tensor:
+        """{attribute: (n,) class index, -1 = not named} -> (n, dim) unit rows (all-zero when nothing is named)."""
+        out = torch.zeros(n, self.dim, device=device)
+        for k, idx in index.items():
+            named = idx >= 0
+            out[named.nonzero()[:, 0], self.offsets[k] + idx[named]] = 1.0
+        return F.normalize(out, dim=-1)
+
+    def encode_images(self, images: Sequence[Image.Image], *, batch_size: int = 256) -> Tensor:
+        """(N, dim) float32: the judge's reading of each image as unit one-hot rows."""
+        def embed(x: Tensor) -> Tensor:
+            logits, _ = self.judge(x)
+            return self._one_hot({k: v.argmax(-1) for k, v in logits.items()}, x.shape[0], x.device)
+        return _encode_batches(self, images, _judge_pixels, embed, batch_size)
+
+    def encode_texts(self, texts: Sequence[str], *, batch_size: int = 256) -> Tensor:
+        """(N, dim) float32: the attributes each prompt names as unit one-hot rows (unknown words ignored)."""
+        _check_batch_size(batch_size)
+        parsed = [parse_prompt(t) for t in _check_texts(texts)]
+        index = {k: torch.tensor([v.index(p[k]) if k in p else -1 for p in parsed], dtype=torch.long)
+                 for k, v in self.judge.classes.items()}
+        device = _first_param(self).device
+        return self._one_hot({k: v.to(device) for k, v in index.items()}, len(parsed), device)
+
+
+class WorldDistance(_EvalOnly):
+    """LPIPS role (DIV): 1 - cosine of the judge's unit embeddings, in [0, 1]; 0 for images the judge sees alike."""
+
+    # Chosen over a mean pixel difference so that diversity counts what the judge reads (object, colours, pose,
+    # scene), not specks or sampling noise; in [0, 1] because the embeddings are non-negative (after a ReLU).
+
+    def __init__(self, judge: Judge) -> None:
+        super().__init__()
+        self.embedding = WorldEmbedding(judge)
+        self.name, self.calibrated = "world judge: 1 - embedding cosine", True
+
+    def distances(self, a: Sequence[Image.Image], b: Sequence[Image.Image], *, batch_size: int = 256) -> Tensor:
+        """(N,) float32 distances of the pairs (a[i], b[i]) on the module's device."""
+        a, b = _rgb(a, "a"), _rgb(b, "b")
+        if len(a) != len(b):
+            raise ValueError(f"distances scores pairs (a[i], b[i]): got {len(a)} and {len(b)} images; pass "
+                             f"equal-length lists (use metrics.within_group_pairs to form the pairs of one group)")
+        ea = self.embedding.encode_images(a, batch_size=batch_size)  # (N, D) unit
+        eb = self.embedding.encode_images(b, batch_size=batch_size)
+        return 1 - (ea * eb).sum(-1)
+
+
+# ---------------------------------------------------------------------------------------------
 # Loaders
+
+
+def load_world(device: str | torch.device = "cpu") -> dict[str, nn.Module]:
+    """The committed world judge in the three roles: {'dino': embedding, 'clip': attributes, 'lpips': distance}."""
+    try:
+        judge = load_judge(device=device)
+    except JudgeLoadError as err:
+        raise EncoderLoadError(str(err)) from err
+    return {"dino": WorldEmbedding(judge), "clip": WorldAttributes(judge), "lpips": WorldDistance(judge)}
 
 
 def load_dino(kind: str = "real", device: str | torch.device = "cpu", *, cache_dir: str | Path | None = None) -> DinoEncoder:
     """DINO ViT-S/16 (`real`, via timm) or a 2-layer random ViT with D=64 (`tiny`)."""
     _check_kind(kind)
+    if kind == "world":
+        return load_world(device)["dino"]
     if kind == "tiny":
         with _seeded(TINY_SEED):
             model = VisionTransformer(img_size=224, patch_size=16, embed_dim=TINY_DIM, depth=2, num_heads=2,
@@ -268,6 +378,8 @@ def load_dino(kind: str = "real", device: str | torch.device = "cpu", *, cache_d
 def load_clip(kind: str = "real", device: str | torch.device = "cpu", *, cache_dir: str | Path | None = None) -> ClipEncoder:
     """CLIP ViT-B/32 with OpenAI weights (`real`, via open_clip) or a 2-layer random CLIP with D=64 (`tiny`)."""
     _check_kind(kind)
+    if kind == "world":
+        return load_world(device)["clip"]
     tokenizer = open_clip.get_tokenizer(CLIP_MODEL)  # CLIP's BPE, shipped inside the open_clip wheel
     if kind == "tiny":
         with _seeded(TINY_SEED):
@@ -297,6 +409,8 @@ def load_lpips(kind: str = "real", device: str | torch.device = "cpu", *, size: 
     come from torchvision (downloaded once into torch.hub's cache, `$TORCH_HOME`).
     """
     _check_kind(kind)
+    if kind == "world":
+        return load_world(device)["lpips"]
     if kind == "tiny":
         with _seeded(TINY_SEED):
             # pnet_rand: torchvision AlexNet(weights=None), no download; `pretrained` here means the lin layers.
@@ -318,8 +432,11 @@ def load_lpips(kind: str = "real", device: str | torch.device = "cpu", *, size: 
 
 def load_encoders(kind: str = "real", device: str | torch.device = "cpu", *,
                   cache_dir: str | Path | None = None) -> dict[str, nn.Module]:
-    """{'dino': DinoEncoder, 'clip': ClipEncoder, 'lpips': LpipsDistance}, all `real` or all `tiny`."""
+    """{'dino': DinoEncoder, 'clip': ClipEncoder, 'lpips': LpipsDistance}, all `real` or all `tiny`; `world`: the
+    world judge in the three roles (`load_world`)."""
     _check_kind(kind)
+    if kind == "world":
+        return load_world(device)
     return {
         "dino": load_dino(kind, device, cache_dir=cache_dir),
         "clip": load_clip(kind, device, cache_dir=cache_dir),

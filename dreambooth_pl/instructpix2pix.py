@@ -18,6 +18,7 @@ from .files import square, write_image, write_json
 from .loggers import AutoWandbLogger, finish_wandb
 from .metrics import DirectionalSimilarity, PairedCosine
 from .report import write_compare_report
+from .world import TEMPLATES as WORLD_TEMPLATES
 
 DEFAULT_MODEL = "timbrooks/instruct-pix2pix"
 
@@ -60,6 +61,10 @@ INSTRUCTIONS: dict[str, str] = {
     "a {0} {1} wearing a yellow shirt": "dress it in a yellow shirt",
     "a {0} {1} in a purple wizard outfit": "dress it in a purple wizard outfit",
 }
+
+
+# The toy world's templates carry their instruction in its vocabulary file.
+INSTRUCTIONS.update({t["template"]: t["instruction"] for t in WORLD_TEMPLATES})
 
 
 def instruction_for(template: str) -> str:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from contextlib import nullcontext
+import copy
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from typing import Literal
@@ -134,6 +135,7 @@ class DreamBoothModule(pl.LightningModule):
         variant: str | None = None,
         single_file_config: str | None = None,
         prior_loss_weight: float = 1.0,
+        prior_loss: Literal["class_images", "teacher"] = "class_images",
         train_text_encoder: bool = False,
         snr_gamma: float | None = None,
         noise_offset: float = 0.0,
@@ -149,6 +151,10 @@ class DreamBoothModule(pl.LightningModule):
             variant: hub weight variant, e.g. fp16
             single_file_config: for a single-file `pretrained`: the diffusers folder or hub id describing it
             prior_loss_weight: lambda in L = L_instance + lambda * L_prior (the paper: 1)
+            prior_loss: class_images = the paper's term on generated class images; teacher = the seed's wording: the
+                difference between the fine-tuned and the frozen base model's predictions for the class prompt on the
+                instance step's noisy latents (no class images; data.with_prior_preservation: false; one frozen UNet
+                copy in memory, none with LoRA)
             train_text_encoder: fine-tune the whole text encoder too
             snr_gamma: min-SNR-gamma loss weighting (Hang et al. 2023; 5 is usual); null = off
             noise_offset: offset noise (0.05-0.1 gives darker darks and brighter brights); 0 = off
@@ -180,6 +186,11 @@ class DreamBoothModule(pl.LightningModule):
         lora, speed, dtype = self.lora, self.speed, DTYPES[self.speed.frozen_dtype]
         self.requires_grad_(False)
         frozen = [self.vae]
+        self.teacher_unet = None
+        if self.hparams.prior_loss == "teacher" and not lora.rank:
+            # The base model to stay close to: a frozen copy (with LoRA, the UNet with its adapters off).
+            self.teacher_unet = copy.deepcopy(self.unet)
+            frozen.append(self.teacher_unet)
         if lora.rank:
             frozen.append(self.unet)  # the base UNet is frozen; its adapters train
             add_lora(self.unet, lora.rank, lora.alpha, lora.dropout, lora.targets)
@@ -240,6 +251,8 @@ class DreamBoothModule(pl.LightningModule):
     def train(self, mode: bool = True):
         super().train(mode)
         self.vae.eval()
+        if self.teacher_unet is not None:
+            self.teacher_unet.eval()
         if not self.text_encoder_trains:
             self.text_encoder.eval()
         return self
@@ -342,34 +355,74 @@ class DreamBoothModule(pl.LightningModule):
         pred, target, _ = self.denoise(latents, prompts, generator, timesteps)
         return pred, target
 
-    def denoise(self, latents: torch.Tensor, prompts: list[str], generator: torch.Generator | None = None,
-                timesteps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(N, 4, h, w) clean latents -> (UNet prediction, target, timesteps) at random or given timesteps."""
-        cond = self.encode_prompts(prompts)
+    def noised(self, latents: torch.Tensor, generator: torch.Generator | None = None,
+               timesteps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(N, 4, h, w) clean latents -> (noisy latents, noise, (N,) timesteps) at random or given timesteps."""
         noise = randn_tensor(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
         if self.hparams.noise_offset:
             extra = randn_tensor((*latents.shape[:2], 1, 1), generator=generator, device=latents.device, dtype=latents.dtype)
             noise = offset_noise(noise, self.hparams.noise_offset, extra)
-        n = latents.shape[0]
         if timesteps is None:
             t_max = self.noise_scheduler.config.num_train_timesteps
-            timesteps = torch.randint(0, t_max, (n,), generator=generator, device=generator.device if generator else None)
+            timesteps = torch.randint(0, t_max, (latents.shape[0],), generator=generator,
+                                      device=generator.device if generator else None)
         timesteps = timesteps.to(latents.device).long()
         noisy = q_sample(latents, noise, timesteps, self.alphas_cumprod)
         if self.speed.channels_last:
             noisy = noisy.contiguous(memory_format=torch.channels_last)
+        return noisy, noise, timesteps
+
+    def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """What the UNet must predict for these noised latents (eps or v, by the model's prediction type)."""
+        return diffusion_target(self.noise_scheduler.config.prediction_type, latents, noise, timesteps, self.alphas_cumprod)
+
+    def denoise(self, latents: torch.Tensor, prompts: list[str], generator: torch.Generator | None = None,
+                timesteps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(N, 4, h, w) clean latents -> (UNet prediction, target, timesteps) at random or given timesteps."""
+        cond = self.encode_prompts(prompts)
+        noisy, noise, timesteps = self.noised(latents, generator, timesteps)
         pred = self.unet(noisy, timesteps, encoder_hidden_states=cond).sample
-        target = diffusion_target(self.noise_scheduler.config.prediction_type, latents, noise, timesteps, self.alphas_cumprod)
-        return pred, target, timesteps
+        return pred, self.target(latents, noise, timesteps), timesteps
+
+    def denoise_with_teacher(self, latents: torch.Tensor, prompts: list[str],
+                             class_prompt: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Instance rows as `denoise`, then rows for the class prompt on the same noisy latents whose target is the
+        frozen base model's prediction (`prior_loss: teacher`): prediction, target, timesteps, each 2N rows."""
+        n = latents.shape[0]
+        cond = self.encode_prompts(prompts + [class_prompt] * n)  # (2N, 77, D): instance prompts, then the class's
+        noisy, noise, t = self.noised(latents)
+        pred = self.unet(torch.cat([noisy, noisy]), torch.cat([t, t]), encoder_hidden_states=cond).sample
+        with torch.no_grad(), self.base_unet() as base:
+            teacher = base(noisy.to(base.dtype), t, encoder_hidden_states=cond[n:].to(base.dtype)).sample
+        return pred, torch.cat([self.target(latents, noise, t), teacher.to(pred.dtype)]), torch.cat([t, t])
+
+    @contextmanager
+    def base_unet(self) -> Iterator[torch.nn.Module]:
+        """The UNet as pretrained: with LoRA the UNet with its adapters off, else the frozen copy."""
+        if self.teacher_unet is not None:
+            yield self.teacher_unet
+            return
+        self.unet.disable_adapters()
+        try:
+            yield self.unet
+        finally:
+            self.unet.enable_adapters()
 
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The DreamBooth loss of a batch: (L_instance + lambda * L_prior, {"instance": ..., "prior": ...})."""
         hp = self.hparams
-        pred, target, t = self.denoise(self.batch_latents(batch), batch["prompts"])
+        latents, n = self.batch_latents(batch), batch["num_instance"]
+        if hp.prior_loss == "class_images":
+            pred, target, t = self.denoise(latents, batch["prompts"])
+        elif latents.shape[0] != n:
+            raise ValueError("model.prior_loss: teacher compares with the base model and uses no class images: set "
+                             "data.with_prior_preservation: false (or model.prior_loss: class_images)")
+        else:
+            pred, target, t = self.denoise_with_teacher(latents, batch["prompts"], batch["class_prompt"])
         w = None
         if hp.snr_gamma:
             w = min_snr_weights(t, self.alphas_cumprod, hp.snr_gamma, self.noise_scheduler.config.prediction_type)
-        loss, parts = prior_preservation_loss(pred, target, batch["num_instance"], hp.prior_loss_weight, w)
+        loss, parts = prior_preservation_loss(pred, target, n, hp.prior_loss_weight, w)
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"train/loss is {loss.item()} at step {self.global_step}: the weights diverged; likely causes are a "

@@ -15,7 +15,7 @@ from dreambooth_pl import cli
 from .conftest import REPO
 
 COMMANDS = ("fit", "validate", "test", "predict", "priors", "evaluate", "report", "compare", "tiny-model",
-            "dreambench-files")
+            "dreambench-files", "world-data", "world-claims")
 GROUPS = ("--model.", "--data.", "--eval.", "--export.", "--probe.")
 PACKAGE = Path(cli.__file__).resolve().parent  # dreambooth_pl/, wherever it is imported from
 

@@ -249,12 +249,13 @@ def test_collate_instance_rows_then_class_rows(tmp_path):
 
 def test_collate_without_class_images(tmp_path):
     inst = _folder(tmp_path / "inst", 3)
-    ds = DreamBoothDataset(inst, "a sks dog", resolution=32)
+    ds = DreamBoothDataset(inst, "a sks dog", class_prompt="a dog", resolution=32)
     ex = ds[0]
-    assert not any(k.startswith("class_") for k in ex)
+    # No class rows; the class prompt still travels (prior_loss: teacher prompts with it).
+    assert [k for k in ex if k.startswith("class_")] == ["class_prompt"] and ex["class_prompt"] == "a dog"
     batch = collate([ds[0], ds[1]])
     assert batch["pixel_values"].shape == (2, 3, 32, 32)
-    assert batch["prompts"] == ["a sks dog"] * 2
+    assert batch["prompts"] == ["a sks dog"] * 2 and batch["class_prompt"] == "a dog"
     assert batch["num_instance"] == 2
     assert batch["image_index"].tolist() == [0, 1]
 
@@ -436,7 +437,7 @@ def test_datamodule_bad_subject_type():
     # jsonargparse checks the Literal from the config; built directly, the module still refuses it by name.
     with pytest.raises(DataError, match="subject_type") as e:
         DreamBoothDataModule(subject_type="animal")
-    assert "'animal'" in str(e.value) and "'object' or 'live'" in str(e.value)
+    assert "'animal'" in str(e.value) and "'object', 'live' or 'world'" in str(e.value)
 
 
 def _center_crop(path: Path, resolution: int) -> torch.Tensor:

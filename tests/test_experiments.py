@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from dreambooth_pl import world
 from dreambooth_pl.config import parse_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,7 +26,7 @@ def layered(*files: Path) -> list[str]:
 def test_subject_config_parses(subject):
     cfg = parse_config(layered(subject))
     assert cfg.data.subject == subject.stem
-    assert cfg.data.class_noun and cfg.data.subject_type in ("object", "live")
+    assert cfg.data.class_noun and cfg.data.subject_type in ("object", "live", "world")
     assert cfg.model.optim.learning_rate == 5e-6 and cfg.model.prior_loss_weight == 1.0
 
 
@@ -39,12 +40,20 @@ def test_every_yaml_is_checked_here():
     """Base, subjects, overlays (incl. memory presets) and sweeps: a YAML in a new place would go unchecked."""
     checked = {EXP / "base.yaml", *SUBJECTS, *OVERLAYS, *SWEEPS}
     assert set(EXP.rglob("*.yaml")) == checked
-    assert {p.stem for p in OVERLAYS} == {"tiny", "8gb", "12gb", "16gb", "24gb"}
+    assert {p.stem for p in OVERLAYS} == {"tiny", "world", "8gb", "12gb", "16gb", "24gb"}
 
 
 def test_tiny_overlay_is_offline_and_small():
     cfg = parse_config(layered(EXP / "subjects" / "can.yaml", EXP / "tiny.yaml"))
     assert cfg.model.pretrained == "tiny" and cfg.data.resolution == 64 and cfg.trainer.accelerator == "cpu"
+
+
+def test_every_world_subject_has_a_config():
+    for name, spec in world.SUBJECTS.items():
+        cfg = parse_config(layered(EXP / "subjects" / f"{name}.yaml", EXP / "world.yaml"))
+        assert (cfg.data.class_noun, cfg.data.subject_type) == (spec["shape"], world.SUBJECT_TYPE)
+        assert cfg.data.instance_dir == f"data/world/dataset/{name}" and cfg.model.pretrained == "world"
+        assert cfg.eval.encoders == "world" and cfg.eval.prompts_dir == "data/world" and cfg.data.resolution == world.SIZE
 
 
 def test_every_dreambench_subject_has_a_config():

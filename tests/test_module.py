@@ -425,3 +425,62 @@ def test_adamw_8bit_without_bitsandbytes_says_how(tiny_dir):
     m = DreamBoothModule(pretrained="tiny", optim=Optimization(optimizer="adamw_8bit"))
     with pytest.raises(ImportError, match="bitsandbytes"):
         m.make_optimizer()
+
+
+# ----------------------------------------------------------------------------------------- prior_loss: teacher
+
+
+@pytest.mark.parametrize("lora", [LoraSettings(), LoraSettings(rank=4)], ids=["full", "lora"])
+def test_teacher_prior_is_zero_before_training_and_the_teacher_stays_the_base(tiny_dir, photos, tmp_path, lora):
+    m = DreamBoothModule(pretrained="tiny", prior_loss="teacher", lora=lora, optim=Optimization(learning_rate=1e-3))
+    assert numel(m.trainable_parameters()) == numel(DreamBoothModule(pretrained="tiny", lora=lora).trainable_parameters())
+    assert (m.teacher_unet is None) == bool(lora.rank)  # LoRA's teacher is the UNet with its adapters off
+    dm = make_datamodule(photos, with_prior_preservation=False)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["class_prompt"] == "a can" and len(batch["prompts"]) == batch["num_instance"]
+    _, parts = m.compute_loss(batch)
+    # The student is still the base model: the same class-prompt predictions (batched 2N vs N rows: float noise).
+    assert parts["prior"].item() == pytest.approx(0.0, abs=1e-10)
+    base = state(load_components(str(tiny_dir)).unet)
+    make_trainer(tmp_path, 3).fit(m, datamodule=dm)
+    torch.manual_seed(0)
+    _, parts = m.compute_loss(batch)
+    assert parts["prior"].item() > 0
+    # The target is the base model's prediction: the teacher's weights are the pretrained ones after training.
+    with m.base_unet() as teacher:
+        got = {k.replace(".base_layer", ""): v for k, v in teacher.state_dict().items() if "lora_" not in k}
+        assert all(torch.equal(base[k], got[k]) for k in base)
+
+
+def test_teacher_prior_equals_the_mse_to_the_frozen_base_prediction(tiny_dir, photos):
+    m = DreamBoothModule(pretrained="tiny", prior_loss="teacher", prior_loss_weight=0.5)
+    with torch.no_grad():
+        for p in m.unet.parameters():
+            p.add_(0.01 * torch.randn_like(p))  # a student that has moved away from the base
+    dm = make_datamodule(photos, with_prior_preservation=False)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    torch.manual_seed(3)
+    loss, parts = m.compute_loss(batch)
+    torch.manual_seed(3)  # the same draws, recomputed by hand: posterior sample, noise, timesteps
+    base = load_components(str(tiny_dir)).unet
+    with torch.no_grad():
+        latents = m.vae.encode(batch["pixel_values"]).latent_dist.sample() * m.vae.config.scaling_factor
+        noise = torch.randn(latents.shape)
+        t = torch.randint(0, 1000, (latents.shape[0],))
+        noisy = m.noise_scheduler.add_noise(latents, noise, t)
+        cls = m.encode_prompts([batch["class_prompt"]] * len(t))
+        student = m.unet(noisy, t, encoder_hidden_states=cls).sample
+        teacher = base(noisy, t, encoder_hidden_states=cls).sample
+    expected = (student - teacher).pow(2).mean()
+    assert parts["prior"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert loss.item() == pytest.approx(parts["instance"].item() + 0.5 * expected.item(), rel=1e-5)
+
+
+def test_teacher_prior_refuses_class_images(tiny_dir, photos):
+    m = DreamBoothModule(pretrained="tiny", prior_loss="teacher")
+    dm = make_datamodule(photos)  # with class images
+    dm.setup("fit")
+    with pytest.raises(ValueError, match="data.with_prior_preservation: false"):
+        m.compute_loss(next(iter(dm.train_dataloader())))
