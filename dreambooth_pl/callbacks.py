@@ -22,6 +22,7 @@ from .evaluation import (
     EvalPrompt,
     Protocol,
     Scored,
+    check_seeds_apart,
     encoder_info,
     protocol_prompts,
     sample,
@@ -99,6 +100,9 @@ class SampleAndScore(pl.Callback):
         self.run_protocol = dataclasses.replace(
             p, resolution=p.resolution or hp.resolution,
             pres_images=p.pres_images if p.pres_images is not None else p.images_per_prompt * len(self.prompts))
+        if hp.with_prior_preservation and hp.class_dir is None:  # generated class images: seeds prior.seed + i
+            rp = self.run_protocol
+            check_seeds_apart(rp, max(rp.images_per_prompt, rp.pres_images), dm.prior.seed, hp.num_class_images)
         self.class_prompt = dm.class_prompt
         self.out = Path(trainer.default_root_dir)
         f = self.out / "metrics.json"

@@ -268,7 +268,7 @@ class DreamBoothDataModule(pl.LightningDataModule):
         cache_latents: bool = False,
         resolution: int = 512,
         center_crop: bool = False,
-        random_flip: bool = True,
+        random_flip: bool = False,
         repeats: int = 1,
         batch_size: int = 1,
         num_workers: int = 0,
@@ -291,7 +291,8 @@ class DreamBoothDataModule(pl.LightningDataModule):
             cache_latents: the model caches VAE latents, so examples carry no pixels (set from model.speed)
             resolution: training resolution in px (square crops)
             center_crop: center crops instead of random crops (cached latents need it)
-            random_flip: flip photos horizontally at random
+            random_flip: flip photos horizontally at random (off by default, as in the paper and diffusers' script:
+                subjects with text or logos would learn mirrored lettering)
             repeats: how often each photo appears per epoch
             batch_size: instance images per step (plus as many class images)
             num_workers: DataLoader worker processes

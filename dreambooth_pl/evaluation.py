@@ -29,7 +29,8 @@ class Protocol:
 
     Args:
         images_per_prompt: images per benchmark prompt (the paper: 4 per prompt, 25 prompts)
-        seed: image k of every prompt uses seed + k
+        seed: image k of every prompt uses seed + k, PRES image j seed + j; kept apart from the class images' seeds
+            (data.prior.seed + i), so the fine-tuned model is never scored on the noise it was prior-trained on
         steps: sampling steps
         guidance_scale: classifier-free guidance scale
         sampler: sampling scheduler (`default` = the model's own)
@@ -38,7 +39,7 @@ class Protocol:
     """
 
     images_per_prompt: int = 4
-    seed: int = 0
+    seed: int = 10_000
     steps: int = 25
     guidance_scale: float = 7.5
     sampler: Sampler = "dpm++"
@@ -54,6 +55,18 @@ class EvalPrompt:
     prompt: str
     prompt_no_token: str
     template: str = ""
+
+
+def check_seeds_apart(protocol: Protocol, n_images: int, prior_seed: int, num_class_images: int) -> None:
+    """Refuse evaluation seeds that overlap the class images' seeds: PRES would ask for the prior-trained images."""
+    eval_seeds = range(protocol.seed, protocol.seed + n_images)
+    class_seeds = range(prior_seed, prior_seed + num_class_images)
+    if eval_seeds.start < class_seeds.stop and class_seeds.start < eval_seeds.stop:
+        raise ValueError(
+            f"eval.protocol.seed={protocol.seed} gives evaluation seeds {eval_seeds.start}..{eval_seeds.stop - 1}, which "
+            f"overlap the class images' seeds {class_seeds.start}..{class_seeds.stop - 1} (data.prior.seed): the PRES "
+            f"images would be the ones the model was prior-trained on; move eval.protocol.seed past "
+            f"{class_seeds.stop - 1} (the default is {Protocol.seed})")
 
 
 def protocol_prompts(prompts_dir: str | Path, subject_type: str, identifier: str, class_noun: str) -> list[EvalPrompt]:

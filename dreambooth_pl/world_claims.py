@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,8 @@ from .module import DreamBoothModule, Optimization
 from .report import mean_ci
 
 Variant = Literal["base", "no_prior", "class_images", "teacher"]
-VARIANT_LABELS = {"base": "base model", "no_prior": "DreamBooth λ = 0", "class_images": "DreamBooth λ = 1",
+# ASCII labels: the grids' default font has no Greek letters.
+VARIANT_LABELS = {"base": "base model", "no_prior": "DreamBooth, lambda 0", "class_images": "DreamBooth, lambda 1",
                   "teacher": "DreamBooth, teacher prior", "ip2p": "InstructPix2Pix"}
 IDENTITY = ("shape", "color", "marking", "marking_color")
 
@@ -56,6 +58,8 @@ class ClaimsSettings:
         data_root: the world subjects (`world-data` writes them)
         base_prompts: held-out full prompts for the base model's claim
         judge_renders: held-out renders for the judge's accuracy
+        model: the pretrained text-to-image model (the world's; `tiny` only to smoke-test the code)
+        ip2p_model: the InstructPix2Pix model
     """
 
     subjects: tuple[str, ...] = tuple(world.SUBJECTS)
@@ -74,6 +78,8 @@ class ClaimsSettings:
     data_root: str = "data/world"
     base_prompts: int = 200
     judge_renders: int = 1000
+    model: str = "world"
+    ip2p_model: str = "world-ip2p"
 
 
 def _protocol(s: ClaimsSettings) -> Protocol:
@@ -117,17 +123,19 @@ def finetune(subject: str, variant: Variant, seed: int, s: ClaimsSettings) -> tu
     """A DreamBooth fine-tune of the world model on `subject` (λ = 0, class images, or the teacher prior), timed."""
     spec = world.SUBJECTS[subject]
     pl.seed_everything(seed, verbose=False)
-    module = DreamBoothModule(pretrained="world", prior_loss="teacher" if variant == "teacher" else "class_images",
+    module = DreamBoothModule(pretrained=s.model, prior_loss="teacher" if variant == "teacher" else "class_images",
                               optim=Optimization(learning_rate=s.learning_rate, lr_warmup_steps=20))
     dm = DreamBoothDataModule(subject=subject, class_noun=spec["shape"], subject_type=world.SUBJECT_TYPE,
                               instance_dir=str(Path(s.data_root) / "dataset" / subject),
                               with_prior_preservation=variant == "class_images", num_class_images=s.num_class_images,
-                              model=components.ModelSource("world"), resolution=world.SIZE, batch_size=s.batch_size,
+                              model=components.ModelSource(s.model), resolution=world.SIZE, batch_size=s.batch_size,
                               min_image_size=world.SIZE, random_flip=False, seed=seed)
     trainer = pl.Trainer(accelerator="cpu", max_steps=s.steps, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False)
     start = time.perf_counter()
-    trainer.fit(module, datamodule=dm)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode")  # the frozen parts, on purpose
+        trainer.fit(module, datamodule=dm)
     return module.eval(), time.perf_counter() - start
 
 
@@ -258,9 +266,9 @@ def run_claims(s: ClaimsSettings = ClaimsSettings(), out: str | Path = "outputs/
     if not (Path(s.data_root) / "subjects.csv").is_file():
         world.write_dataset(s.data_root)
     judge = load_judge()
-    base_parts = components.load_components("world")
+    base_parts = components.load_components(s.model)
     base = base_follows_prompts(base_parts, judge, s)
-    ip2p = load_ip2p("world-ip2p")
+    ip2p = load_ip2p(s.ip2p_model)
     runs: dict[str, list[dict]] = {m: [] for m in METHODS}
     seconds: dict[str, list[float]] = {m: [] for m in METHODS if m != "base"}
     grids = []
@@ -326,8 +334,10 @@ def _claims_dreambooth(p: dict) -> list[str]:
               for m in METHODS if m != "ip2p"]
     drift = sm["class_images"]["class_is_subject"][0] <= 0.5 * sm["no_prior"]["class_is_subject"][0] and \
         sm["class_images"]["class_colours"][0] >= sm["no_prior"]["class_colours"][0]
-    lines.append(f"\n{_verdict(drift)} (λ = 1 against λ = 0). The teacher prior needs no class images; it holds one frozen "
-                 f"UNet copy (none with LoRA).\n\n")
+    no_drift = sm["no_prior"]["class_is_subject"][0] == 0  # nothing for the prior to prevent: say so, not "met"
+    lines.append(f"\n{'**not measurable**: without the prior (λ = 0) no class image is the subject' if no_drift else _verdict(drift)}"
+                 f" (λ = 1 against λ = 0). The teacher prior needs no class images; it holds one frozen UNet copy "
+                 f"(none with LoRA).\n\n")
     return lines
 
 

@@ -49,14 +49,17 @@ def test_tiny_fit_samples_scores_logs_and_checkpoints_on_val_dino(tiny_dir, phot
     loggers = [CSVLogger(out, name="", version="csv"), AutoWandbLogger(save_dir=str(out), name="toy")]
     trainer = make_trainer(out, 5, [cb, ckpt], logger=loggers, log_every_n_steps=1, enable_checkpointing=True)
     trainer.fit(DreamBoothModule(pretrained="tiny", optim=Optimization(learning_rate=1e-3)), datamodule=dm)
+    s = Protocol().seed  # the default: apart from the class images' seeds 0..199
+    assert s == 10_000
     for stage in ("base", "final"):
         names = sorted(p.name for p in (out / "samples" / stage).iterdir())
-        assert names == ["00_0.png", "00_1.png", "01_0.png", "01_1.png", "02_0.png", "02_1.png",
-                         "class_0.png", "class_1.png", "class_2.png"]
-    assert sorted(p.name for p in (out / "samples" / "step000002").iterdir()) == ["00_0.png", "00_1.png", "01_0.png", "01_1.png"]
+        assert names == sorted([f"{i:02d}_{s + k}.png" for i in range(3) for k in range(2)] +
+                               [f"class_{s + j}.png" for j in range(3)])
+    assert sorted(p.name for p in (out / "samples" / "step000002").iterdir()) == [
+        f"{i:02d}_{s + k}.png" for i in range(2) for k in range(2)]
     m = json.loads((out / "metrics.json").read_text())
     assert m["calibrated"] is False and all("uncalibrated" in n for n in m["encoders"].values())
-    assert m["protocol"] == {"images_per_prompt": 2, "seed": 0, "steps": 3, "guidance_scale": 7.5, "sampler": "dpm++",
+    assert m["protocol"] == {"images_per_prompt": 2, "seed": s, "steps": 3, "guidance_scale": 7.5, "sampler": "dpm++",
                              "resolution": 64, "pres_images": 3}
     # Every stage's scores are those of its sample files, scored again here with the same tiny encoders.
     encoders = load_encoders("tiny")
@@ -64,9 +67,9 @@ def test_tiny_fit_samples_scores_logs_and_checkpoints_on_val_dino(tiny_dir, phot
     prompts = protocol_prompts(prompts_dir, "object", "sks", "can")
     for stage in ("base", "final"):
         folder = out / "samples" / stage
-        groups = [(ep, [0, 1], [Image.open(folder / f"{ep.index:02d}_{s}.png").convert("RGB") for s in (0, 1)])
+        groups = [(ep, [s, s + 1], [Image.open(folder / f"{ep.index:02d}_{x}.png").convert("RGB") for x in (s, s + 1)])
                   for ep in prompts]
-        pres = [Image.open(folder / f"class_{s}.png").convert("RGB") for s in range(3)]
+        pres = [Image.open(folder / f"class_{s + j}.png").convert("RGB") for j in range(3)]
         expected = score(encoders, real, groups, pres)
         assert set(m["stages"][stage]["metrics"]) == {"dino", "clip_i", "clip_t", "clip_t_no_token", "pres", "div"}
         assert all(-1 <= v <= 1 for k, v in m["stages"][stage]["metrics"].items() if k != "div")

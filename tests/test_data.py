@@ -449,7 +449,7 @@ def _center_crop(path: Path, resolution: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("split", ["instance", "class"])
 def test_fixed_views_with_random_flip(photos, split):
-    dm = make_datamodule(photos)
+    dm = make_datamodule(photos, random_flip=True)
     dm.setup("fit")
     paths = dm.instance_images if split == "instance" else dm.class_images
     torch.manual_seed(0)

@@ -97,3 +97,15 @@ def test_encoder_info_names_the_encoders_and_says_whether_all_are_calibrated():
     # An encoder without a name is listed under its key, and one that does not say it is calibrated is not.
     assert encoder_info({**real, "other": object()}) == {
         "encoders": {"dino": "real", "clip": "real", "other": "other"}, "calibrated": False}
+
+
+def test_evaluation_seeds_are_kept_apart_from_the_class_images_seeds():
+    from dreambooth_pl.evaluation import Protocol, check_seeds_apart
+
+    assert Protocol().seed >= 200  # the default is past the default 200 class images (seeds 0..199)
+    check_seeds_apart(Protocol(), 100, prior_seed=0, num_class_images=200)
+    check_seeds_apart(Protocol(seed=0), 100, prior_seed=100, num_class_images=50)  # 0..99 vs 100..149: apart
+    with pytest.raises(ValueError, match=r"eval.protocol.seed=150 .*150..249.* overlap .*0..199"):
+        check_seeds_apart(Protocol(seed=150), 100, prior_seed=0, num_class_images=200)
+    with pytest.raises(ValueError, match="data.prior.seed"):
+        check_seeds_apart(Protocol(seed=10_000), 4, prior_seed=9_999, num_class_images=2)
