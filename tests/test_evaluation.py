@@ -7,7 +7,15 @@ import pytest
 import torch
 from PIL import Image
 
-from dreambooth_pl.evaluation import EvalPrompt, encoder_info, protocol_prompts, real_vs_real, score
+from dreambooth_pl.evaluation import (
+    EvalPrompt,
+    Protocol,
+    check_seeds_apart,
+    encoder_info,
+    protocol_prompts,
+    real_vs_real,
+    score,
+)
 
 from .conftest import SHARED_DATA
 
@@ -100,8 +108,6 @@ def test_encoder_info_names_the_encoders_and_says_whether_all_are_calibrated():
 
 
 def test_evaluation_seeds_are_kept_apart_from_the_class_images_seeds():
-    from dreambooth_pl.evaluation import Protocol, check_seeds_apart
-
     assert Protocol().seed >= 200  # the default is past the default 200 class images (seeds 0..199)
     check_seeds_apart(Protocol(), 100, prior_seed=0, num_class_images=200)
     check_seeds_apart(Protocol(seed=0), 100, prior_seed=100, num_class_images=50)  # 0..99 vs 100..149: apart
