@@ -77,7 +77,7 @@ compare-bench: install data ## compare over SUBJECTS="a b c", then one table per
 	$(PY) -m dreambooth_pl compare $(addprefix outputs/,$(SUBJECTS)) --aggregate outputs/compare-bench.md
 
 SWEEP ?= experiments/sweeps/can_lr_steps_lambda.yaml
-sweep: install data ## create the W&B sweep in SWEEP (needs WANDB_API_KEY); then run the agent it prints
+sweep: install data ## create the W&B sweep in SWEEP (needs `wandb login`); then run the agent it prints
 	$(VENV)/bin/wandb sweep $(SWEEP)
 
 tiny-model: install ## write the tiny random model to cache/models/tiny

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import functools
+import netrc
 import os
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import wandb
 from pytorch_lightning.loggers import WandbLogger
@@ -24,9 +26,31 @@ def git_sha() -> str:
         return "unknown"
 
 
+def _netrc_path() -> Path:
+    """Where `wandb login` keeps the key: $NETRC, else ~/.netrc (or ~/_netrc where only that exists)."""
+    if os.environ.get("NETRC"):
+        return Path(os.environ["NETRC"]).expanduser()
+    unix = Path("~/.netrc").expanduser()
+    return unix if unix.exists() or not Path("~/_netrc").expanduser().exists() else Path("~/_netrc").expanduser()
+
+
+def wandb_credentials() -> str | None:
+    """Where W&B would find an API key, as wandb resolves it: WANDB_API_KEY, then the netrc entry `wandb login`
+    wrote for the W&B host ($WANDB_BASE_URL, default api.wandb.ai); None without one. The key is never returned."""
+    if os.environ.get("WANDB_API_KEY"):
+        return "WANDB_API_KEY"
+    host = urlsplit(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).netloc
+    path = _netrc_path()
+    try:
+        creds = netrc.netrc(path).authenticators(host)
+    except (OSError, netrc.NetrcParseError):
+        return None
+    return str(path) if creds and creds[2] else None
+
+
 def wandb_online() -> bool:
-    """Online only with an API key and no WANDB_MODE=offline/disabled: never wait on an unreachable server."""
-    return bool(os.environ.get("WANDB_API_KEY")) and os.environ.get("WANDB_MODE", "") not in ("offline", "disabled")
+    """Online when wandb has credentials and WANDB_MODE is not offline/disabled; else offline, never waiting."""
+    return wandb_credentials() is not None and os.environ.get("WANDB_MODE", "") not in ("offline", "disabled")
 
 
 class AutoWandbLogger(WandbLogger):
@@ -41,13 +65,14 @@ class AutoWandbLogger(WandbLogger):
             name: run name (default: the subject)
             project: W&B project
             group: W&B group (default: the subject, so its DreamBooth and InstructPix2Pix runs sit together)
-            offline: null = online when WANDB_API_KEY is set, else offline (`wandb sync` uploads it later)
+            offline: null = online when wandb has credentials (`wandb login`, netrc, WANDB_API_KEY) and WANDB_MODE is
+                not offline, else offline (`wandb sync` uploads it later)
             log_model: upload checkpoints as W&B artifacts
         """
         offline = not wandb_online() if offline is None else offline
         Path(save_dir).mkdir(parents=True, exist_ok=True)
-        where = (f"offline in {save_dir}/wandb (set WANDB_API_KEY to log online; `wandb sync` uploads it later)"
-                 if offline else "online (WANDB_API_KEY is set)")
+        where = (f"offline in {save_dir}/wandb (`wandb login` or WANDB_API_KEY to log online; `wandb sync` uploads it "
+                 f"later)" if offline else f"online (credentials from {wandb_credentials()})")
         print(f"W&B: logging {where}", file=sys.stderr)
         super().__init__(name=name, save_dir=save_dir, project=project, group=group, offline=offline,
                          log_model=log_model, **kwargs)
