@@ -75,6 +75,7 @@ class SampleAndScore(pl.Callback):
         self.batch_size = batch_size
         self.encoders: dict | None = None
         self.results: dict[str, dict] = {}
+        self.last_scored_step = -1
 
     # --------------------------------------------------------------------------------- setup
 
@@ -122,7 +123,11 @@ class SampleAndScore(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        if self.every_n_steps > 0 and step % self.every_n_steps == 0 and step < (trainer.max_steps or -1):
+        # With gradient accumulation this hook runs k times per optimizer step: score each step once.
+        if step == self.last_scored_step:
+            return
+        if self.every_n_steps > 0 and 0 < step < (trainer.max_steps or -1) and step % self.every_n_steps == 0:
+            self.last_scored_step = step
             # A spread-out subset: the same prompts every time, so the curve compares like with like.
             stride = max(1, len(self.prompts) // self.subset_prompts)
             subset = self.prompts[::stride][: self.subset_prompts]

@@ -243,3 +243,20 @@ def test_interrupted_fit_records_and_exports_nothing(tiny_dir, photos, tmp_path)
         cb.on_fit_end(trainer, module)
     assert not run.exists() or list(run.iterdir()) == []
     assert logger.values("probe/denoising_mse_base") == []
+
+
+class CountingScore(SampleAndScore):
+    """SampleAndScore that records the stages it ran."""
+
+    def _run_stage(self, trainer, pl_module, stage, prompts, full):
+        self.stages = [*getattr(self, "stages", []), stage]
+        return super()._run_stage(trainer, pl_module, stage, prompts, full)
+
+
+def test_evaluation_runs_once_per_optimizer_step_with_gradient_accumulation(tiny_dir, photos, prompts_dir, tmp_path):
+    cb = CountingScore(protocol=Protocol(images_per_prompt=1, steps=2, pres_images=1), every_n_steps=1, subset_prompts=1,
+                       encoders="tiny", prompts_dir=str(prompts_dir), evaluate_base=False, final=False)
+    trainer = make_trainer(tmp_path, 3, [cb], accumulate_grad_batches=2)
+    trainer.fit(DreamBoothModule(pretrained="tiny"), datamodule=make_datamodule(photos, batch_size=1))
+    # 6 batches, 3 optimizer steps: steps 1 and 2 scored once each (not at step 0, not twice, not at the last step).
+    assert trainer.global_step == 3 and cb.stages == ["step000001", "step000002"]
