@@ -27,8 +27,8 @@ FLOPs come from torch.utils.flop_counter.FlopCounterMode around one (eager) step
 uncached and checkpointed configurations share one yardstick. MFU divides by a matmul peak measured in
 the same run (bf16 8192^3 on CUDA, fp32 2048^3 on CPU).
 
-The presets are used as written on every device: the 24gb rows use fused AdamW on CPU too (torch's CPU
-fused kernel), where the script before the config-driven rows used plain AdamW.
+The presets are used as written on every device (the 24gb preset: foreach AdamW, since a fused optimizer cannot
+clip gradients and base.yaml clips at 1.0).
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -86,10 +87,20 @@ def sample(parts: components.SDComponents, prompts: list[str], seeds: list[int],
     out: list[Image.Image] = []
     for start in range(0, len(prompts), batch_size):
         p, s = prompts[start : start + batch_size], seeds[start : start + batch_size]
-        out += pipe(prompt=p, num_inference_steps=protocol.steps, guidance_scale=protocol.guidance_scale,
-                    height=protocol.resolution, width=protocol.resolution,
-                    generator=[torch.Generator("cpu").manual_seed(x) for x in s], output_type="pil").images
+        with mixed_precision(parts):
+            out += pipe(prompt=p, num_inference_steps=protocol.steps, guidance_scale=protocol.guidance_scale,
+                        height=protocol.resolution, width=protocol.resolution,
+                        generator=[torch.Generator("cpu").manual_seed(x) for x in s], output_type="pil").images
     return out
+
+
+def mixed_precision(parts: components.SDComponents):
+    """Autocast to the half precision of the frozen parts when it differs from the UNet's (the memory presets keep
+    the VAE and text encoder in bf16 and the trained UNet in fp32); a no-op when all parts share one dtype."""
+    dtypes = {m.dtype for m in (parts.text_encoder, parts.vae, parts.unet)}
+    if len(dtypes) == 1:
+        return nullcontext()
+    return torch.autocast(parts.unet.device.type, dtype=next(d for d in dtypes if d != torch.float32))
 
 
 @dataclass
@@ -144,8 +155,10 @@ def score(encoders: dict, real: list[Image.Image], groups: list[tuple[EvalPrompt
         rows += _image_rows(ep, seeds, dino_real, clip_real, d, c, t)
     if class_images:
         m["pres"].update(dino_real, encoders["dino"].encode_images(class_images))
-    metrics = {k: float(v.compute()) for k, v in m.items() if k != "pres" or class_images}
-    metrics = {k: v for k, v in metrics.items() if v == v}  # drop NaN (e.g. DIV with one image per prompt)
+    # PRES needs class images and DIV pairs of images of one prompt: no score (and no empty compute) without them.
+    skip = {"pres"} if not class_images else set()
+    skip |= {"div"} if not any(len(within_group_pairs(len(ims))) for _, _, ims in groups) else set()
+    metrics = {k: float(v.compute()) for k, v in m.items() if k not in skip}
     return Scored(metrics=metrics, per_prompt=per_prompt, rows=rows)
 
 

@@ -35,8 +35,9 @@ def export_run(module, out_dir: str | Path, metadata: dict, single_file: bool = 
         return {f"lora ({kind})": path for kind, path in export_lora(module, out_dir / "lora").items()}
     hp = module.hparams
     meta = {"base_model": hp.pretrained, "revision": hp.revision, **metadata}
-    paths = {"diffusers": export_pipeline(module.parts(), out_dir / "model", meta)}
+    parts = module.export_parts()  # one dtype throughout: a mixed bf16/fp32 pipeline fails on its first call
+    paths = {"diffusers": export_pipeline(parts, out_dir / "model", meta)}
     if single_file:
-        paths["single file"] = export_single_file(module, out_dir / "model.safetensors",
+        paths["single file"] = export_single_file(parts, out_dir / "model.safetensors",
                                                   metadata={k: str(v) for k, v in meta.items()})
     return paths

@@ -244,6 +244,18 @@ class DreamBoothModule(pl.LightningModule):
             source=self.hparams.pretrained,
         )
 
+    def export_parts(self) -> components.SDComponents:
+        """The fine-tuned components in one dtype, as the base model ships them: the trained weights (fp32) with the
+        frozen parts loaded again at full precision, not the half-precision copies `speed.frozen_dtype` trains with."""
+        parts = self.parts()
+        if self.speed.frozen_dtype == "fp32":
+            return parts
+        base = self.source().load()
+        parts.vae = base.vae.to(self.device)
+        if not self.text_encoder_trains:
+            parts.text_encoder = base.text_encoder.to(self.device)
+        return parts
+
     @property
     def text_encoder_trains(self) -> bool:
         return self.hparams.train_text_encoder or self.lora.text_encoder_rank > 0
@@ -268,6 +280,10 @@ class DreamBoothModule(pl.LightningModule):
             raise ValueError(f"model.speed.frozen_dtype={frozen_dtype} with LoRA keeps the base UNet in half precision, "
                              f"which needs autocast: set trainer.precision to bf16-mixed (or 16-mixed on GPU), "
                              f"or model.speed.frozen_dtype: fp32")
+        if self.optim.optimizer == "adamw_fused" and self.trainer.gradient_clip_val:
+            raise ValueError(f"model.optim.optimizer: adamw_fused unscales gradients inside its kernel, so Lightning cannot "
+                             f"clip them (trainer.gradient_clip_val={self.trainer.gradient_clip_val}): set "
+                             f"trainer.gradient_clip_val: null, or use model.optim.optimizer: adamw")
         if self.speed.cache_latents:
             dm = self.trainer.datamodule
             self.cache_latents({split: dm.fixed_views(split) for split in ("instance", "class")},

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from diffusers import StableDiffusionPipeline
 
 from dreambooth_pl import components, config, loggers
 
@@ -138,3 +139,38 @@ def test_8gb_preset_fits_lora_and_exports_lora_files(photos, tmp_path, in_repo, 
     assert not (out / "model").exists()
     with pytest.raises(ValueError, match="bf16-mixed"):
         config.lightning_cli([*args, "--trainer.max_steps", "1", "--trainer.precision", "32-true"])
+
+
+@pytest.mark.parametrize("preset", ["8gb", "12gb", "16gb", "24gb"])
+def test_every_memory_preset_fits_with_evaluation_on_exports_and_the_export_samples(preset, photos, tmp_path, in_repo,
+                                                                                   tiny_dir):
+    prompts = tmp_path / "prompts"
+    prompts.mkdir()
+    (prompts / "prompts_object.txt").write_text("a {0} {1} in the snow\n")  # one prompt, one image: evaluation on
+    # bitsandbytes' 8-bit AdamW needs CUDA: on CPU the 12gb/16gb presets run with plain AdamW, every other lever as set.
+    cpu_optim = ["--model.optim.optimizer", "adamw"] if preset in ("12gb", "16gb") else []
+    out = tmp_path / "out"
+    c = config.lightning_cli(fit_args(
+        photos, out, "--trainer.max_steps", "2", "--trainer.precision", "bf16-mixed", *cpu_optim,
+        "--eval.evaluate_base", "true", "--eval.final", "true", "--eval.prompts_dir", str(prompts),
+        "--eval.protocol.images_per_prompt", "1", "--eval.protocol.pres_images", "1", "--eval.protocol.steps", "2",
+        overlays=(f"experiments/memory/{preset}.yaml",)))
+    assert c.trainer.global_step == 2 and c.model.speed.frozen_dtype == "bf16"
+    stages = json.loads((out / "metrics.json").read_text())["stages"]
+    assert set(stages) == {"base", "final"} and "dino" in stages["final"]["metrics"]
+    if preset == "8gb":  # LoRA: the adapters load into the base pipeline and change its image
+        pipe = StableDiffusionPipeline.from_pretrained(tiny_dir)
+        before = pipe("a sks can", num_inference_steps=2, height=64, width=64, output_type="np",
+                      generator=torch.Generator().manual_seed(0)).images
+        pipe.load_lora_weights(out / "lora")
+    else:  # a full fine-tune: one fp32 pipeline, its frozen parts the base model's own weights, not bf16 copies
+        pipe = StableDiffusionPipeline.from_pretrained(out / "model")
+        assert {pipe.unet.dtype, pipe.vae.dtype, pipe.text_encoder.dtype} == {torch.float32}
+        base = components.load_components(str(tiny_dir))
+        assert torch.equal(pipe.vae.decoder.conv_out.weight, base.vae.decoder.conv_out.weight)
+        assert torch.equal(pipe.unet.conv_out.weight, c.model.unet.conv_out.weight)
+    image = pipe("a sks can", num_inference_steps=2, height=64, width=64, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images
+    assert image.shape == (1, 64, 64, 3) and image.std() > 0
+    if preset == "8gb":
+        assert abs(image - before).max() > 0

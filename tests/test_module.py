@@ -484,3 +484,9 @@ def test_teacher_prior_refuses_class_images(tiny_dir, photos):
     dm.setup("fit")
     with pytest.raises(ValueError, match="data.with_prior_preservation: false"):
         m.compute_loss(next(iter(dm.train_dataloader())))
+
+
+def test_fused_adamw_with_gradient_clipping_is_refused_naming_both_keys(tiny_dir, photos, tmp_path):
+    m = DreamBoothModule(pretrained="tiny", optim=Optimization(optimizer="adamw_fused"))
+    with pytest.raises(ValueError, match=r"adamw_fused.*trainer.gradient_clip_val: null"):
+        make_trainer(tmp_path, 1, gradient_clip_val=1.0).fit(m, datamodule=make_datamodule(photos))
