@@ -285,7 +285,7 @@ class DreamBoothDataModule(pl.LightningDataModule):
             identifier: the rare token that names the subject in prompts
             with_prior_preservation: pair every photo with a class image (the prior-preservation loss)
             class_dir: folder of class images; null = generated once into cache/priors/<content key>/
-            num_class_images: class images to use (the diffusers example's and this project's default: 200)
+            num_class_images: class images to use (this project's default 200; diffusers' example defaults to 100)
             prior: how the class images are sampled
             model: the model the class images come from (set from model.*, not in the config)
             cache_latents: the model caches VAE latents, so examples carry no pixels (set from model.speed)

@@ -156,7 +156,9 @@ class DreamBoothModule(pl.LightningModule):
                 instance step's noisy latents (no class images; data.with_prior_preservation: false; one frozen UNet
                 copy in memory, none with LoRA)
             train_text_encoder: fine-tune the whole text encoder too
-            snr_gamma: min-SNR-gamma loss weighting (Hang et al. 2023; 5 is usual); null = off
+            snr_gamma: min-SNR-gamma loss weighting (Hang et al. 2023; 5 is usual); null = off. It weights both terms:
+                the prior term is the same denoising loss on class images (diffusers' example weights the instance
+                term only)
             noise_offset: offset noise (0.05-0.1 gives darker darks and brighter brights); 0 = off
             optim: optimizer and learning-rate schedule
             lora: LoRA adapters instead of a full fine-tune
