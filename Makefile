@@ -18,7 +18,7 @@ CONFIGS = --config experiments/base.yaml --config experiments/subjects/$(SUBJECT
 	$(if $(MODEL),--model.pretrained $(MODEL))
 OFFLINE = $(if $(filter tiny tiny-v,$(MODEL)),HF_HUB_OFFLINE=1)
 
-.PHONY: help install demo test test-slow lint data priors fit experiment dreambench compare compare-bench sweep tiny-model clean
+.PHONY: help install demo test test-slow lint data priors fit experiment dreambench compare compare-bench sweep tiny-model world-data clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -82,6 +82,9 @@ sweep: install data ## create the W&B sweep in SWEEP (needs `wandb login`); then
 
 tiny-model: install ## write the tiny random model to cache/models/tiny
 	$(PY) -m dreambooth_pl tiny-model cache/models/tiny
+
+world-data: install ## write the toy world's subjects (photos, subjects.csv, prompts) into data/world
+	$(PY) -m dreambooth_pl world-data --root data/world
 
 clean: ## remove outputs/, lightning_logs/ and wandb/ (keeps .venv, data and cache)
 	rm -rf outputs lightning_logs wandb
