@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import struct
+import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the suite never touches the network
@@ -106,8 +107,22 @@ def photos(tmp_path) -> dict[str, Path]:
     }
 
 
-def read_wandb_run(run_dir: Path) -> dict:
-    """Parse an offline W&B run's `.wandb` log: {'history': [{key: value}], 'config': {key: json}}."""
+def read_wandb_run(run_dir: Path, timeout: float = 30.0) -> dict:
+    """Parse a finished offline W&B run's `.wandb` log: {'history': [{key: value}], 'config': {key: json}}.
+
+    wandb's service writes the log in the background and `finish()` can return before the last records are on
+    disk (seen on a loaded CI machine): read again until the run's `exit` record is there.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        run = _parse_wandb_log(run_dir)
+        if "exit" in run["kinds"] or time.monotonic() > deadline:
+            return run
+        time.sleep(0.2)
+
+
+def _parse_wandb_log(run_dir: Path) -> dict:
+    """One read of the `.wandb` log, whatever part of it is written."""
     from wandb.proto import wandb_internal_pb2 as pb
 
     files = list(Path(run_dir).glob("run-*.wandb"))
