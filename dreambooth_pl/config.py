@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -47,21 +48,32 @@ class DreamBoothCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
-        out = Path(cfg.output_dir or Path("outputs") / cfg.data.subject)
+        out = Path(cfg.output_dir or default_run_folder(cfg.data.subject))
         cfg.output_dir = str(out)
         cfg.trainer.default_root_dir = str(out)
         if "weights_only" in cfg and cfg.weights_only is None:
             cfg.weights_only = True  # checkpoints hold tensors and plain values only: load them safely
+        resuming = bool(cfg.get("ckpt_path"))
         for logger in _as_list(cfg.trainer.logger):
-            _default_logger_args(getattr(logger, "init_args", None), out, cfg.data.subject)
+            _default_logger_args(getattr(logger, "init_args", None), out, cfg.data.subject, resuming)
         if cfg.checkpoint.dirpath is None:
             cfg.checkpoint.dirpath = str(out / "checkpoints")
 
 
-def _default_logger_args(args, out: Path, subject: str) -> None:
-    """The run folder and run name follow the subject unless the config sets them."""
+def default_run_folder(subject: str) -> Path:
+    """outputs/<subject>; under a W&B sweep agent outputs/sweeps/<sweep id>/<run id>, one folder (with its own
+    checkpoints, samples and metrics.json) per sweep run."""
+    sweep, run = os.environ.get("WANDB_SWEEP_ID"), os.environ.get("WANDB_RUN_ID")
+    return Path("outputs") / "sweeps" / sweep / run if sweep and run else Path("outputs") / subject
+
+
+def _default_logger_args(args, out: Path, subject: str, resuming: bool) -> None:
+    """The run folder and run name follow the subject unless the config sets them; a resumed fit continues its
+    W&B run."""
     if args is None:
         return
+    if "continue_run" in args and resuming:
+        args.continue_run = True
     if "save_dir" in args and args.save_dir in (None, "."):
         args.save_dir = str(out)
     if "name" in args and args.name is None:

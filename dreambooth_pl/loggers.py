@@ -57,7 +57,8 @@ class AutoWandbLogger(WandbLogger):
     """WandbLogger that runs online with WANDB_API_KEY and offline otherwise (`offline=None`), saying which."""
 
     def __init__(self, save_dir: str = ".", name: str | None = None, project: str = "dreambooth_pl",
-                 group: str | None = None, offline: bool | None = None, log_model: bool = False, **kwargs):
+                 group: str | None = None, offline: bool | None = None, log_model: bool = False,
+                 continue_run: bool = False, **kwargs):
         """W&B logger settings (`trainer.logger` init_args).
 
         Args:
@@ -68,17 +69,28 @@ class AutoWandbLogger(WandbLogger):
             offline: null = online when wandb has credentials (`wandb login`, netrc, WANDB_API_KEY) and WANDB_MODE is
                 not offline, else offline (`wandb sync` uploads it later)
             log_model: upload checkpoints as W&B artifacts
+            continue_run: continue the W&B run last written in save_dir (set by the CLI when a fit resumes from a
+                checkpoint), so a resumed fit is one run with one history
         """
         offline = not wandb_online() if offline is None else offline
         Path(save_dir).mkdir(parents=True, exist_ok=True)
         where = (f"offline in {save_dir}/wandb (`wandb login` or WANDB_API_KEY to log online; `wandb sync` uploads it "
                  f"later)" if offline else f"online (credentials from {wandb_credentials()})")
         print(f"W&B: logging {where}", file=sys.stderr)
+        previous = last_run_id(save_dir) if continue_run else None
+        if previous:
+            kwargs.update(id=previous, resume="allow")
         super().__init__(name=name, save_dir=save_dir, project=project, group=group, offline=offline,
                          log_model=log_model, **kwargs)
         # Lightning always passes `anonymous`, which wandb deprecates with a warning on every run.
         if self._wandb_init.get("anonymous") is None:
             self._wandb_init.pop("anonymous", None)
+
+
+def last_run_id(save_dir: str | Path) -> str | None:
+    """The id of the W&B run last written under save_dir (wandb's `latest-run` link: run-<date>-<id>)."""
+    latest = Path(save_dir) / "wandb" / "latest-run"
+    return latest.resolve().name.rsplit("-", 1)[-1] if latest.exists() else None
 
 
 def finish_wandb() -> None:

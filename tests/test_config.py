@@ -106,10 +106,24 @@ def test_resume_from_last_checkpoint_continues(photos, tmp_path, in_repo, tiny_d
     config.lightning_cli(fit_args(photos, out, "--trainer.max_steps", "4", "--export.enabled", "false",
                                   "--checkpoint.every_n_train_steps", "2"))
     assert (out / "checkpoints" / "last.ckpt").is_file()
+    first = loggers.last_run_id(out)
     c = config.lightning_cli(fit_args(photos, out, "--trainer.max_steps", "6", "--export.enabled", "false",
                                       "--ckpt_path", "last"))
     assert c.trainer.global_step == 6
     assert not (out / "model").exists()
+    # The resumed fit continued the same W&B run; a fresh fit in the same folder starts a new one.
+    runs = sorted((out / "wandb").glob("offline-run-*"))
+    assert first and len(runs) == 2 and {r.name.rsplit("-", 1)[-1] for r in runs} == {first}
+    config.lightning_cli(fit_args(photos, out, "--trainer.max_steps", "1", "--export.enabled", "false"))
+    assert loggers.last_run_id(out) != first
+
+
+def test_a_sweep_run_gets_its_own_folder(monkeypatch, in_repo):
+    monkeypatch.setenv("WANDB_SWEEP_ID", "sw1")
+    monkeypatch.setenv("WANDB_RUN_ID", "r7")  # what the W&B agent sets for each run it launches
+    assert config.default_run_folder("can") == Path("outputs/sweeps/sw1/r7")
+    monkeypatch.delenv("WANDB_SWEEP_ID")
+    assert config.default_run_folder("can") == Path("outputs/can")
 
 
 @pytest.mark.parametrize("bad", [["--model.optim.learning_rat", "1"], ["--data.clas_noun", "can"],
