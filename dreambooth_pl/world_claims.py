@@ -25,7 +25,8 @@ from .files import labelled_grid, write_json, write_text
 from .instructpix2pix import Edit
 from .instructpix2pix import load as load_ip2p
 from .instructpix2pix import run as run_ip2p
-from .judge import Judge, load_judge
+from .judge import Judge, eval_scenes, load_judge
+from .judge import evaluate as evaluate_judge
 from .loggers import git_sha
 from .module import DreamBoothModule, Optimization
 from .report import mean_ci
@@ -90,13 +91,8 @@ def _protocol(s: ClaimsSettings) -> Protocol:
 
 
 def judge_accuracy(judge: Judge, n: int = 1000, seed: int = 10_000) -> dict[str, float]:
-    """Per attribute: the share of held-out renders (random scenes and subjects) the judge reads right."""
-    rng = np.random.default_rng(seed)
-    scenes = [world.random_scene(rng) if i % 4 else world.subject_scene(str(rng.choice(list(world.SUBJECTS))), rng)
-              for i in range(n)]
-    reads = judge.read([world.render(sc) for sc in scenes])
-    return {a: float(np.mean([r[a] == getattr(sc, a) for r, sc in zip(reads, scenes, strict=True)]))
-            for a in world.ATTRIBUTES}
+    """Per attribute: the share of held-out renders (random scenes, a fifth of them the subjects) read right."""
+    return evaluate_judge(judge, eval_scenes(seed, n, subject_share=0.2))
 
 
 def base_follows_prompts(parts: components.SDComponents, judge: Judge, s: ClaimsSettings, seed: int = 20_000) -> dict:
