@@ -91,6 +91,20 @@ def world_model_path(name: str) -> Path:
     return folder
 
 
+def rebuild_hint(pretrained: str) -> str:
+    """For the world models: how to get a good copy back."""
+    return " `make world` rebuilds the world models (or `git checkout models/world`)." if pretrained in WORLD_MODELS else ""
+
+
+def check_weight_files(local: Path, pretrained: str, parts: tuple[str, ...] = ("text_encoder", "vae", "unet")) -> None:
+    """Each part folder of a local pipeline holds a weight file; the error names the folder that does not."""
+    for part in parts:
+        folder = local / part
+        if folder.is_dir() and not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+            raise ModelLoadError(f"Cannot load model '{pretrained}': {folder} has no weight file (*.safetensors)."
+                                 + rebuild_hint(pretrained))
+
+
 def resolve(pretrained: str) -> str:
     """Map the tiny and world model names to their folders; anything else passes through."""
     if pretrained in TINY_MODELS:
@@ -146,7 +160,9 @@ def load_components(
             absent = [d for d in ("tokenizer", "text_encoder", "vae", "unet", "scheduler") if not (local / d).is_dir()]
             if absent:
                 raise ModelLoadError(f"Cannot load model '{pretrained}': {local} lacks {', '.join(absent)}/ (a diffusers "
-                                     f"Stable Diffusion folder has tokenizer, text_encoder, vae, unet and scheduler).")
+                                     f"Stable Diffusion folder has tokenizer, text_encoder, vae, unet and scheduler)."
+                                     + rebuild_hint(pretrained))
+            check_weight_files(local, pretrained)
         tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kw)
         text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=dtype, **wkw)
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype, **wkw)
@@ -156,7 +172,7 @@ def load_components(
         raise
     except (OSError, ValueError) as err:
         if local.is_dir():
-            raise ModelLoadError(f"Cannot load model '{pretrained}' from {local}: {err}") from err
+            raise ModelLoadError(f"Cannot load model '{pretrained}' from {local}: {err}{rebuild_hint(pretrained)}") from err
         raise _unreachable(pretrained, err) from err
     # transformers 5 returns an empty 2-token tokenizer for a broken tokenizer/ folder instead of raising.
     if len(tokenizer) < 1000:

@@ -202,3 +202,18 @@ def test_unknown_pipeline_kind_raises(parts):
     """An unknown pipeline kind is a ValueError naming it."""
     with pytest.raises(ValueError, match="inpaint"):
         components.pipeline(parts, kind="inpaint")
+
+
+@pytest.mark.parametrize("damage", ["missing", "corrupt"])
+def test_world_model_with_a_bad_weight_file_names_it_and_make_world(tiny_dir, tmp_path, monkeypatch, damage):
+    folder = tmp_path / "sd"
+    shutil.copytree(tiny_dir, folder)
+    weights = next((folder / "unet").glob("*.safetensors"))
+    if damage == "missing":
+        weights.unlink()
+    else:
+        weights.write_bytes(weights.read_bytes()[:1000])
+    monkeypatch.setitem(components.WORLD_MODELS, "world", folder)
+    with pytest.raises(components.ModelLoadError, match="make world") as err:
+        components.load_components("world")
+    assert str(folder / "unet") in str(err.value)
