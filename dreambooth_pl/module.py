@@ -12,6 +12,7 @@ from typing import Literal
 import pytorch_lightning as pl
 import torch
 from diffusers.utils.torch_utils import randn_tensor
+from pytorch_lightning.strategies import FSDPStrategy
 from tqdm.auto import tqdm
 
 from . import components
@@ -272,6 +273,9 @@ class DreamBoothModule(pl.LightningModule):
         return self
 
     def setup(self, stage: str) -> None:
+        if isinstance(self.trainer.strategy, FSDPStrategy):  # the exports read the whole UNet on rank 0
+            raise ValueError("trainer.strategy: fsdp is not supported (the exports need the whole UNet on rank 0 and "
+                             "no test covers it): use ddp, which the tests run")
         if self.speed.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True

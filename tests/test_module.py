@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+from types import SimpleNamespace
 
 import pytest
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from pytorch_lightning.strategies import FSDPStrategy
 
 from dreambooth_pl.components import load_components
 from dreambooth_pl.module import (
@@ -490,3 +492,10 @@ def test_fused_adamw_with_gradient_clipping_is_refused_naming_both_keys(tiny_dir
     m = DreamBoothModule(pretrained="tiny", optim=Optimization(optimizer="adamw_fused"))
     with pytest.raises(ValueError, match=r"adamw_fused.*trainer.gradient_clip_val: null"):
         make_trainer(tmp_path, 1, gradient_clip_val=1.0).fit(m, datamodule=make_datamodule(photos))
+
+
+def test_fsdp_is_refused_with_one_clear_message(tiny_dir):
+    module = DreamBoothModule(pretrained=str(tiny_dir))
+    module._trainer = SimpleNamespace(strategy=FSDPStrategy())
+    with pytest.raises(ValueError, match="fsdp is not supported.*use ddp"):
+        module.setup("fit")
