@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -11,15 +12,19 @@ from typing import Any, Literal, get_args
 import pytorch_lightning as pl
 import torch
 from PIL import Image, ImageOps
+from pillow_heif import register_heif_opener
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 from .components import ModelSource
 from .files import as_record, image_grid
-from .priors import SETTINGS, PriorSampling, PriorSettings, default_folder, generate
+from .priors import MANIFEST, SETTINGS, PriorSampling, PriorSettings, default_folder, generate
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+# Phone photos come as .heic (pillow-heif reads them); GIFs give their first frame.
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".heif"}
+register_heif_opener()
+NOT_PHOTOS = {SETTINGS, MANIFEST}  # the class-image cache's own files, never warned about
 SubjectType = Literal["object", "live", "world"]  # which prompts_<type>.txt evaluates it (world: the toy world)
 
 
@@ -103,13 +108,14 @@ def list_images(folder: str | Path, min_size: int = 0, what: str = "instance") -
         raise DataError(f"{what} folder {folder} does not exist: {fill} or set {key}")
     if not folder.is_dir():
         raise DataError(f"{what} folder {folder} is not a folder: set {key} to a folder of photos")
-    paths = sorted(
-        p
-        for p in folder.iterdir()
-        if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file()
-    )
+    files = sorted(p for p in folder.iterdir() if not p.name.startswith(".") and p.is_file())
+    paths = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
+    exts = ", ".join(sorted(IMAGE_EXTENSIONS))
+    unused = [p.name for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS and p.name not in NOT_PHOTOS]
+    if unused:
+        warnings.warn(f"{what} folder {folder}: not using {', '.join(unused)} (not an image: accepted extensions "
+                      f"are {exts}; convert them or move them out)", stacklevel=2)
     if not paths:
-        exts = ", ".join(sorted(IMAGE_EXTENSIONS))
         raise DataError(
             f"{what} folder {folder} holds no images (accepted extensions: {exts}): "
             f"add photos there or set {key}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -168,7 +169,28 @@ def test_list_images_sorted_filtered(tmp_path):
     _photo(tmp_path / ".hidden.jpg", seed=4)
     (tmp_path / "readme.txt").write_text("hi")
     (tmp_path / "sub.jpg").mkdir()  # a folder named like an image is skipped
-    assert [p.name for p in list_images(tmp_path)] == ["a.png", "b.JPG", "c.webp"]
+    with pytest.warns(UserWarning, match=r"not using readme\.txt \(not an image") as w:
+        assert [p.name for p in list_images(tmp_path)] == ["a.png", "b.JPG", "c.webp"]
+    assert str(tmp_path) in str(w[0].message)
+
+
+@pytest.mark.parametrize("suffix", [".gif", ".tif", ".tiff", ".heic", ".HEIF"])
+def test_phone_and_other_formats_are_read(tmp_path, suffix):
+    pixels = (np.random.default_rng(0).random((80, 96, 3)) * 255).astype(np.uint8)
+    fmt = {".gif": "GIF", ".tif": "TIFF", ".tiff": "TIFF", ".heic": "HEIF", ".heif": "HEIF"}[suffix.lower()]
+    Image.fromarray(pixels).save(tmp_path / f"photo{suffix}", format=fmt)
+    (path,) = list_images(tmp_path)
+    img = load_image(path)
+    assert img.mode == "RGB" and img.size == (96, 80)
+
+
+def test_class_cache_files_are_not_warned_about(tmp_path):
+    _photo(tmp_path / "00000.png")
+    (tmp_path / "settings.json").write_text("{}")
+    (tmp_path / "manifest.jsonl").write_text("")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(list_images(tmp_path, what="class")) == 1
 
 
 def test_list_images_missing_folder(tmp_path):
@@ -201,9 +223,9 @@ def test_list_images_only_non_images(tmp_path):
     d = tmp_path / "docs"
     d.mkdir()
     (d / "notes.txt").write_text("x")
-    (d / "photo.gif").write_bytes(b"GIF89a")
+    (d / "scan.pdf").write_bytes(b"%PDF-1.4")
     _photo(d / ".DS_Store.jpg")
-    with pytest.raises(DataError, match="no images") as e:
+    with pytest.raises(DataError, match="no images") as e, pytest.warns(UserWarning, match="notes.txt, scan.pdf"):
         list_images(d)
     assert str(d) in str(e.value)
 
