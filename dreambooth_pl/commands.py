@@ -1,4 +1,5 @@
-"""The project's own commands beside fit: priors, evaluate, report, compare, tiny-model, dreambench-files.
+"""The project's own commands beside fit: priors, evaluate, report, compare, tiny-model, dreambench-files and the
+toy world's world-data, world-build and world-claims.
 
 Each command is an `add_<name>_args(parser)` that declares its options and a `<name>(args)` that runs it;
 `cli.py` puts them under one program.
@@ -16,6 +17,7 @@ import torch
 
 from . import priors as prior_images
 from . import world
+from . import world_models as world_model_recipes
 from .components import SAMPLERS, ModelSource
 from .config import parse_config, parse_run_config
 from .data import class_prompt, list_images, load_image, write_benchmark_files
@@ -59,6 +61,8 @@ def priors(a: argparse.Namespace) -> None:
         sys.exit("priors: give --config files, or both --model and --class-prompt")
     cfg = parse_config([x for c in a.config for x in ("--config", c)])  # no files: the defaults
     d = cfg.data
+    if a.config:  # the subject's photos are checked before any model loads: a wrong folder fails in a second
+        list_images(d.instance_dir, min_size=d.min_image_size)
     source = ModelSource(**d.model.as_dict()) if a.model is None else ModelSource(a.model)
     sampling = dataclasses.replace(prior_images.PriorSampling(**d.prior.as_dict()), **_given(
         negative_prompt=a.negative_prompt, sampler=a.sampler, steps=a.steps, guidance_scale=a.guidance, seed=a.seed,
@@ -202,6 +206,19 @@ def world_data(a: argparse.Namespace) -> None:
     print(f"wrote the world subjects {', '.join(world.SUBJECTS)} to {world.write_dataset(a.root, a.photos, a.seed)}")
 
 
+def add_world_build_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default=str(world_model_recipes.WORLD_DIR), help="folder of sd/, ip2p/, judge/, manifest.json")
+    p.add_argument("--device", default="cpu", help="torch device to train on (cpu, cuda)")
+
+
+def world_build(a: argparse.Namespace) -> None:
+    """Train the toy world's models from scratch (VAE, text encoder + UNet, InstructPix2Pix UNet, judge)."""
+    m = world_model_recipes.build_world(a.out, a.device)
+    judge = (m["judge"] or {}).get("accuracy") or {}
+    print(f"wrote {Path(a.out)}: {m['weights_bytes'] / 2**20:.1f} MiB of weights in {m['wall_time_s']['total']:.0f} s"
+          f" on {a.device}; final losses {json.dumps(m['losses'])}; judge accuracy {json.dumps(judge)}")
+
+
 def add_world_claims_args(p: argparse.ArgumentParser) -> None:
     d = ClaimsSettings()
     p.add_argument("--subjects", nargs="+", default=list(d.subjects), choices=list(world.SUBJECTS), help="world subjects")
@@ -226,6 +243,8 @@ COMMANDS = {
     "dreambench-files": (add_dreambench_files_args, dreambench_files,
                          "write subjects.csv and the prompt lists into a clone of the DreamBooth dataset"),
     "world-data": (add_world_data_args, world_data, "write the toy world's subjects (DreamBench layout) into data/world"),
+    "world-build": (add_world_build_args, world_build,
+                    "train the toy world's models from scratch into models/world (make world)"),
     "world-claims": (add_world_claims_args, world_claims,
                      "measure DreamBooth's claims in the toy world against its judge (outputs/world/claims.md)"),
 }

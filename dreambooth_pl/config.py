@@ -10,7 +10,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 
 from .callbacks import ExportModel, LearningProbe, SampleAndScore
-from .data import DreamBoothDataModule
+from .data import DreamBoothDataModule, list_images
 from .loggers import finish_wandb, git_sha
 from .module import DreamBoothModule
 
@@ -48,6 +48,8 @@ class DreamBoothCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
+        # The photos first: a wrong folder is reported before any model loads or class image is made.
+        list_images(cfg.data.instance_dir, min_size=cfg.data.min_image_size)
         out = Path(cfg.output_dir or default_run_folder(cfg.data.subject))
         cfg.output_dir = str(out)
         cfg.trainer.default_root_dir = str(out)

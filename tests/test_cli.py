@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from dreambooth_pl import cli
+from dreambooth_pl import cli, components
+from dreambooth_pl.data import DataError
 
 from .conftest import REPO
 
 COMMANDS = ("fit", "validate", "test", "predict", "priors", "evaluate", "report", "compare", "tiny-model",
-            "dreambench-files", "world-data", "world-claims")
+            "dreambench-files", "world-data", "world-build", "world-claims")
 GROUPS = ("--model.", "--data.", "--eval.", "--export.", "--probe.")
 PACKAGE = Path(cli.__file__).resolve().parent  # dreambooth_pl/, wherever it is imported from
 
@@ -76,3 +77,23 @@ def test_fit_through_main_warns_nothing_of_its_own(photos, tmp_path, monkeypatch
     assert (out / "model" / "model_index.json").is_file() and (out / "run.json").is_file()
     assert [str(w.message) for w in seen if "LightningCLI's args parameter" in str(w.message)] == []
     assert [f"{w.filename}:{w.lineno}: {w.message}" for w in seen if Path(w.filename).resolve().is_relative_to(PACKAGE)] == []
+
+
+@pytest.mark.parametrize("command", ["fit", "priors"])
+def test_missing_photos_end_in_one_message_before_any_model_loads(command, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(components, "load_components", lambda *a, **k: pytest.fail("a model was loaded"))
+    empty = tmp_path / "photos"
+    empty.mkdir()
+    args = [command, "--config", "experiments/base.yaml", "--config", "experiments/subjects/can.yaml"]
+    override = ["--data.instance_dir", str(empty)] if command == "fit" else []
+    if command == "priors":  # priors reads the subject from its config files
+        (tmp_path / "subject.yaml").write_text(f"data:\n  instance_dir: {empty}\n")
+        args += ["--config", str(tmp_path / "subject.yaml")]
+    with pytest.raises(SystemExit) as e:
+        cli.main(args + override)
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert f"instance folder {empty} holds no images" in err and "Traceback" not in err and "--debug" in err
+    with pytest.raises(DataError):  # --debug: the exception itself, with its traceback
+        cli.main(args + override + ["--debug"])
