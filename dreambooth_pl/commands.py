@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -20,7 +21,7 @@ from . import world
 from . import world_models as world_model_recipes
 from .components import SAMPLERS, ModelSource
 from .config import parse_config, parse_run_config
-from .data import class_prompt, list_images, load_image, write_benchmark_files
+from .data import DreamBoothDataModule, class_prompt, list_images, load_image, write_benchmark_files
 from .encoders import load_encoders
 from .evaluation import FILE_RE, PAPER_ROWS, encoder_info, protocol_prompts, real_vs_real, score
 from .files import write_json
@@ -31,6 +32,8 @@ from .tiny import TINY, TINY_MODELS, build_random
 from .world_claims import ClaimsSettings, run_claims
 
 # ------------------------------------------------------------------------------------------------ priors
+
+DEFAULT_INSTANCE_DIR = inspect.signature(DreamBoothDataModule).parameters["instance_dir"].default
 
 
 def add_priors_args(p: argparse.ArgumentParser) -> None:
@@ -61,8 +64,8 @@ def priors(a: argparse.Namespace) -> None:
         sys.exit("priors: give --config files, or both --model and --class-prompt")
     cfg = parse_config([x for c in a.config for x in ("--config", c)])  # no files: the defaults
     d = cfg.data
-    if a.config:  # the subject's photos are checked before any model loads: a wrong folder fails in a second
-        list_images(d.instance_dir, min_size=d.min_image_size)
+    if d.instance_dir != DEFAULT_INSTANCE_DIR:  # the configs name a subject (make experiment): check its photos
+        list_images(d.instance_dir, min_size=d.min_image_size)  # before any model loads, so a wrong folder fails fast
     source = ModelSource(**d.model.as_dict()) if a.model is None else ModelSource(a.model)
     sampling = dataclasses.replace(prior_images.PriorSampling(**d.prior.as_dict()), **_given(
         negative_prompt=a.negative_prompt, sampler=a.sampler, steps=a.steps, guidance_scale=a.guidance, seed=a.seed,

@@ -6,11 +6,15 @@ and builds the sampling schedulers and pipelines that share the loaded modules.
 
 from __future__ import annotations
 
+import functools
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlparse
 from typing import Any, Literal, get_args
 
 import diffusers
+import huggingface_hub
 import torch
 from diffusers import (
     AutoencoderKL,
@@ -125,6 +129,32 @@ def _unreachable(pretrained: str, err: Exception) -> ModelLoadError:
     )
 
 
+@functools.cache
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hub's host answers a TCP connection within `timeout` s (checked once per process)."""
+    url = urlparse(huggingface_hub.constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def hub_access(pretrained: str, kw: dict) -> dict:
+    """`from_pretrained` kwargs for a hub id: the local cache only when the Hub cannot be reached, so an offline
+    machine fails (or loads from its cache) in seconds instead of minutes of download retries."""
+    if huggingface_hub.constants.HF_HUB_OFFLINE or hub_reachable():
+        return kw
+    cached = huggingface_hub.try_to_load_from_cache(pretrained, "model_index.json", revision=kw.get("revision"))
+    if isinstance(cached, str):
+        return {**kw, "local_files_only": True}
+    raise ModelLoadError(
+        f"Cannot load model '{pretrained}': the Hugging Face Hub ({huggingface_hub.constants.ENDPOINT}) cannot be "
+        f"reached and the model is not in the local cache ({huggingface_hub.constants.HF_HUB_CACHE}); connect to the "
+        f"network, or pass a local diffusers folder or .safetensors file (MODEL=path), or MODEL=world / MODEL=tiny "
+        f"offline.")
+
+
 def load_components(
     pretrained: str,
     revision: str | None = None,
@@ -154,6 +184,8 @@ def load_components(
         raise ModelLoadError(f"Cannot load model '{pretrained}': no such file or folder.")
 
     kw = dict(revision=revision) if revision else {}
+    if not local.is_dir():
+        kw = hub_access(pretrained, kw)
     wkw = dict(kw, variant=variant) if variant else kw
     try:
         if local.is_dir():

@@ -34,6 +34,8 @@ class LogConfigCallback(SaveConfigCallback):
 class DreamBoothCLI(LightningCLI):
     """LightningCLI with the callback groups (`checkpoint:`, `eval:`, `export:`, `probe:`) and the run folder."""
 
+    check_photos = True  # before anything is built; reading a config only (parse_config) does not need them
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--output_dir", type=str | None, default=None, help="run folder; default outputs/<data.subject>")
         # Callbacks as config groups: an overlay (tiny.yaml, a preset) changes one setting, not the whole list.
@@ -48,8 +50,8 @@ class DreamBoothCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
-        # The photos first: a wrong folder is reported before any model loads or class image is made.
-        list_images(cfg.data.instance_dir, min_size=cfg.data.min_image_size)
+        if self.check_photos:  # a wrong folder is reported before any model loads or class image is made
+            list_images(cfg.data.instance_dir, min_size=cfg.data.min_image_size)
         out = Path(cfg.output_dir or default_run_folder(cfg.data.subject))
         cfg.output_dir = str(out)
         cfg.trainer.default_root_dir = str(out)
@@ -109,6 +111,8 @@ def lightning_cli(args: list[str], run: bool = True) -> DreamBoothCLI:
 
 class _ParseOnlyCLI(DreamBoothCLI):
     """Parses and validates only: no seeding, no model, no trainer."""
+
+    check_photos = False
 
     def _set_seed(self) -> None:
         pass

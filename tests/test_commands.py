@@ -78,7 +78,7 @@ def test_evaluate_scores_a_folder_of_generated_images(tmp_path):
 # ------------------------------------------------------------------------------------------ priors
 
 
-def test_priors_makes_the_class_images_fit_reuses(monkeypatch, tmp_path, tiny_dir, capsys):
+def test_priors_makes_the_class_images_fit_reuses(monkeypatch, tmp_path, tiny_dir, capsys, photos):
     monkeypatch.chdir(REPO)
     argv = ["priors", "--config", "experiments/base.yaml", "--config", "experiments/tiny.yaml",
             "--class-prompt", "a can", "--num-images", "2", "--steps", "2", "--accelerator", "cpu"]
@@ -93,7 +93,8 @@ def test_priors_makes_the_class_images_fit_reuses(monkeypatch, tmp_path, tiny_di
     assert capsys.readouterr().out.splitlines()[-1] == f"2 class images in {folder} (2 reused, 0 made)"
     # The data module of a fit with the same configs reads its class images from that folder.
     c = config.lightning_cli(["--config", "experiments/base.yaml", "--config", "experiments/tiny.yaml",
-                              "--data.class_noun", "can", "--data.prior.steps", "2", "--output_dir", str(tmp_path)],
+                              "--data.class_noun", "can", "--data.prior.steps", "2", "--output_dir", str(tmp_path),
+                              "--data.instance_dir", str(photos["instance"])],
                              run=False)
     assert c.datamodule.class_folder() == folder
 
@@ -127,9 +128,10 @@ def test_report_command_writes_each_run_and_the_aggregate(tmp_path, capsys):
     assert f"| DreamBooth (ours) | 0.700 ± {half:.3f} |" in table.read_text()
 
 
-def test_report_command_without_metrics_says_why(tmp_path):
-    with pytest.raises(FileNotFoundError, match="SampleAndScore"):
+def test_report_command_without_metrics_says_why(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
         cli.main(["report", str(tmp_path)])
+    assert e.value.code == 1 and "SampleAndScore" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------ compare

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import time
 
+import huggingface_hub
 import numpy as np
 import pytest
 import torch
@@ -217,3 +218,21 @@ def test_world_model_with_a_bad_weight_file_names_it_and_make_world(tiny_dir, tm
     with pytest.raises(components.ModelLoadError, match="make world") as err:
         components.load_components("world")
     assert str(folder / "unet") in str(err.value)
+
+
+def test_unreachable_hub_fails_in_seconds_with_one_sentence(monkeypatch):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(components, "hub_reachable", lambda: False)
+    start = time.perf_counter()
+    with pytest.raises(components.ModelLoadError, match="cannot be reached and the model is not in the local cache"):
+        components.load_components("nobody/not-a-cached-model")
+    assert time.perf_counter() - start < 5  # no download retries
+
+
+def test_hub_reachable_says_no_for_a_closed_port(monkeypatch):
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")  # discard port: nothing listens
+    components.hub_reachable.cache_clear()
+    try:
+        assert components.hub_reachable(timeout=1.0) is False
+    finally:
+        components.hub_reachable.cache_clear()
