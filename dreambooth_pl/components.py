@@ -10,8 +10,8 @@ import functools
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlparse
 from typing import Any, Literal, get_args
+from urllib.parse import urlparse
 
 import diffusers
 import huggingface_hub
