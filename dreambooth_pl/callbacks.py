@@ -240,25 +240,55 @@ class RunRecord(pl.Callback):
 
 
 class ExportModel(pl.Callback):
-    """After fit: the fine-tuned model into the run folder (model/ + model.safetensors, or lora/ for LoRA runs)."""
+    """After fit: the fine-tuned model into the run folder (model/ + model.safetensors, or lora/ for LoRA runs): the
+    best checkpoint's weights when `checkpoint.monitor` picked one, else the last; optionally every N steps too."""
 
-    def __init__(self, enabled: bool = True, single_file: bool = True):
+    def __init__(self, enabled: bool = True, single_file: bool = True, every_n_steps: int = 0, best: bool = True):
         """The callback's settings (its config group).
 
         Args:
             enabled: export after fit (diffusers pipeline in <run>/model, or LoRA files in <run>/lora)
             single_file: also write <run>/model.safetensors (A1111 / ComfyUI single file) for full fine-tunes
+            every_n_steps: also export every N optimizer steps into <run>/exports/step<N>/ (0 = only after fit)
+            best: when checkpoint.monitor picked a best checkpoint, the after-fit export is that one (its step is in
+                <run>/exported.json and the report); false = the last weights
         """
         super().__init__()
         self.enabled = enabled
         self.single_file = single_file
+        self.every_n_steps = every_n_steps
+        self.best = best
+        self._exported_step = -1
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step  # optimizer steps: with gradient accumulation it repeats across micro-batches
+        if not (self.enabled and self.every_n_steps and step and step % self.every_n_steps == 0) or \
+                step == self._exported_step or not trainer.is_global_zero:
+            return
+        self._exported_step = step
+        out = Path(trainer.default_root_dir) / "exports" / f"step{step:06d}"
+        for kind, path in export_run(pl_module, out, self._metadata(trainer, step), self.single_file).items():
+            print(f"Exported {kind} at step {step}: {path}")
 
     def on_fit_end(self, trainer, pl_module) -> None:
         if not (self.enabled and _fit_done(trainer)):
             return
-        meta = {**trainer.datamodule.describe(), "steps": trainer.global_step, "seed": _seed(), "git_sha": git_sha()}
+        record = {"step": trainer.global_step, "weights": "last"}
+        cb = trainer.checkpoint_callback
+        if self.best and cb is not None and cb.monitor and cb.best_model_path and Path(cb.best_model_path).is_file():
+            ckpt = torch.load(cb.best_model_path, map_location="cpu", weights_only=True)
+            pl_module.load_state_dict(ckpt["state_dict"], strict=False)  # the trainable weights of the best step
+            record = {"step": int(ckpt["global_step"]), "weights": "best", "checkpoint": cb.best_model_path,
+                      "monitor": cb.monitor, "score": float(cb.best_model_score)}
+            print(f"Exporting the best checkpoint: step {record['step']}, {cb.monitor} = {record['score']:.4f}")
+        meta = {**self._metadata(trainer, record["step"]), "exported": record}
         for kind, path in export_run(pl_module, trainer.default_root_dir, meta, self.single_file).items():
             print(f"Exported {kind}: {path}")
+        write_json(Path(trainer.default_root_dir) / "exported.json", record)
+
+    @staticmethod
+    def _metadata(trainer, step: int) -> dict:
+        return {**trainer.datamodule.describe(), "steps": step, "seed": _seed(), "git_sha": git_sha()}
 
 
 class LearningProbe(pl.Callback):

@@ -1,4 +1,4 @@
-"""The project's own commands beside fit: priors, evaluate, report, compare, tiny-model, dreambench-files and the
+"""The project's own commands beside fit: priors, evaluate, report, compare, export, tiny-model, dreambench-files and the
 toy world's world-data, world-build and world-claims.
 
 Each command is an `add_<name>_args(parser)` that declares its options and a `<name>(args)` that runs it;
@@ -24,6 +24,7 @@ from .config import parse_config, parse_run_config
 from .data import DreamBoothDataModule, class_prompt, list_images, load_image, write_benchmark_files
 from .encoders import load_encoders
 from .evaluation import FILE_RE, PAPER_ROWS, encoder_info, protocol_prompts, real_vs_real, score
+from .export import export_checkpoint
 from .files import write_json
 from .instructpix2pix import DEFAULT_MODEL as IP2P_MODEL
 from .instructpix2pix import compare as compare_run
@@ -195,6 +196,21 @@ def dreambench_files(a: argparse.Namespace) -> None:
         print(f"wrote {path}")
 
 
+# ------------------------------------------------------------------------------------------------ export
+
+
+def add_export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="a run's checkpoint: <run>/checkpoints/last.ckpt, a best or a mid-run one")
+    p.add_argument("--out", help="folder of the exports (default: <run>/exports/step<N>)")
+    p.add_argument("--no-single-file", action="store_true", help="skip model.safetensors (A1111 / ComfyUI single file)")
+
+
+def export(a: argparse.Namespace) -> None:
+    """Turn any saved checkpoint into the full set of exports (diffusers folder + single file, or LoRA files)."""
+    for kind, path in export_checkpoint(a.checkpoint, a.out, not a.no_single_file).items():
+        print(f"Exported {kind}: {path}")
+
+
 # ------------------------------------------------------------------------------------------------ the toy world
 
 
@@ -242,6 +258,7 @@ COMMANDS = {
     "evaluate": (add_evaluate_args, evaluate, "score a folder of generated images with the DreamBench protocol"),
     "report": (add_report_args, report, "write report.md + figures for run folders, or a DreamBench table"),
     "compare": (add_compare_args, compare, "InstructPix2Pix on a run's subject, prompts and metrics; compare report"),
+    "export": (add_export_args, export, "turn any checkpoint (last, best, mid-run) into the full set of exports"),
     "tiny-model": (add_tiny_model_args, tiny_model, "write a tiny random Stable Diffusion (tests, offline demos)"),
     "dreambench-files": (add_dreambench_files_args, dreambench_files,
                          "write subjects.csv and the prompt lists into a clone of the DreamBooth dataset"),

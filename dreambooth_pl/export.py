@@ -1,4 +1,5 @@
-"""A run's exports: the diffusers pipeline folder, and which formats a run gets (the formats: single_file, lora)."""
+"""A run's exports: the diffusers pipeline folder, which formats a run gets (the formats: single_file, lora), and
+the exports of any saved checkpoint (`python -m dreambooth_pl export`)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,11 @@ import json
 from pathlib import Path
 
 from . import components
+from .data import class_prompt, instance_prompt
 from .files import atomic_path
+from .loggers import git_sha
 from .lora import export_lora, has_lora
+from .module import DreamBoothModule
 from .single_file import export_single_file
 
 METADATA_FILE = "dreambooth_pl.json"  # beside model_index.json: what the folder was trained on, and how
@@ -41,3 +45,24 @@ def export_run(module, out_dir: str | Path, metadata: dict, single_file: bool = 
         paths["single file"] = export_single_file(parts, out_dir / "model.safetensors",
                                                   metadata={k: str(v) for k, v in meta.items()})
     return paths
+
+
+def checkpoint_metadata(ckpt: dict, path: Path) -> dict:
+    """Who and what a checkpoint is (subject, prompts, step), from the hyperparameters it carries."""
+    d = ckpt.get("datamodule_hyper_parameters", {})
+    who = {}
+    if "class_noun" in d:
+        who = dict(subject=d.get("subject"), class_noun=d["class_noun"], identifier=d.get("identifier", "sks"),
+                   instance_prompt=instance_prompt(d.get("identifier", "sks"), d["class_noun"]),
+                   class_prompt=class_prompt(d["class_noun"]))
+    return {**who, "steps": ckpt.get("global_step"), "checkpoint": str(path), "git_sha": git_sha()}
+
+
+def export_checkpoint(path: str | Path, out_dir: str | Path | None = None, single_file: bool = True) -> dict[str, Path]:
+    """Every export of a saved checkpoint (last, best or mid-run) into `out_dir` (default: the run folder's
+    exports/step<N>/): {format: path}."""
+    path = Path(path)
+    module, ckpt = DreamBoothModule.from_checkpoint(path)
+    step = int(ckpt.get("global_step", 0))
+    out = Path(out_dir) if out_dir else path.resolve().parent.parent / "exports" / f"step{step:06d}"
+    return export_run(module, out, checkpoint_metadata(ckpt, path), single_file)

@@ -7,6 +7,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Literal
 
 import pytorch_lightning as pl
@@ -502,6 +503,22 @@ class DreamBoothModule(pl.LightningModule):
 
     def trainable_state_names(self) -> set[str]:
         return {n for n, p in self.named_parameters() if p.requires_grad}
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path) -> tuple[DreamBoothModule, dict]:
+        """The fine-tuned module a checkpoint describes (base weights from its `pretrained`, the trainable ones from
+        the file, read with weights_only=True) and the checkpoint itself (step, data settings)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint {path} does not exist: pass a run's checkpoints/<name>.ckpt")
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        hp = dict(ckpt["hyper_parameters"])
+        groups = dict(optim=Optimization(**hp.pop("optim")), lora=LoraSettings(**hp.pop("lora")),
+                      speed=SpeedSettings(**hp.pop("speed")))
+        module = cls(**hp, **groups)
+        module.on_load_checkpoint(ckpt)  # refuses a checkpoint that lacks trainable weights
+        module.load_state_dict(ckpt["state_dict"], strict=False)
+        return module.eval(), ckpt
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Drop the frozen gigabytes: they come back from `pretrained` when the module is rebuilt.

@@ -104,6 +104,18 @@ def photo_strip(paths: list[Path], path: Path, size: int = 128) -> Path | None:
     return write_image(strip, path)
 
 
+def exported_line(run_dir: Path) -> str:
+    """Which weights the run exported (exported.json, written by ExportModel): the best step or the last."""
+    f = run_dir / "exported.json"
+    if not f.is_file():
+        return ""
+    e = json.loads(f.read_text())
+    if e.get("weights") == "best":
+        return (f"Exported model (`model/`): the **best checkpoint, step {e['step']}** ({e['monitor']} = "
+                f"{e['score']:.4f}), not the last step.\n\n")
+    return f"Exported model (`model/`): the last step, {e.get('step')}.\n\n"
+
+
 def write_report(run_dir: str | Path) -> Path:
     """Write run_dir/report.md and run_dir/figures/ from the run's metrics.json, samples and CSV log."""
     run_dir = Path(run_dir)
@@ -129,6 +141,7 @@ def write_report(run_dir: str | Path) -> Path:
              f"Identifier `{m.get('identifier')}`; encoders: {', '.join(f'{k}={v}' for k, v in m.get('encoders', {}).items())}; "
              f"protocol: {json.dumps(m.get('protocol'))}.\n\n",
              *([f"![real photos](figures/{real.name})\n\n"] if real else []),
+             exported_line(run_dir),
              "## Scores\n\n", metric_table(rows),
              "\nDINO, CLIP-I: subject fidelity (mean cosine over real×generated pairs). CLIP-T: prompt fidelity "
              "(raw cosine). PRES: similarity of plain class-prompt images to the subject (lower = less drift). "

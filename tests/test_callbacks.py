@@ -186,14 +186,15 @@ def test_export_model_writes_the_pipeline_and_the_single_file(after_fit):
     from diffusers import StableDiffusionPipeline
 
     run, module = after_fit.run, after_fit.module
-    assert sorted(p.name for p in run.iterdir()) == ["model", "model.safetensors", "run.json"]
+    assert sorted(p.name for p in run.iterdir()) == ["exported.json", "model", "model.safetensors", "run.json"]
+    assert json.loads((run / "exported.json").read_text()) == {"step": STEPS, "weights": "last"}
     pipe = StableDiffusionPipeline.from_pretrained(run / "model")
     unet = module.unet.state_dict()
     assert pipe.unet.state_dict().keys() == unet.keys()
     assert all(torch.equal(v, unet[k]) for k, v in pipe.unet.state_dict().items())
     meta = json.loads((run / "model" / "dreambooth_pl.json").read_text())
     assert meta == {"base_model": "tiny", "revision": None, **after_fit.dm.describe(), "steps": STEPS, "seed": SEED,
-                    "git_sha": git_sha()}
+                    "git_sha": git_sha(), "exported": {"step": STEPS, "weights": "last"}}
     single = load_file(run / "model.safetensors")
     assert torch.equal(single["model.diffusion_model.input_blocks.0.0.weight"], module.unet.conv_in.weight.half())
     assert f"Exported diffusers: {run / 'model'}" in after_fit.stdout
@@ -212,6 +213,35 @@ def test_learning_probe_logs_base_and_tuned_denoising_mse(after_fit):
     assert probe["probe/denoising_mse_tuned"] == after_fit.module.denoising_mse(pixels, prompts)
     assert probe["probe/denoising_mse_tuned"] <= 0.7 * base, probe  # the fit learnt the photos
     assert "Denoising MSE on the instance photos" in after_fit.stdout
+
+
+class PeakAtStep(Callback):
+    """Logs val/fake = 1 at optimizer step `peak`, 0 elsewhere: a monitored metric whose best step is known."""
+
+    def __init__(self, peak: int):
+        self.peak = peak
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        pl_module.log("val/fake", float(trainer.global_step == self.peak))
+
+
+def test_export_model_exports_the_best_checkpoint_and_every_n_steps(tiny_dir, photos, tmp_path):
+    run = tmp_path / "run"
+    best = ModelCheckpoint(dirpath=run / "checkpoints", monitor="val/fake", mode="max", save_top_k=1,
+                           every_n_train_steps=1)
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        make_trainer(run, 6, [PeakAtStep(2), best, ExportModel(every_n_steps=3)], enable_checkpointing=True).fit(
+            DreamBoothModule(pretrained="tiny", optim=Optimization(learning_rate=1e-3)), datamodule=make_datamodule(photos))
+    assert sorted(p.name for p in (run / "exports").iterdir()) == ["step000003", "step000006"]
+    record = json.loads((run / "exported.json").read_text())
+    assert record["weights"] == "best" and record["step"] == 2 and record["monitor"] == "val/fake"
+    ckpt = torch.load(record["checkpoint"], map_location="cpu", weights_only=True)
+    exported = load_file(next((run / "model" / "unet").glob("*.safetensors")))
+    assert all(torch.equal(exported[k.removeprefix("unet.")], v) for k, v in ckpt["state_dict"].items())
+    late = load_file(next((run / "exports" / "step000006" / "model" / "unet").glob("*.safetensors")))
+    assert not all(torch.equal(late[k], exported[k]) for k in exported)  # the best step is not the last
+    assert "Exporting the best checkpoint: step 2, val/fake = 1.0000" in stdout.getvalue()
 
 
 def test_export_model_disabled_writes_nothing(tiny_dir, photos, tmp_path):

@@ -15,7 +15,7 @@ from dreambooth_pl.data import DataError
 
 from .conftest import REPO
 
-COMMANDS = ("fit", "validate", "test", "predict", "priors", "evaluate", "report", "compare", "tiny-model",
+COMMANDS = ("fit", "validate", "test", "predict", "priors", "evaluate", "report", "compare", "export", "tiny-model",
             "dreambench-files", "world-data", "world-build", "world-claims")
 GROUPS = ("--model.", "--data.", "--eval.", "--export.", "--probe.")
 PACKAGE = Path(cli.__file__).resolve().parent  # dreambooth_pl/, wherever it is imported from

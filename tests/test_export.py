@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
+from pytorch_lightning.callbacks import ModelCheckpoint
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from dreambooth_pl import components
+from dreambooth_pl import cli, components
 from dreambooth_pl.export import METADATA_FILE, export_pipeline, export_run
 from dreambooth_pl.module import DreamBoothModule, LoraSettings, Optimization
 
@@ -132,3 +133,24 @@ def test_lora_fit_exports_both_formats_that_change_the_output(tiny_dir, photos, 
     assert np.abs(diffusers_fmt - base).max() > 1e-4
     assert np.abs(diffusers_fmt - trained).max() < 1e-4  # the file carries exactly the trained adapters
     assert np.abs(kohya_fmt - diffusers_fmt).max() < 1e-2  # kohya file is fp16
+
+
+def test_export_command_on_a_mid_run_checkpoint_gives_that_checkpoints_weights(tiny_dir, photos, tmp_path, capsys):
+    run = tmp_path / "run"
+    saved = ModelCheckpoint(dirpath=run / "checkpoints", save_top_k=-1, every_n_train_steps=2)
+    make_trainer(run, 4, [saved], enable_checkpointing=True).fit(
+        DreamBoothModule(pretrained="tiny", optim=Optimization(learning_rate=1e-3)), datamodule=make_datamodule(photos))
+    mid = next((run / "checkpoints").glob("*step=2.ckpt"))
+    cli.main(["export", str(mid)])
+    out = run / "exports" / "step000002"
+    assert f"Exported diffusers: {out / 'model'}" in capsys.readouterr().out
+    ckpt = torch.load(mid, map_location="cpu", weights_only=True)
+    pipe = StableDiffusionPipeline.from_pretrained(out / "model")
+    unet = pipe.unet.state_dict()
+    assert all(torch.equal(unet[k.removeprefix("unet.")], v) for k, v in ckpt["state_dict"].items())
+    meta = json.loads((out / "model" / METADATA_FILE).read_text())
+    assert meta["steps"] == 2 and meta["instance_prompt"] == "a sks can" and meta["checkpoint"] == str(mid)
+    assert (out / "model.safetensors").is_file()
+    with pytest.raises(SystemExit):  # a missing checkpoint: one message, exit 1
+        cli.main(["export", str(run / "checkpoints" / "nope.ckpt")])
+    assert "nope.ckpt does not exist" in capsys.readouterr().err

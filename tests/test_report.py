@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from dreambooth_pl.report import aggregate, mean_ci, metric_table, t975
+from dreambooth_pl.report import aggregate, mean_ci, metric_table, t975, write_report
 
 
 def test_mean_ci_matches_student_t():
@@ -59,3 +59,13 @@ def test_compare_bench_table_per_method(tmp_path):
     half = 12.706 * math.sqrt(0.005) / math.sqrt(2)
     assert f"| DreamBooth | 0.650 ± {half:.3f} |" in text and f"| InstructPix2Pix | 0.850 ± {half:.3f} |" in text
     assert "Uncalibrated" in text
+
+
+def test_report_says_which_step_was_exported(tmp_path):
+    (tmp_path / "metrics.json").write_text(json.dumps({"subject": "can", "class_noun": "can", "stages": {}}))
+    (tmp_path / "exported.json").write_text(json.dumps(
+        {"step": 200, "weights": "best", "checkpoint": "c.ckpt", "monitor": "val/dino", "score": 0.61234}))
+    assert "the **best checkpoint, step 200** (val/dino = 0.6123), not the last step" in \
+        write_report(tmp_path).read_text()
+    (tmp_path / "exported.json").write_text(json.dumps({"step": 800, "weights": "last"}))
+    assert "Exported model (`model/`): the last step, 800." in write_report(tmp_path).read_text()
