@@ -288,7 +288,9 @@ class ExportModel(pl.Callback):
 
     @staticmethod
     def _metadata(trainer, step: int) -> dict:
-        return {**trainer.datamodule.describe(), "steps": step, "seed": _seed(), "git_sha": git_sha()}
+        dm = trainer.datamodule
+        return {**dm.describe(), "resolution": dm.hparams.resolution, "steps": step, "seed": _seed(),
+                "git_sha": git_sha()}
 
 
 class LearningProbe(pl.Callback):

@@ -29,6 +29,7 @@ from .files import write_json
 from .instructpix2pix import DEFAULT_MODEL as IP2P_MODEL
 from .instructpix2pix import compare as compare_run
 from .report import aggregate, aggregate_compare, write_report
+from .sharing import push_to_hub
 from .tiny import TINY, TINY_MODELS, build_random
 from .world_claims import ClaimsSettings, run_claims
 
@@ -203,12 +204,19 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="a run's checkpoint: <run>/checkpoints/last.ckpt, a best or a mid-run one")
     p.add_argument("--out", help="folder of the exports (default: <run>/exports/step<N>)")
     p.add_argument("--no-single-file", action="store_true", help="skip model.safetensors (A1111 / ComfyUI single file)")
+    p.add_argument("--push-to-hub", metavar="REPO_ID", help="then upload the exported folder to this Hub model repo "
+                   "(created private if absent; needs `huggingface-cli login`)")
 
 
 def export(a: argparse.Namespace) -> None:
     """Turn any saved checkpoint into the full set of exports (diffusers folder + single file, or LoRA files)."""
-    for kind, path in export_checkpoint(a.checkpoint, a.out, not a.no_single_file).items():
+    paths = export_checkpoint(a.checkpoint, a.out, not a.no_single_file)
+    for kind, path in paths.items():
         print(f"Exported {kind}: {path}")
+    if a.push_to_hub:
+        folder = next(iter(paths.values()))
+        folder = folder if folder.is_dir() else folder.parent  # the diffusers folder, or lora/
+        print(f"Pushed {folder} to {push_to_hub(folder, a.push_to_hub)}")
 
 
 # ------------------------------------------------------------------------------------------------ the toy world

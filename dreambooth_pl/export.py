@@ -8,13 +8,17 @@ from pathlib import Path
 
 from . import components
 from .data import class_prompt, instance_prompt
-from .files import atomic_path
+from .files import atomic_path, image_grid, write_image, write_text
 from .loggers import git_sha
 from .lora import export_lora, has_lora
 from .module import DreamBoothModule
+from .sharing import CARD_FILE, architecture, model_card, share_metadata
 from .single_file import export_single_file
 
 METADATA_FILE = "dreambooth_pl.json"  # beside model_index.json: what the folder was trained on, and how
+# The key layouts of the two single files (ModelSpec `implementation`): original LDM keys, kohya's LoRA keys.
+LDM_IMPLEMENTATION = "https://github.com/Stability-AI/stablediffusion"
+KOHYA_IMPLEMENTATION = "https://github.com/kohya-ss/sd-scripts"
 
 
 def export_pipeline(parts: components.SDComponents, folder: str | Path, metadata: dict | None = None,
@@ -31,20 +35,43 @@ def export_pipeline(parts: components.SDComponents, folder: str | Path, metadata
 def export_run(module, out_dir: str | Path, metadata: dict, single_file: bool = True) -> dict[str, Path]:
     """Every export of a fine-tuned `DreamBoothModule` into `out_dir`: {format: path}.
 
-    A LoRA run gets `lora/` (diffusers and kohya files); a full fine-tune gets `model/` (diffusers) and, with
-    `single_file`, `model.safetensors` (one fp16 original-layout file for A1111 / ComfyUI).
+    A LoRA run gets `lora/` (diffusers and kohya files); a full fine-tune gets `model/` (diffusers, with a model card)
+    and, with `single_file`, `model.safetensors` (one fp16 original-layout file for A1111 / ComfyUI). The
+    safetensors headers carry ModelSpec and kohya keys (trigger phrase, base model, resolution, steps).
     """
     out_dir = Path(out_dir)
-    if has_lora(module.unet) or has_lora(module.text_encoder):
-        return {f"lora ({kind})": path for kind, path in export_lora(module, out_dir / "lora").items()}
     hp = module.hparams
     meta = {"base_model": hp.pretrained, "revision": hp.revision, **metadata}
+    width = module.unet.config.cross_attention_dim
+    prediction = module.noise_scheduler.config.prediction_type
+    if has_lora(module.unet) or has_lora(module.text_encoder):
+        keys = share_metadata(meta, architecture(width, prediction, lora=True), KOHYA_IMPLEMENTATION)
+        paths = {f"lora ({kind})": path for kind, path in export_lora(module, out_dir / "lora", metadata=keys).items()}
+        write_card(out_dir, out_dir / "lora", meta)
+        return paths
     parts = module.export_parts()  # one dtype throughout: a mixed bf16/fp32 pipeline fails on its first call
     paths = {"diffusers": export_pipeline(parts, out_dir / "model", meta)}
+    write_card(out_dir, out_dir / "model", meta)
     if single_file:
-        paths["single file"] = export_single_file(parts, out_dir / "model.safetensors",
-                                                  metadata={k: str(v) for k, v in meta.items()})
+        keys = {**{k: str(v) for k, v in meta.items()}, **share_metadata(meta, architecture(width, prediction),
+                                                                        LDM_IMPLEMENTATION)}
+        paths["single file"] = export_single_file(parts, out_dir / "model.safetensors", metadata=keys)
     return paths
+
+
+def write_card(run_dir: Path, folder: Path, meta: dict) -> Path:
+    """folder/README.md: the model card, with the run's final scores and a grid of its final samples when it has them."""
+    metrics = None
+    mfile = run_dir / "metrics.json"
+    if mfile.is_file():
+        final = json.loads(mfile.read_text()).get("stages", {}).get("final", {})
+        metrics = {k: v for k, v in final.get("metrics", {}).items() if isinstance(v, float)} or None
+    samples = sorted((run_dir / "samples" / "final").glob("[0-9]*_*.png"))[:8]
+    grid = None
+    if samples:
+        write_image(image_grid(samples, cols=4, size=256), folder / "samples.png")
+        grid = "samples.png"
+    return write_text(folder / CARD_FILE, model_card(meta, metrics, grid))
 
 
 def checkpoint_metadata(ckpt: dict, path: Path) -> dict:
@@ -55,7 +82,8 @@ def checkpoint_metadata(ckpt: dict, path: Path) -> dict:
         who = dict(subject=d.get("subject"), class_noun=d["class_noun"], identifier=d.get("identifier", "sks"),
                    instance_prompt=instance_prompt(d.get("identifier", "sks"), d["class_noun"]),
                    class_prompt=class_prompt(d["class_noun"]))
-    return {**who, "steps": ckpt.get("global_step"), "checkpoint": str(path), "git_sha": git_sha()}
+    return {**who, "resolution": d.get("resolution"), "steps": ckpt.get("global_step"), "checkpoint": str(path),
+            "git_sha": git_sha()}
 
 
 def export_checkpoint(path: str | Path, out_dir: str | Path | None = None, single_file: bool = True) -> dict[str, Path]:

@@ -281,12 +281,13 @@ def export_lora(
     folder: str | Path,
     kohya_dtype: torch.dtype = torch.float16,
     adapter_name: str | None = None,
+    metadata: dict | None = None,
 ) -> dict[str, Path]:
     """Both LoRA formats of `.unet` / `.text_encoder` into `folder`: {'diffusers': …, 'kohya': …}.
 
     `folder/pytorch_lora_weights.safetensors` (for `load_lora_weights(folder)`, weights in their own dtype)
     and `folder/lora_kohya.safetensors` (A1111 / ComfyUI, `kohya_dtype`). The text encoder's LoRA is
-    included when it has one.
+    included when it has one; `metadata` goes into the kohya file's header.
     """
     folder = Path(folder)
     unet = module_or_parts.unet
@@ -295,7 +296,8 @@ def export_lora(
     return {
         "diffusers": export_lora_diffusers(unet, text_encoder, folder=folder, adapter_name=adapter_name),
         "kohya": export_lora_kohya(
-            unet, text_encoder, path=folder / KOHYA_WEIGHT_NAME, dtype=kohya_dtype, adapter_name=adapter_name
+            unet, text_encoder, path=folder / KOHYA_WEIGHT_NAME, dtype=kohya_dtype, adapter_name=adapter_name,
+            metadata=metadata,
         ),
     }
 

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from pytorch_lightning.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, Logger
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from dreambooth_pl.callbacks import ExportModel, LearningProbe, RunRecord, SampleAndScore
@@ -193,8 +194,15 @@ def test_export_model_writes_the_pipeline_and_the_single_file(after_fit):
     assert pipe.unet.state_dict().keys() == unet.keys()
     assert all(torch.equal(v, unet[k]) for k, v in pipe.unet.state_dict().items())
     meta = json.loads((run / "model" / "dreambooth_pl.json").read_text())
-    assert meta == {"base_model": "tiny", "revision": None, **after_fit.dm.describe(), "steps": STEPS, "seed": SEED,
-                    "git_sha": git_sha(), "exported": {"step": STEPS, "weights": "last"}}
+    assert meta == {"base_model": "tiny", "revision": None, **after_fit.dm.describe(), "resolution": 64, "steps": STEPS,
+                    "seed": SEED, "git_sha": git_sha(), "exported": {"step": STEPS, "weights": "last"}}
+    card = (run / "model" / "README.md").read_text()  # the model card: Hub front matter, trigger phrase, settings
+    assert card.startswith("---\nbase_model: tiny\n") and f"Trigger phrase: **`{after_fit.dm.instance_prompt}`**" in card
+    with safe_open(run / "model.safetensors", "pt") as f:
+        header = f.metadata()
+    assert header["modelspec.sai_model_spec"] == "1.0.0" and header["modelspec.resolution"] == "64x64"
+    assert header["modelspec.trigger_phrase"] == after_fit.dm.instance_prompt
+    assert header["ss_max_train_steps"] == str(STEPS) and header["ss_sd_model_name"] == "tiny"
     single = load_file(run / "model.safetensors")
     assert torch.equal(single["model.diffusion_model.input_blocks.0.0.weight"], module.unet.conv_in.weight.half())
     assert f"Exported diffusers: {run / 'model'}" in after_fit.stdout

@@ -105,7 +105,10 @@ def test_export_run_lora_module_gets_lora_folder_only(tiny_dir, tmp_path, lora):
     assert paths == {"lora (diffusers)": folder / "pytorch_lora_weights.safetensors",
                      "lora (kohya)": folder / "lora_kohya.safetensors"}
     assert os.listdir(tmp_path) == ["lora"]
-    assert sorted(os.listdir(folder)) == ["lora_kohya.safetensors", "pytorch_lora_weights.safetensors"]
+    assert sorted(os.listdir(folder)) == ["README.md", "lora_kohya.safetensors", "pytorch_lora_weights.safetensors"]
+    with safe_open(paths["lora (kohya)"], "pt") as f:
+        header = f.metadata()
+    assert header["modelspec.architecture"] == "dreambooth_pl-custom-32/lora" and header["ss_output_name"] == "t"
     keys = load_file(paths["lora (diffusers)"]).keys()
     assert any(k.startswith("unet.") for k in keys) == bool(lora.rank)
     assert any(k.startswith("text_encoder.") for k in keys) == bool(lora.text_encoder_rank)
