@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -81,15 +79,3 @@ def offset_noise(noise: torch.Tensor, offset: float, extra: torch.Tensor) -> tor
     """Offset noise: eps + offset * per-(sample, channel) constant, `extra` (B, C, 1, 1) standard normal."""
     return noise + offset * extra
 
-
-def lr_lambda(step: int, warmup_steps: int, total_steps: int, schedule: str = "constant", min_ratio: float = 0.0) -> float:
-    """Learning-rate multiplier: linear warm-up, then constant or cosine decay to `min_ratio`."""
-    if schedule not in ("constant", "cosine"):
-        raise ValueError(f"unknown lr_schedule {schedule!r}: choose constant or cosine")
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "constant":
-        return 1.0
-    span = max(1, total_steps - warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / span)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))

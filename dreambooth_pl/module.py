@@ -6,12 +6,12 @@ import copy
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Literal
 
 import pytorch_lightning as pl
 import torch
+from diffusers.optimization import get_scheduler
 from diffusers.utils.torch_utils import randn_tensor
 from pytorch_lightning.strategies import FSDPStrategy
 from tqdm.auto import tqdm
@@ -22,7 +22,6 @@ from .files import as_record
 from .lora import add_lora
 from .losses import (
     diffusion_target,
-    lr_lambda,
     min_snr_weights,
     offset_noise,
     prior_preservation_loss,
@@ -44,8 +43,9 @@ class Optimization:
         optimizer: adamw; adamw_fused (one CUDA kernel for all parameters); adamw_8bit (bitsandbytes, ~75% less state)
         learning_rate: peak learning rate (the paper and the diffusers example: 5e-6 for a full fine-tune)
         text_encoder_learning_rate: the text encoder's rate when it trains; null = learning_rate
-        lr_schedule: constant, or cosine decay to 0 after the warm-up
-        lr_warmup_steps: linear warm-up steps
+        lr_schedule: a diffusers `get_scheduler` schedule after the warm-up: constant, linear or cosine decay to 0,
+            cosine_with_restarts, polynomial (constant with lr_warmup_steps > 0 is constant_with_warmup)
+        lr_warmup_steps: linear warm-up steps (from 0, as diffusers' schedules do)
         adam_beta1: AdamW beta1
         adam_beta2: AdamW beta2
         weight_decay: AdamW decoupled weight decay
@@ -55,7 +55,8 @@ class Optimization:
     optimizer: Literal["adamw", "adamw_fused", "adamw_8bit"] = "adamw"
     learning_rate: float = 5e-6
     text_encoder_learning_rate: float | None = None
-    lr_schedule: Literal["constant", "cosine"] = "constant"
+    lr_schedule: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
+                         "polynomial"] = "constant"
     lr_warmup_steps: int = 0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -488,10 +489,11 @@ class DreamBoothModule(pl.LightningModule):
                               eps=o.epsilon)
 
     def make_scheduler(self, optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
-        """The configured schedule (warm-up, then constant or cosine) over `total_steps` optimizer steps."""
-        fn = partial(lr_lambda, warmup_steps=self.optim.lr_warmup_steps, total_steps=total_steps,
-                     schedule=self.optim.lr_schedule)
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+        """The configured diffusers schedule (warm-up, then `lr_schedule`) over `total_steps` optimizer steps."""
+        name, warmup = self.optim.lr_schedule, self.optim.lr_warmup_steps
+        if name == "constant" and warmup:  # diffusers' "constant" ignores the warm-up; nobody asking for one wants that
+            name = "constant_with_warmup"
+        return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
     def configure_optimizers(self):
         opt = self.make_optimizer()

@@ -79,9 +79,9 @@ def test_fit_logs_offline_wandb_history_and_config(fitted, wandb_run):
     run = wandb_run(runs[0])
     for key in ("train/loss", "train/loss_instance", "train/loss_prior", "train/lr"):
         assert sum(key in h for h in run["history"]) == 6, key
-    # LearningRateMonitor before each step: tiny.yaml's 1e-3 after a 20-step linear warm-up, (i + 1) / 20.
+    # LearningRateMonitor before each step: tiny.yaml's 1e-3 after a 20-step linear warm-up from 0, i / 20 (diffusers).
     lrs = [json.loads(h["train/lr"]) for h in run["history"] if "train/lr" in h]
-    assert lrs == pytest.approx([1e-3 * (i + 1) / 20 for i in range(6)], rel=1e-6)
+    assert lrs == pytest.approx([1e-3 * i / 20 for i in range(6)], rel=1e-6)
     cfg = json.loads(run["config"]["config"])
     assert cfg["model"]["optim"]["learning_rate"] == 1e-3 and cfg["data"]["subject"] == "toy"
     assert json.loads(run["config"]["git_sha"]) == loggers.git_sha()

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from dreambooth_pl.losses import diffusion_target, lr_lambda, prior_preservation_loss, q_sample
+from dreambooth_pl.losses import diffusion_target, prior_preservation_loss, q_sample
 
 SD_SCHEDULE = dict(
     num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012
@@ -164,55 +162,3 @@ def test_prior_loss_reduces_half_precision_in_float32():
     assert total.item() == ref.item()
     # The bf16 values themselves, reduced in float64: instance rows [0, 2) plus class rows [2, 4).
     assert total.item() == pytest.approx(mse(pred[:2], target[:2]) + mse(pred[2:], target[2:]), rel=1e-5)
-
-
-# ------------------------------------------------------------------------------------------ lr_lambda
-
-
-def test_linear_warmup():
-    """Warm-up rises linearly from 1/warmup at step 0 to 1.0 at step warmup-1."""
-    warmup = 5
-    values = [lr_lambda(s, warmup, 100) for s in range(warmup)]
-    assert values[0] == pytest.approx(1 / warmup)
-    assert values[-1] == pytest.approx(1.0)
-    np.testing.assert_allclose(np.diff(values), 1 / warmup)
-
-
-def test_constant_schedule_stays_one():
-    """After warm-up the constant schedule is 1.0 at every step, including past total_steps."""
-    assert all(lr_lambda(s, 3, 50, "constant") == 1.0 for s in range(3, 80))
-    assert lr_lambda(0, 0, 10, "constant") == 1.0
-
-
-def test_cosine_schedule():
-    """Cosine: 1.0 after warm-up, 0.5 * (1 + min) halfway, min_ratio at total_steps and beyond."""
-    warmup, total, lo = 10, 110, 0.1
-    f = [lr_lambda(s, warmup, total, "cosine", lo) for s in range(total + 20)]
-    assert f[warmup] == pytest.approx(1.0)
-    assert f[warmup + (total - warmup) // 2] == pytest.approx(0.5 * (1 + lo))
-    assert f[total] == pytest.approx(lo)
-    assert f[-1] == pytest.approx(lo)
-    assert all(b <= a + 1e-12 for a, b in zip(f[warmup:], f[warmup + 1 :], strict=False))
-    # independent closed form at an arbitrary step
-    s = 37
-    assert f[s] == pytest.approx(
-        lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * (s - warmup) / (total - warmup)))
-    )
-
-
-def test_cosine_without_warmup_starts_at_one():
-    """With no warm-up the cosine schedule starts at 1.0 and ends at 0 by default."""
-    assert lr_lambda(0, 0, 40, "cosine") == pytest.approx(1.0)
-    assert lr_lambda(40, 0, 40, "cosine") == pytest.approx(0.0, abs=1e-12)
-
-
-def test_unknown_schedule_raises():
-    """An unknown schedule name is a ValueError that names it."""
-    with pytest.raises(ValueError, match="linear"):
-        lr_lambda(10, 5, 100, "linear")
-
-
-def test_unknown_schedule_raises_during_warmup():
-    """An unknown schedule is rejected at the first step, not only once warm-up ends."""
-    with pytest.raises(ValueError, match="linear"):
-        lr_lambda(0, 5, 100, "linear")

@@ -499,3 +499,22 @@ def test_fsdp_is_refused_with_one_clear_message(tiny_dir):
     module._trainer = SimpleNamespace(strategy=FSDPStrategy())
     with pytest.raises(ValueError, match="fsdp is not supported.*use ddp"):
         module.setup("fit")
+
+
+@pytest.mark.parametrize("name", ["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
+                                  "polynomial"])
+def test_every_schedule_warms_up_from_zero_and_is_diffusers(tiny_dir, name):
+    module = DreamBoothModule(pretrained=str(tiny_dir), optim=Optimization(learning_rate=1e-3, lr_schedule=name,
+                                                                          lr_warmup_steps=4))
+    opt = module.make_optimizer()
+    sched = module.make_scheduler(opt, 20)
+    lrs = []
+    for _ in range(20):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:5] == pytest.approx([0.0, 2.5e-4, 5e-4, 7.5e-4, 1e-3])  # linear warm-up from 0 (constant too)
+    if name.startswith("constant"):
+        assert lrs[4:] == pytest.approx([1e-3] * 16)
+    else:
+        assert lrs[-1] < 1e-3 * 0.2 and all(b <= a + 1e-12 for a, b in zip(lrs[4:-1], lrs[5:], strict=True))  # decays
