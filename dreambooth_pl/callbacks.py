@@ -154,8 +154,9 @@ class SampleAndScore(pl.Callback):
         mine = jobs[trainer.global_rank :: trainer.world_size]
         was_training = pl_module.training
         pl_module.eval()
-        images = sample(pl_module.parts(), [ep.prompt if ep else self.class_prompt for ep, _ in mine],
-                        [s for _, s in mine], self.run_protocol, self.batch_size)
+        with pl_module.averaged():  # the EMA weights when model.optim.ema_decay is set
+            images = sample(pl_module.parts(), [ep.prompt if ep else self.class_prompt for ep, _ in mine],
+                            [s for _, s in mine], self.run_protocol, self.batch_size)
         pl_module.train(was_training)
         for (ep, seed), img in zip(mine, images, strict=True):
             img.save(folder / (f"{ep.index:02d}_{seed}.png" if ep else f"class_{seed}.png"))
@@ -267,7 +268,9 @@ class ExportModel(pl.Callback):
             return
         self._exported_step = step
         out = Path(trainer.default_root_dir) / "exports" / f"step{step:06d}"
-        for kind, path in export_run(pl_module, out, self._metadata(trainer, step), self.single_file).items():
+        with pl_module.averaged():
+            paths = export_run(pl_module, out, self._metadata(trainer, step), self.single_file)
+        for kind, path in paths.items():
             print(f"Exported {kind} at step {step}: {path}")
 
     def on_fit_end(self, trainer, pl_module) -> None:
@@ -278,11 +281,17 @@ class ExportModel(pl.Callback):
         if self.best and cb is not None and cb.monitor and cb.best_model_path and Path(cb.best_model_path).is_file():
             ckpt = torch.load(cb.best_model_path, map_location="cpu", weights_only=True)
             pl_module.load_state_dict(ckpt["state_dict"], strict=False)  # the trainable weights of the best step
+            if pl_module.ema is not None and "ema" in ckpt:  # and its EMA, which the export uses
+                pl_module.ema.load_state_dict(ckpt["ema"])
+                pl_module.ema.to(pl_module.device)
             record = {"step": int(ckpt["global_step"]), "weights": "best", "checkpoint": cb.best_model_path,
                       "monitor": cb.monitor, "score": float(cb.best_model_score)}
             print(f"Exporting the best checkpoint: step {record['step']}, {cb.monitor} = {record['score']:.4f}")
+        record["ema"] = pl_module.ema is not None
         meta = {**self._metadata(trainer, record["step"]), "exported": record}
-        for kind, path in export_run(pl_module, trainer.default_root_dir, meta, self.single_file).items():
+        with pl_module.averaged():
+            paths = export_run(pl_module, trainer.default_root_dir, meta, self.single_file)
+        for kind, path in paths.items():
             print(f"Exported {kind}: {path}")
         write_json(Path(trainer.default_root_dir) / "exported.json", record)
 
@@ -316,7 +325,8 @@ class LearningProbe(pl.Callback):
         # (N, 3, R, R): center-cropped, unflipped views, so the probe does not depend on augmentation.
         pixels = torch.stack([v[0] for v in dm.fixed_views("instance", limit=self.max_images)])
         prompts = [dm.instance_prompt] * len(pixels)
-        tuned = pl_module.denoising_mse(pixels, prompts, seed=self.seed)
+        with pl_module.averaged():
+            tuned = pl_module.denoising_mse(pixels, prompts, seed=self.seed)
         base = pl_module.base_model().denoising_mse(pixels, prompts, seed=self.seed)
         print(f"Denoising MSE on the instance photos (fixed noise): base {base:.4f} -> fine-tuned {tuned:.4f} "
               f"({100 * (tuned - base) / base:+.1f}%)")

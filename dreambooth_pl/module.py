@@ -12,6 +12,7 @@ from typing import Literal
 import pytorch_lightning as pl
 import torch
 from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
 from diffusers.utils.torch_utils import randn_tensor
 from pytorch_lightning.strategies import FSDPStrategy
 from tqdm.auto import tqdm
@@ -50,6 +51,8 @@ class Optimization:
         adam_beta2: AdamW beta2
         weight_decay: AdamW decoupled weight decay
         epsilon: AdamW epsilon
+        ema_decay: keep an exponential moving average of the trainable weights (diffusers' EMAModel, decay warmed up
+            as (1 + step) / (10 + step)) and use it for evaluation and the exports; e.g. 0.999; null = off
     """
 
     optimizer: Literal["adamw", "adamw_fused", "adamw_8bit"] = "adamw"
@@ -62,6 +65,7 @@ class Optimization:
     adam_beta2: float = 0.999
     weight_decay: float = 1e-2
     epsilon: float = 1e-8
+    ema_decay: float | None = None
 
 
 @dataclass(frozen=True)
@@ -185,6 +189,8 @@ class DreamBoothModule(pl.LightningModule):
         self.register_buffer("alphas_cumprod", self.noise_scheduler.alphas_cumprod.clone().float(), persistent=False)
         # Checkpoints hold only the trainable weights, so loading one leaves the frozen ones as loaded.
         self.strict_loading = False
+        self.ema: EMAModel | None = None  # made at fit start, on the training device (optim.ema_decay)
+        self._ema_state: dict | None = None  # from a checkpoint being resumed, loaded into the EMA once it exists
 
     def _set_up_training(self) -> None:
         """Freeze everything, then unfreeze or adapt what trains; frozen weights in speed.frozen_dtype, trainable fp32."""
@@ -292,6 +298,11 @@ class DreamBoothModule(pl.LightningModule):
             raise ValueError(f"model.optim.optimizer: adamw_fused unscales gradients inside its kernel, so Lightning cannot "
                              f"clip them (trainer.gradient_clip_val={self.trainer.gradient_clip_val}): set "
                              f"trainer.gradient_clip_val: null, or use model.optim.optimizer: adamw")
+        if self.optim.ema_decay:
+            self.ema = EMAModel(self.trainable_parameters(), decay=self.optim.ema_decay)
+            if self._ema_state is not None:
+                self.ema.load_state_dict(self._ema_state)
+                self.ema.to(self.device)
         if self.speed.cache_latents:
             dm = self.trainer.datamodule
             self.cache_latents({split: dm.fixed_views(split) for split in ("instance", "class")},
@@ -463,6 +474,25 @@ class DreamBoothModule(pl.LightningModule):
         )
         return loss
 
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        if self.ema is not None:  # once per optimizer step, before any callback (checkpoint, export) sees the step
+            self.ema.step(self.trainable_parameters())
+
+    @contextmanager
+    def averaged(self) -> Iterator[None]:
+        """The EMA weights in place of the trained ones inside the block (evaluation, exports); no-op without EMA."""
+        if self.ema is None:
+            yield
+            return
+        params = self.trainable_parameters()
+        self.ema.store(params)
+        self.ema.copy_to(params)
+        try:
+            yield
+        finally:
+            self.ema.restore(params)
+
     @torch.no_grad()
     def denoising_mse(self, pixel_values: torch.Tensor, prompts: list[str], seed: int = 0, repeats: int = 4) -> float:
         """Mean diffusion loss with fixed noise and timesteps: a deterministic 'has it learnt' probe."""
@@ -520,14 +550,21 @@ class DreamBoothModule(pl.LightningModule):
         module = cls(**hp, **groups)
         module.on_load_checkpoint(ckpt)  # refuses a checkpoint that lacks trainable weights
         module.load_state_dict(ckpt["state_dict"], strict=False)
+        if module._ema_state is not None:  # an EMA run exports its averaged weights, as after fit
+            ema = EMAModel(module.trainable_parameters())
+            ema.load_state_dict(module._ema_state)
+            ema.copy_to(module.trainable_parameters())
         return module.eval(), ckpt
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Drop the frozen gigabytes: they come back from `pretrained` when the module is rebuilt.
         keep = self.trainable_state_names()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        if self.ema is not None:
+            checkpoint["ema"] = self.ema.state_dict()  # tensors and numbers: weights_only loads it
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._ema_state = checkpoint.get("ema")
         missing = sorted(self.trainable_state_names() - set(checkpoint["state_dict"]))
         if missing:
             raise KeyError(

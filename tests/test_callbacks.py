@@ -188,14 +188,14 @@ def test_export_model_writes_the_pipeline_and_the_single_file(after_fit):
 
     run, module = after_fit.run, after_fit.module
     assert sorted(p.name for p in run.iterdir()) == ["exported.json", "model", "model.safetensors", "run.json"]
-    assert json.loads((run / "exported.json").read_text()) == {"step": STEPS, "weights": "last"}
+    assert json.loads((run / "exported.json").read_text()) == {"step": STEPS, "weights": "last", "ema": False}
     pipe = StableDiffusionPipeline.from_pretrained(run / "model")
     unet = module.unet.state_dict()
     assert pipe.unet.state_dict().keys() == unet.keys()
     assert all(torch.equal(v, unet[k]) for k, v in pipe.unet.state_dict().items())
     meta = json.loads((run / "model" / "dreambooth_pl.json").read_text())
     assert meta == {"base_model": "tiny", "revision": None, **after_fit.dm.describe(), "resolution": 64, "steps": STEPS,
-                    "seed": SEED, "git_sha": git_sha(), "exported": {"step": STEPS, "weights": "last"}}
+                    "seed": SEED, "git_sha": git_sha(), "exported": {"step": STEPS, "weights": "last", "ema": False}}
     card = (run / "model" / "README.md").read_text()  # the model card: Hub front matter, trigger phrase, settings
     assert card.startswith("---\nbase_model: tiny\n") and f"Trigger phrase: **`{after_fit.dm.instance_prompt}`**" in card
     with safe_open(run / "model.safetensors", "pt") as f:
@@ -250,6 +250,24 @@ def test_export_model_exports_the_best_checkpoint_and_every_n_steps(tiny_dir, ph
     late = load_file(next((run / "exports" / "step000006" / "model" / "unet").glob("*.safetensors")))
     assert not all(torch.equal(late[k], exported[k]) for k in exported)  # the best step is not the last
     assert "Exporting the best checkpoint: step 2, val/fake = 1.0000" in stdout.getvalue()
+
+
+def test_ema_weights_are_exported_and_checkpointed_and_the_trained_ones_kept(tiny_dir, photos, tmp_path):
+    run = tmp_path / "run"
+    saved = ModelCheckpoint(dirpath=run / "checkpoints", save_last=True, save_top_k=0, every_n_train_steps=4)
+    module = DreamBoothModule(pretrained="tiny", optim=Optimization(learning_rate=1e-2, ema_decay=0.9))
+    make_trainer(run, 4, [saved, ExportModel()], enable_checkpointing=True).fit(module, datamodule=make_datamodule(photos))
+    trained = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+    shadow = dict(zip(trained, module.ema.shadow_params, strict=True))
+    assert not all(torch.equal(shadow[n], v) for n, v in trained.items())  # the average lags the weights
+    exported = load_file(next((run / "model" / "unet").glob("*.safetensors")))
+    assert all(torch.equal(exported[n.removeprefix("unet.")], shadow[n]) for n in trained)  # the export is the EMA
+    assert all(torch.equal(p, trained[n]) for n, p in module.named_parameters() if p.requires_grad)  # restored
+    assert json.loads((run / "exported.json").read_text())["ema"] is True
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["ema"]["optimization_step"] == 4
+    rebuilt, _ = DreamBoothModule.from_checkpoint(run / "checkpoints" / "last.ckpt")  # the export command's view
+    assert all(torch.equal(p, shadow[n]) for n, p in rebuilt.named_parameters() if p.requires_grad)
 
 
 def test_export_model_disabled_writes_nothing(tiny_dir, photos, tmp_path):
