@@ -260,19 +260,16 @@ def world_claims(a: argparse.Namespace) -> None:
     print(f"wrote {run_claims(s, a.out)}")
 
 
-# name -> (declare options, run, one-line help)
+# name -> (declare options, run); the one-line help of each is cli.HELP's (the program's --help imports nothing heavy)
 COMMANDS = {
-    "priors": (add_priors_args, priors, "make the class-prior images once (content-keyed cache); fit reuses them"),
-    "evaluate": (add_evaluate_args, evaluate, "score a folder of generated images with the DreamBench protocol"),
-    "report": (add_report_args, report, "write report.md + figures for run folders, or a DreamBench table"),
-    "compare": (add_compare_args, compare, "InstructPix2Pix on a run's subject, prompts and metrics; compare report"),
-    "export": (add_export_args, export, "turn any checkpoint (last, best, mid-run) into the full set of exports"),
-    "tiny-model": (add_tiny_model_args, tiny_model, "write a tiny random Stable Diffusion (tests, offline demos)"),
-    "dreambench-files": (add_dreambench_files_args, dreambench_files,
-                         "write subjects.csv and the prompt lists into a clone of the DreamBooth dataset"),
-    "world-data": (add_world_data_args, world_data, "write the toy world's subjects (DreamBench layout) into data/world"),
-    "world-build": (add_world_build_args, world_build,
-                    "train the toy world's models from scratch into models/world (make world)"),
-    "world-claims": (add_world_claims_args, world_claims,
-                     "measure DreamBooth's claims in the toy world against its judge (outputs/world/claims.md)"),
+    "priors": (add_priors_args, priors),
+    "evaluate": (add_evaluate_args, evaluate),
+    "report": (add_report_args, report),
+    "compare": (add_compare_args, compare),
+    "export": (add_export_args, export),
+    "tiny-model": (add_tiny_model_args, tiny_model),
+    "dreambench-files": (add_dreambench_files_args, dreambench_files),
+    "world-data": (add_world_data_args, world_data),
+    "world-build": (add_world_build_args, world_build),
+    "world-claims": (add_world_claims_args, world_claims),
 }

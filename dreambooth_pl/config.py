@@ -10,11 +10,11 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 
 from .callbacks import ExportModel, LearningProbe, SampleAndScore
+from .cli import PROG
 from .data import DreamBoothDataModule, list_images
 from .loggers import finish_wandb, git_sha
 from .module import DreamBoothModule
 
-PROG = "python -m dreambooth_pl"
 # default_env: no DREAMBOOTH_* variable silently changes a run; allow_abbrev: `--model.learning_rat` is an error.
 PARSER_KWARGS = {"prog": PROG, "default_env": False, "allow_abbrev": False}
 # The model's source settings that the class images are made with: one setting, read by both.

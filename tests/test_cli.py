@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from dreambooth_pl import cli, components
+from dreambooth_pl.commands import COMMANDS as IMPLEMENTED
 from dreambooth_pl.data import DataError
 
 from .conftest import REPO
@@ -97,3 +98,16 @@ def test_missing_photos_end_in_one_message_before_any_model_loads(command, tmp_p
     assert f"instance folder {empty} holds no images" in err and "Traceback" not in err and "--debug" in err
     with pytest.raises(DataError):  # --debug: the exception itself, with its traceback
         cli.main(args + override + ["--debug"])
+
+
+def test_program_help_imports_nothing_heavy():
+    code = ("import sys, contextlib, io\nfrom dreambooth_pl import cli\n"
+            "with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n    cli.main(['--help'])\n"
+            "print(sorted(m for m in ('torch', 'pytorch_lightning', 'diffusers', 'transformers') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"  # so --help answers at once
+
+
+def test_every_listed_command_is_implemented():
+    assert list(cli.HELP) == [*cli.LIGHTNING_COMMANDS, *IMPLEMENTED]
