@@ -515,28 +515,66 @@ def train_judge_stage(out: Path, progress: bool) -> dict | None:
     return judge_module.build(out / "judge", progress=progress)
 
 
+STAGES_FILE = ".stages.json"  # in `out` while a build runs: the stages done for this recipe (a rerun resumes after them)
+
+
+def done_stages(out: Path, recipe: WorldRecipe) -> dict:
+    """The stages an interrupted build of the same recipe finished: {stage: {"losses": ..., "wall": ...}}."""
+    f = out / STAGES_FILE
+    if not f.is_file():
+        return {}
+    record = json.loads(f.read_text())
+    return record["stages"] if record["recipe"] == json.loads(json.dumps(dataclasses.asdict(recipe))) else {}
+
+
+def load_sd_parts(folder: Path) -> tuple[AutoencoderKL, CLIPTokenizer, CLIPTextModel, UNet2DConditionModel]:
+    """A saved text-to-image stage, back in fp32 (its weights were fp16-rounded before saving: nothing changes)."""
+    f32 = dict(torch_dtype=torch.float32)
+    return (AutoencoderKL.from_pretrained(folder / "vae", **f32).eval(), CLIPTokenizer.from_pretrained(folder / "tokenizer"),
+            CLIPTextModel.from_pretrained(folder / "text_encoder", **f32).eval(),
+            UNet2DConditionModel.from_pretrained(folder / "unet", **f32).eval())
+
+
 def build_world(out: str | Path = WORLD_DIR, device: str = "cpu", recipe: WorldRecipe = WorldRecipe(),
                 progress: bool = True) -> dict:
     """Train every world model from scratch (VAE, text-to-image, InstructPix2Pix, judge) into `out`: sd/, ip2p/,
-    judge/ and manifest.json (recipe, seeds, git SHA, device, wall time and final losses per stage). The manifest."""
-    out, start, wall = Path(out), time.perf_counter(), {}
+    judge/ and manifest.json (recipe, seeds, git SHA, device, wall time and final losses per stage). An interrupted
+    build of the same recipe resumes after its last finished stage, with the same result. The manifest."""
+    out, start = Path(out), time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    done = done_stages(out, recipe)
     threads = torch.get_num_threads()
     torch.set_num_threads(recipe.threads)  # deterministic kernels; one core leaves the other to a second job
     torch.set_flush_denormal(True)
+
+    def finish(stage: str, wall: dict[str, float], **losses) -> None:
+        done[stage] = {"losses": losses, "wall": wall}
+        write_json(out / STAGES_FILE, {"recipe": dataclasses.asdict(recipe), "stages": done})
+
     try:
-        t = time.perf_counter()
-        vae, vae_losses = train_vae(recipe.vae, recipe.seed, device, progress)
-        wall["vae"], t = time.perf_counter() - t, time.perf_counter()
-        tokenizer, text_encoder, unet, t2i_losses = train_text2img(vae, recipe.text2img, recipe.seed, device, progress)
-        save_sd(out / "sd", tokenizer, text_encoder, vae, unet)
-        wall["text2img"], t = time.perf_counter() - t, time.perf_counter()
-        ip2p, ip2p_losses = train_ip2p(vae, tokenizer, text_encoder, unet, recipe.ip2p, recipe.seed, device, progress)
-        save_ip2p(out / "ip2p", out / "sd", ip2p)
-        wall["ip2p"], t = time.perf_counter() - t, time.perf_counter()
-        judge = train_judge_stage(out, progress) if recipe.judge else None
-        wall["judge"] = time.perf_counter() - t if judge is not None else None
+        if "text2img" not in done:
+            t = time.perf_counter()
+            vae, vae_losses = train_vae(recipe.vae, recipe.seed, device, progress)
+            t_vae, t = time.perf_counter() - t, time.perf_counter()
+            tokenizer, text_encoder, unet, t2i_losses = train_text2img(vae, recipe.text2img, recipe.seed, device, progress)
+            save_sd(out / "sd", tokenizer, text_encoder, vae, unet)
+            finish("text2img", {"vae": t_vae, "text2img": time.perf_counter() - t}, vae=vae_losses, text2img=t2i_losses)
+        vae, tokenizer, text_encoder, unet = load_sd_parts(out / "sd")
+        if "ip2p" not in done:
+            t = time.perf_counter()
+            ip2p, ip2p_losses = train_ip2p(vae, tokenizer, text_encoder, unet, recipe.ip2p, recipe.seed, device, progress)
+            save_ip2p(out / "ip2p", out / "sd", ip2p)
+            finish("ip2p", {"ip2p": time.perf_counter() - t}, ip2p=ip2p_losses)
+        ip2p = UNet2DConditionModel.from_pretrained(out / "ip2p" / "unet")
+        if recipe.judge and "judge" not in done:
+            t = time.perf_counter()
+            judge = train_judge_stage(out, progress)
+            finish("judge", {"judge": time.perf_counter() - t}, judge=judge and judge.get("accuracy"))
     finally:
         torch.set_num_threads(threads)
+    losses = {k: v for st in done.values() for k, v in st["losses"].items()}
+    judge = {"accuracy": losses.pop("judge"), "manifest": "judge/manifest.json"} if "judge" in losses else None
+    wall = {"judge": None} | {k: v for st in done.values() for k, v in st["wall"].items()}
     manifest = {
         "models": {"sd": "text-to-image (diffusers StableDiffusionPipeline)",
                    "ip2p": "InstructPix2Pix (StableDiffusionInstructPix2PixPipeline; links sd's text encoder, VAE)",
@@ -548,12 +586,13 @@ def build_world(out: str | Path = WORLD_DIR, device: str = "cpu", recipe: WorldR
                   "ip2p": [recipe.seed, 3], "init": {"vae": recipe.seed, "text_encoder": recipe.seed + 1,
                                                      "unet": recipe.seed + 2}},
         "params": param_counts(vae=vae, text_encoder=text_encoder, unet=unet, ip2p_unet=ip2p),
-        "losses": {"vae": vae_losses, "text2img": t2i_losses, "ip2p": ip2p_losses},
-        "judge": None if judge is None else {"accuracy": judge.get("accuracy"), "manifest": "judge/manifest.json"},
+        "losses": losses, "judge": judge,
         "wall_time_s": {k: None if v is None else round(v, 1) for k, v in wall.items()}
-                       | {"total": round(time.perf_counter() - start, 1)},
+                       | {"total": round(sum(v for v in wall.values() if v), 1),
+                          "this_run": round(time.perf_counter() - start, 1)},
         "weights_bytes": weights_bytes(out), "device": str(device), "threads": recipe.threads,
         "torch": torch.__version__, "diffusers": diffusers.__version__, "git_sha": git_sha(),
     }
     write_json(out / "manifest.json", manifest)
+    (out / STAGES_FILE).unlink()  # complete: the next `make world` trains from scratch again
     return manifest
