@@ -241,7 +241,7 @@ class RunRecord(pl.Callback):
 
 
 class ExportModel(pl.Callback):
-    """After fit: the fine-tuned model into the run folder (model/ + model.safetensors, or lora/ for LoRA runs): the
+    """After fit: the fine-tuned model into the run folder (model/ + <subject>.safetensors, or lora/ for LoRA runs): the
     best checkpoint's weights when `checkpoint.monitor` picked one, else the last; optionally every N steps too."""
 
     def __init__(self, enabled: bool = True, single_file: bool = True, every_n_steps: int = 0, best: bool = True):
@@ -249,7 +249,7 @@ class ExportModel(pl.Callback):
 
         Args:
             enabled: export after fit (diffusers pipeline in <run>/model, or LoRA files in <run>/lora)
-            single_file: also write <run>/model.safetensors (A1111 / ComfyUI single file) for full fine-tunes
+            single_file: also write <run>/<subject>.safetensors (A1111 / ComfyUI single file) for full fine-tunes
             every_n_steps: also export every N optimizer steps into <run>/exports/step<N>/ (0 = only after fit)
             best: when checkpoint.monitor picked a best checkpoint, the after-fit export is that one (its step is in
                 <run>/exported.json and the report); false = the last weights

@@ -203,7 +203,7 @@ def dreambench_files(a: argparse.Namespace) -> None:
 def add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="a run's checkpoint: <run>/checkpoints/last.ckpt, a best or a mid-run one")
     p.add_argument("--out", help="folder of the exports (default: <run>/exports/step<N>)")
-    p.add_argument("--no-single-file", action="store_true", help="skip model.safetensors (A1111 / ComfyUI single file)")
+    p.add_argument("--no-single-file", action="store_true", help="skip <subject>.safetensors (A1111 / ComfyUI single file)")
     p.add_argument("--push-to-hub", metavar="REPO_ID", help="then upload the exported folder to this Hub model repo "
                    "(created private if absent; needs `huggingface-cli login`)")
 

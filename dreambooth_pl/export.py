@@ -4,6 +4,7 @@ the exports of any saved checkpoint (`python -m dreambooth_pl export`)."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from . import components
@@ -36,7 +37,7 @@ def export_run(module, out_dir: str | Path, metadata: dict, single_file: bool = 
     """Every export of a fine-tuned `DreamBoothModule` into `out_dir`: {format: path}.
 
     A LoRA run gets `lora/` (diffusers and kohya files); a full fine-tune gets `model/` (diffusers, with a model card)
-    and, with `single_file`, `model.safetensors` (one fp16 original-layout file for A1111 / ComfyUI). The
+    and, with `single_file`, `<subject>.safetensors` (one fp16 original-layout file for A1111 / ComfyUI). The
     safetensors headers carry ModelSpec and kohya keys (trigger phrase, base model, resolution, steps).
     """
     out_dir = Path(out_dir)
@@ -46,7 +47,8 @@ def export_run(module, out_dir: str | Path, metadata: dict, single_file: bool = 
     prediction = module.noise_scheduler.config.prediction_type
     if has_lora(module.unet) or has_lora(module.text_encoder):
         keys = share_metadata(meta, architecture(width, prediction, lora=True), KOHYA_IMPLEMENTATION)
-        paths = {f"lora ({kind})": path for kind, path in export_lora(module, out_dir / "lora", metadata=keys).items()}
+        paths = {f"lora ({kind})": path for kind, path in
+                 export_lora(module, out_dir / "lora", metadata=keys, kohya_name=f"{share_name(meta)}_lora.safetensors").items()}
         write_card(out_dir, out_dir / "lora", meta)
         return paths
     parts = module.export_parts()  # one dtype throughout: a mixed bf16/fp32 pipeline fails on its first call
@@ -55,8 +57,13 @@ def export_run(module, out_dir: str | Path, metadata: dict, single_file: bool = 
     if single_file:
         keys = {**{k: str(v) for k, v in meta.items()}, **share_metadata(meta, architecture(width, prediction),
                                                                         LDM_IMPLEMENTATION)}
-        paths["single file"] = export_single_file(parts, out_dir / "model.safetensors", metadata=keys)
+        paths["single file"] = export_single_file(parts, out_dir / f"{share_name(meta)}.safetensors", metadata=keys)
     return paths
+
+
+def share_name(meta: dict) -> str:
+    """The single files' name: the subject's (`dog.safetensors`, `dog_lora.safetensors`), safe as a file name."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(meta.get("subject") or "model")).strip("._") or "model"
 
 
 def write_card(run_dir: Path, folder: Path, meta: dict) -> Path:

@@ -282,11 +282,12 @@ def export_lora(
     kohya_dtype: torch.dtype = torch.float16,
     adapter_name: str | None = None,
     metadata: dict | None = None,
+    kohya_name: str = KOHYA_WEIGHT_NAME,
 ) -> dict[str, Path]:
     """Both LoRA formats of `.unet` / `.text_encoder` into `folder`: {'diffusers': …, 'kohya': …}.
 
     `folder/pytorch_lora_weights.safetensors` (for `load_lora_weights(folder)`, weights in their own dtype)
-    and `folder/lora_kohya.safetensors` (A1111 / ComfyUI, `kohya_dtype`). The text encoder's LoRA is
+    and `folder/<kohya_name>` (A1111 / ComfyUI, `kohya_dtype`). The text encoder's LoRA is
     included when it has one; `metadata` goes into the kohya file's header.
     """
     folder = Path(folder)
@@ -296,7 +297,7 @@ def export_lora(
     return {
         "diffusers": export_lora_diffusers(unet, text_encoder, folder=folder, adapter_name=adapter_name),
         "kohya": export_lora_kohya(
-            unet, text_encoder, path=folder / KOHYA_WEIGHT_NAME, dtype=kohya_dtype, adapter_name=adapter_name,
+            unet, text_encoder, path=folder / kohya_name, dtype=kohya_dtype, adapter_name=adapter_name,
             metadata=metadata,
         ),
     }

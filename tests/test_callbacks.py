@@ -187,7 +187,7 @@ def test_export_model_writes_the_pipeline_and_the_single_file(after_fit):
     from diffusers import StableDiffusionPipeline
 
     run, module = after_fit.run, after_fit.module
-    assert sorted(p.name for p in run.iterdir()) == ["exported.json", "model", "model.safetensors", "run.json"]
+    assert sorted(p.name for p in run.iterdir()) == ["exported.json", "model", "run.json", "t.safetensors"]
     assert json.loads((run / "exported.json").read_text()) == {"step": STEPS, "weights": "last", "ema": False}
     pipe = StableDiffusionPipeline.from_pretrained(run / "model")
     unet = module.unet.state_dict()
@@ -198,15 +198,15 @@ def test_export_model_writes_the_pipeline_and_the_single_file(after_fit):
                     "seed": SEED, "git_sha": git_sha(), "exported": {"step": STEPS, "weights": "last", "ema": False}}
     card = (run / "model" / "README.md").read_text()  # the model card: Hub front matter, trigger phrase, settings
     assert card.startswith("---\nbase_model: tiny\n") and f"Trigger phrase: **`{after_fit.dm.instance_prompt}`**" in card
-    with safe_open(run / "model.safetensors", "pt") as f:
+    with safe_open(run / "t.safetensors", "pt") as f:
         header = f.metadata()
     assert header["modelspec.sai_model_spec"] == "1.0.0" and header["modelspec.resolution"] == "64x64"
     assert header["modelspec.trigger_phrase"] == after_fit.dm.instance_prompt
     assert header["ss_max_train_steps"] == str(STEPS) and header["ss_sd_model_name"] == "tiny"
-    single = load_file(run / "model.safetensors")
+    single = load_file(run / "t.safetensors")
     assert torch.equal(single["model.diffusion_model.input_blocks.0.0.weight"], module.unet.conv_in.weight.half())
     assert f"Exported diffusers: {run / 'model'}" in after_fit.stdout
-    assert f"Exported single file: {run / 'model.safetensors'}" in after_fit.stdout
+    assert f"Exported single file: {run / 't.safetensors'}" in after_fit.stdout
 
 
 def test_learning_probe_logs_base_and_tuned_denoising_mse(after_fit):

@@ -66,7 +66,7 @@ def test_fit_exports_pipeline_and_single_file(fitted):
 
     pipe = StableDiffusionPipeline.from_pretrained(out / "model")
     assert torch.equal(pipe.unet.conv_out.weight, c.model.unet.conv_out.weight)
-    single = components.load_components(str(out / "model.safetensors"), single_file_config=str(out / "model"))
+    single = components.load_components(str(out / "toy.safetensors"), single_file_config=str(out / "model"))
     assert torch.allclose(single.unet.conv_out.weight, c.model.unet.conv_out.weight.half().float())
     meta = json.loads((out / "model" / "dreambooth_pl.json").read_text())
     assert meta["instance_prompt"] == "a sks can" and meta["steps"] == 6
@@ -149,7 +149,7 @@ def test_8gb_preset_fits_lora_and_exports_lora_files(photos, tmp_path, in_repo, 
     c = config.lightning_cli(args)
     assert c.model.lora.rank == 16 and c.model.hparams.lora["rank"] == 16 and c.datamodule.hparams.cache_latents
     assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
-    assert (out / "lora" / "lora_kohya.safetensors").is_file()
+    assert (out / "lora" / "toy_lora.safetensors").is_file()
     assert not (out / "model").exists()
     with pytest.raises(ValueError, match="bf16-mixed"):
         config.lightning_cli([*args, "--trainer.max_steps", "1", "--trainer.precision", "32-true"])

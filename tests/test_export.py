@@ -82,14 +82,14 @@ def test_export_pipeline_replaces_a_folder_only_when_complete(tuned, tmp_path, m
 
 def test_export_run_full_fine_tune_gets_model_and_single_file(tuned, tmp_path):
     paths = export_run(tuned, tmp_path, {"subject": "t", "steps": 3})
-    assert paths == {"diffusers": tmp_path / "model", "single file": tmp_path / "model.safetensors"}
-    assert sorted(os.listdir(tmp_path)) == ["model", "model.safetensors"]
+    assert paths == {"diffusers": tmp_path / "model", "single file": tmp_path / "t.safetensors"}
+    assert sorted(os.listdir(tmp_path)) == ["model", "t.safetensors"]  # named after the subject
     meta = {"base_model": "tiny", "revision": None, "subject": "t", "steps": 3}
     assert json.loads((tmp_path / "model" / METADATA_FILE).read_text()) == meta
     assert_same_weights(StableDiffusionPipeline.from_pretrained(tmp_path / "model"), tuned)
-    written = load_file(tmp_path / "model.safetensors")
+    written = load_file(tmp_path / "t.safetensors")
     assert torch.equal(written["model.diffusion_model.input_blocks.0.0.weight"], tuned.unet.conv_in.weight.half())
-    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+    with safe_open(str(tmp_path / "t.safetensors"), "pt") as f:
         assert {k: f.metadata()[k] for k in meta} == {k: str(v) for k, v in meta.items()}
     # single_file=False: the diffusers folder only.
     only = export_run(tuned, tmp_path / "no_single", {}, single_file=False)
@@ -103,9 +103,9 @@ def test_export_run_lora_module_gets_lora_folder_only(tiny_dir, tmp_path, lora):
     paths = export_run(m, tmp_path, {"subject": "t"})
     folder = tmp_path / "lora"
     assert paths == {"lora (diffusers)": folder / "pytorch_lora_weights.safetensors",
-                     "lora (kohya)": folder / "lora_kohya.safetensors"}
+                     "lora (kohya)": folder / "t_lora.safetensors"}
     assert os.listdir(tmp_path) == ["lora"]
-    assert sorted(os.listdir(folder)) == ["README.md", "lora_kohya.safetensors", "pytorch_lora_weights.safetensors"]
+    assert sorted(os.listdir(folder)) == ["README.md", "pytorch_lora_weights.safetensors", "t_lora.safetensors"]
     with safe_open(paths["lora (kohya)"], "pt") as f:
         header = f.metadata()
     assert header["modelspec.architecture"] == "dreambooth_pl-custom-32/lora" and header["ss_output_name"] == "t"
@@ -153,7 +153,7 @@ def test_export_command_on_a_mid_run_checkpoint_gives_that_checkpoints_weights(t
     assert all(torch.equal(unet[k.removeprefix("unet.")], v) for k, v in ckpt["state_dict"].items())
     meta = json.loads((out / "model" / METADATA_FILE).read_text())
     assert meta["steps"] == 2 and meta["instance_prompt"] == "a sks can" and meta["checkpoint"] == str(mid)
-    assert (out / "model.safetensors").is_file()
+    assert (out / "t.safetensors").is_file()
     with pytest.raises(SystemExit):  # a missing checkpoint: one message, exit 1
         cli.main(["export", str(run / "checkpoints" / "nope.ckpt")])
     assert "nope.ckpt does not exist" in capsys.readouterr().err
