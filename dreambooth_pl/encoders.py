@@ -22,7 +22,10 @@ from huggingface_hub import try_to_load_from_cache
 from PIL import Image
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
-from torchmetrics.functional.image.lpips import _NoTrainLpips  # stays in eval mode whatever .train() says
+
+# torchmetrics' LPIPS network (private): its public LearnedPerceptualImagePatchSimilarity always downloads the ImageNet
+# AlexNet, and the offline `tiny` kind needs the same network on a random backbone (pnet_rand); eval mode stays fixed.
+from torchmetrics.functional.image.lpips import _NoTrainLpips
 from torchvision import transforms as T
 from torchvision.models import AlexNet_Weights
 
