@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -111,3 +112,16 @@ def test_program_help_imports_nothing_heavy():
 
 def test_every_listed_command_is_implemented():
     assert list(cli.HELP) == [*cli.LIGHTNING_COMMANDS, *IMPLEMENTED]
+
+
+def test_make_experiments_first_step_without_photos_fails_fast_and_writes_nothing(tmp_path):
+    # `make experiment SUBJECT=water_bottle MODEL=tiny` starts with exactly this priors call.
+    cmd = [sys.executable, "-m", "dreambooth_pl", "priors", "--config", "experiments/base.yaml", "--config",
+           "experiments/subjects/water_bottle.yaml", "--config", "experiments/tiny.yaml", "--model", "tiny"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DREAMBOOTH_PL_CACHE": str(tmp_path / "cache")}
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    if (REPO / "data" / "subjects" / "water_bottle").is_dir():
+        pytest.skip("data/subjects/water_bottle exists in this checkout")
+    assert r.returncode == 1
+    assert r.stderr.startswith("error: instance folder data/subjects/water_bottle does not exist")
+    assert "Traceback" not in r.stderr and not (tmp_path / "cache").exists()  # no class image was made

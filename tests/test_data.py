@@ -27,9 +27,10 @@ from dreambooth_pl.data import (
     list_images,
     load_image,
 )
+from dreambooth_pl.module import DreamBoothModule
 from dreambooth_pl.priors import PriorSampling
 
-from .conftest import make_datamodule
+from .conftest import make_datamodule, make_trainer
 
 DREAMBENCH = Path(__file__).resolve().parents[2] / "shared/data/dreambooth"
 RED = (255, 0, 0)
@@ -556,3 +557,16 @@ def test_benchmark_files_rebuilt_from_public_layout(tmp_path):
         assert (tmp_path / name).read_text().split() == (shared / name).read_text().split(), name
     with pytest.raises(DataError, match="not a clone"):
         write_benchmark_files(tmp_path / "nowhere")
+
+
+def test_a_phone_folder_with_heic_gif_and_a_text_file_trains_and_warns(photos, tmp_path):
+    folder = tmp_path / "phone"
+    folder.mkdir()
+    for k, (name, fmt) in enumerate((("IMG_0001.HEIC", "HEIF"), ("party.gif", "GIF"), ("desk.png", "PNG"))):
+        pixels = (np.random.default_rng(k).random((80, 96, 3)) * 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / name, format=fmt)
+    (folder / "notes.txt").write_text("taken on my phone")
+    dm = make_datamodule({**photos, "instance": folder})
+    with pytest.warns(UserWarning, match="not using notes.txt"):
+        make_trainer(tmp_path / "run", 2).fit(DreamBoothModule(pretrained="tiny"), datamodule=dm)
+    assert sorted(p.name for p in dm.dataset.instance_images) == ["IMG_0001.HEIC", "desk.png", "party.gif"]
