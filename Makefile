@@ -12,13 +12,15 @@ ARGS ?=
 SHARED_DATA := $(abspath ../shared/data/dreambooth)
 DATA_URL := https://github.com/google/dreambooth
 
-# MODEL=tiny (or tiny-v) layers the offline CPU config and never touches the network.
+# MODEL=tiny (or tiny-v) layers the offline CPU config, MODEL=world the toy world's; neither touches the network.
 CONFIGS = --config experiments/base.yaml --config experiments/subjects/$(SUBJECT).yaml \
 	$(if $(filter tiny tiny-v,$(MODEL)),--config experiments/tiny.yaml) \
+	$(if $(filter world,$(MODEL)),--config experiments/world.yaml) \
 	$(if $(MODEL),--model.pretrained $(MODEL))
-OFFLINE = $(if $(filter tiny tiny-v,$(MODEL)),HF_HUB_OFFLINE=1)
+OFFLINE = $(if $(filter tiny tiny-v world,$(MODEL)),HF_HUB_OFFLINE=1)
+WORLD_SUBJECT ?= purple_star
 
-.PHONY: help install demo test test-slow lint data priors fit experiment dreambench compare compare-bench sweep tiny-model world-data clean
+.PHONY: help install demo test test-slow lint data priors fit experiment dreambench compare compare-bench sweep tiny-model world world-data world-claims clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -31,9 +33,10 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 install: $(VENV)/.installed ## create .venv and install the project (torch pinned by constraints.txt)
 
-demo: install data ## offline demo: fine-tune the tiny random model on SUBJECT (default can) on CPU, export, report
-	$(MAKE) --no-print-directory fit MODEL=tiny SUBJECT=$(SUBJECT)
-	$(PY) -m dreambooth_pl report outputs/$(SUBJECT)
+demo: install world-data ## offline demo on CPU: DreamBooth on a toy-world subject (WORLD_SUBJECT), report, InstructPix2Pix contrast
+	$(MAKE) --no-print-directory fit MODEL=world SUBJECT=$(WORLD_SUBJECT)
+	$(PY) -m dreambooth_pl report outputs/$(WORLD_SUBJECT)
+	HF_HUB_OFFLINE=1 $(PY) -m dreambooth_pl compare outputs/$(WORLD_SUBJECT) --model world-ip2p --steps 25 --guidance 5
 
 test: install ## run the test suite (fast tests; no GPU, no network)
 	$(PY) -m pytest -q
@@ -66,8 +69,8 @@ dreambench: install data ## experiment over SUBJECTS="a b c", then one mean ± 9
 	@for s in $(SUBJECTS); do $(MAKE) --no-print-directory experiment SUBJECT=$$s MODEL=$(MODEL) ARGS='$(ARGS)' || exit 1; done
 	$(PY) -m dreambooth_pl report $(addprefix outputs/,$(SUBJECTS)) --aggregate outputs/dreambench.md
 
-IP2P_MODEL = $(if $(filter tiny tiny-v,$(MODEL)),tiny-ip2p,timbrooks/instruct-pix2pix)
-IP2P_ARGS = $(if $(filter tiny tiny-v,$(MODEL)),--steps 20,)
+IP2P_MODEL = $(if $(filter tiny tiny-v,$(MODEL)),tiny-ip2p,$(if $(filter world,$(MODEL)),world-ip2p,timbrooks/instruct-pix2pix))
+IP2P_ARGS = $(if $(filter tiny tiny-v,$(MODEL)),--steps 20,$(if $(filter world,$(MODEL)),--steps 25 --guidance 5,))
 compare: install data ## DreamBooth vs InstructPix2Pix on SUBJECT (reuses outputs/SUBJECT; runs the experiment if absent)
 	@[ -f outputs/$(SUBJECT)/metrics.json ] || $(MAKE) --no-print-directory experiment SUBJECT=$(SUBJECT) MODEL=$(MODEL) ARGS='$(ARGS)'
 	$(OFFLINE) $(PY) -m dreambooth_pl compare outputs/$(SUBJECT) --model $(IP2P_MODEL) $(IP2P_ARGS)
@@ -85,6 +88,12 @@ tiny-model: install ## write the tiny random model to cache/models/tiny
 
 world-data: install ## write the toy world's subjects (photos, subjects.csv, prompts) into data/world
 	$(PY) -m dreambooth_pl world-data --root data/world
+
+world: install ## train the toy world's models from scratch into models/world (VAE, text encoder, UNet, InstructPix2Pix, judge)
+	$(PY) -m dreambooth_pl world-build --out models/world
+
+world-claims: install world-data ## measure DreamBooth's claims in the toy world against its judge -> outputs/world/claims.md
+	HF_HUB_OFFLINE=1 $(PY) -m dreambooth_pl world-claims --out outputs/world
 
 clean: ## remove outputs/, lightning_logs/ and wandb/ (keeps .venv, data and cache)
 	rm -rf outputs lightning_logs wandb

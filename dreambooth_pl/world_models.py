@@ -540,7 +540,7 @@ def build_world(out: str | Path = WORLD_DIR, device: str = "cpu", recipe: WorldR
     """Train every world model from scratch (VAE, text-to-image, InstructPix2Pix, judge) into `out`: sd/, ip2p/,
     judge/ and manifest.json (recipe, seeds, git SHA, device, wall time and final losses per stage). An interrupted
     build of the same recipe resumes after its last finished stage, with the same result. The manifest."""
-    out, start = Path(out), time.perf_counter()
+    out, start, sha = Path(out), time.perf_counter(), git_sha()  # the code that trains, not the checkout at the end
     out.mkdir(parents=True, exist_ok=True)
     done = done_stages(out, recipe)
     threads = torch.get_num_threads()
@@ -591,7 +591,7 @@ def build_world(out: str | Path = WORLD_DIR, device: str = "cpu", recipe: WorldR
                        | {"total": round(sum(v for v in wall.values() if v), 1),
                           "this_run": round(time.perf_counter() - start, 1)},
         "weights_bytes": weights_bytes(out), "device": str(device), "threads": recipe.threads,
-        "torch": torch.__version__, "diffusers": diffusers.__version__, "git_sha": git_sha(),
+        "torch": torch.__version__, "diffusers": diffusers.__version__, "git_sha": sha,
     }
     write_json(out / "manifest.json", manifest)
     (out / STAGES_FILE).unlink()  # complete: the next `make world` trains from scratch again
