@@ -23,9 +23,10 @@ from PIL import Image
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-# torchmetrics' LPIPS network (private): its public LearnedPerceptualImagePatchSimilarity always downloads the ImageNet
-# AlexNet, and the offline `tiny` kind needs the same network on a random backbone (pnet_rand); eval mode stays fixed.
+# The `real` LPIPS is torchmetrics' public metric. Its private network class serves only the offline `tiny` kind:
+# the public metric always loads the ImageNet AlexNet, and `tiny` needs the same network on a random backbone.
 from torchmetrics.functional.image.lpips import _NoTrainLpips
+from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
 from torchvision import transforms as T
 from torchvision.models import AlexNet_Weights
 
@@ -201,6 +202,19 @@ class ClipEncoder(_EvalOnly):
             with torch.inference_mode():
                 out.append(self.model.encode_text(tokens.to(p.device), normalize=True).float())
         return torch.cat(out)
+
+
+class PublicLpips(nn.Module):
+    """torchmetrics' public LPIPS metric as a pairwise function: (B, 3, H, W) twice in [-1, 1] -> (B,) distances."""
+
+    def __init__(self, metric: LearnedPerceptualImagePatchSimilarity) -> None:
+        super().__init__()
+        self.metric = metric
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        d = self.metric(x, y)  # reduction "none": this batch's scores
+        self.metric.reset()  # keep no state between batches
+        return d
 
 
 class LpipsDistance(_EvalOnly):
@@ -427,7 +441,7 @@ def load_lpips(kind: str = "real", device: str | torch.device = "cpu", *, size: 
     if _hub_offline() and not cached.is_file():
         raise _unavailable(backbone, f"HF_HUB_OFFLINE is set and {cached} does not exist")
     try:
-        net = _NoTrainLpips(pretrained=True, net="alex", pnet_rand=False)
+        net = PublicLpips(LearnedPerceptualImagePatchSimilarity(net_type="alex", reduction="none"))
     except (OSError, RuntimeError, ValueError) as err:
         raise _unavailable(backbone, f"loading the weights failed ({type(err).__name__})") from err
     return LpipsDistance(net, name="lpips-alex", calibrated=True, size=size).to(device)

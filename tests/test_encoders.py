@@ -6,12 +6,15 @@ import os
 import socket
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
+from torchvision.models import alexnet
 
 from dreambooth_pl import encoders as enc
 from dreambooth_pl.metrics import PairwiseCosine
@@ -315,3 +318,19 @@ def test_real_lpips_offline_raises(offline, tmp_path, monkeypatch):
 
 def test_conftest_keeps_the_hub_offline():
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
+
+
+def test_real_lpips_is_torchmetrics_public_metric_and_computes_lpips(tmp_path, monkeypatch):
+    # A stand-in ImageNet AlexNet in torch.hub's cache (seeded random weights): the real path loads it as torchvision
+    # would, through torchmetrics' public LearnedPerceptualImagePatchSimilarity, with no network.
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(enc.AlexNet_Weights.DEFAULT.url).name
+    cached.parent.mkdir(parents=True)
+    torch.manual_seed(3)
+    torch.save(alexnet().state_dict(), cached)
+    real = enc.load_lpips("real")
+    assert isinstance(real.net.metric, LearnedPerceptualImagePatchSimilarity) and real.calibrated
+    x, y = _image(11), _image(12, (90, 60))
+    d = real.distances([x, y, x], [y, x, x.copy()])
+    assert d[0].item() == pytest.approx(_lpips_reference(SimpleNamespace(net=real.net.metric.net), x, y), rel=1e-4)
+    assert abs(d[2].item()) < 1e-6 and real.distances([x], [y]).shape == (1,)  # no state kept between calls
