@@ -19,6 +19,9 @@ CONFIGS = --config experiments/base.yaml --config experiments/subjects/$(SUBJECT
 	$(if $(MODEL),--model.pretrained $(MODEL))
 OFFLINE = $(if $(filter tiny tiny-v world,$(MODEL)),HF_HUB_OFFLINE=1)
 WORLD_SUBJECT ?= purple_star
+WORLD_SUBJECTS := purple_star red_ball green_box yellow_heart
+# A toy-world subject needs the world's photos (made offline), not the DreamBench download.
+SUBJECT_DATA = $(if $(filter $(WORLD_SUBJECTS),$(SUBJECT)),world-data,data)
 
 .PHONY: help install demo test test-slow lint data priors fit experiment dreambench compare compare-bench sweep tiny-model world world-data world-claims clean
 
@@ -59,7 +62,7 @@ fit: install ## fine-tune SUBJECT (MODEL=tiny for the offline CPU config; ARGS=.
 priors: install ## make SUBJECT's class-prior images once (content-keyed cache/priors/); fit reuses them
 	$(OFFLINE) $(PY) -m dreambooth_pl priors $(subst --model.pretrained,--model,$(CONFIGS)) $(ARGS)
 
-experiment: install data ## the whole study for SUBJECT: priors -> fit (+ scores before/after) -> export -> report
+experiment: install $(SUBJECT_DATA) ## the whole study for SUBJECT: priors -> fit (+ scores before/after) -> export -> report
 	$(OFFLINE) $(PY) -m dreambooth_pl priors $(subst --model.pretrained,--model,$(CONFIGS))
 	$(OFFLINE) $(PY) -m dreambooth_pl fit $(CONFIGS) $(ARGS)
 	$(PY) -m dreambooth_pl report outputs/$(SUBJECT)
@@ -71,7 +74,7 @@ dreambench: install data ## experiment over SUBJECTS="a b c", then one mean ± 9
 
 IP2P_MODEL = $(if $(filter tiny tiny-v,$(MODEL)),tiny-ip2p,$(if $(filter world,$(MODEL)),world-ip2p,timbrooks/instruct-pix2pix))
 IP2P_ARGS = $(if $(filter tiny tiny-v,$(MODEL)),--steps 20,$(if $(filter world,$(MODEL)),--steps 25 --guidance 5,))
-compare: install data ## DreamBooth vs InstructPix2Pix on SUBJECT (reuses outputs/SUBJECT; runs the experiment if absent)
+compare: install $(SUBJECT_DATA) ## DreamBooth vs InstructPix2Pix on SUBJECT (reuses outputs/SUBJECT; runs the experiment if absent)
 	@[ -f outputs/$(SUBJECT)/metrics.json ] || $(MAKE) --no-print-directory experiment SUBJECT=$(SUBJECT) MODEL=$(MODEL) ARGS='$(ARGS)'
 	$(OFFLINE) $(PY) -m dreambooth_pl compare outputs/$(SUBJECT) --model $(IP2P_MODEL) $(IP2P_ARGS)
 
