@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 import warnings
@@ -24,7 +25,8 @@ from .priors import MANIFEST, SETTINGS, PriorSampling, PriorSettings, default_fo
 # Phone photos come as .heic (pillow-heif reads them); GIFs give their first frame.
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".heif"}
 register_heif_opener()
-NOT_PHOTOS = {SETTINGS, MANIFEST}  # the class-image cache's own files, never warned about
+CAPTIONS_FILE = "captions.jsonl"  # optional, beside the photos: {"file": "01.jpg", "caption": "a sks dog on a sofa"}
+NOT_PHOTOS = {SETTINGS, MANIFEST, CAPTIONS_FILE}  # the cache's and the captions' own files, never warned about
 SubjectType = Literal["object", "live", "world"]  # which prompts_<type>.txt evaluates it (world: the toy world)
 
 
@@ -98,6 +100,33 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
+def read_captions(images: list[Path], identifier: str, default: str) -> list[str]:
+    """One training prompt per photo: `<photo stem>.txt` beside it, else its line in captions.jsonl, else `default`
+    ("a sks dog"). A caption must name the identifier, or the photo would teach nothing about it."""
+    by_file: dict[str, str] = {}
+    for folder in sorted({p.parent for p in images}):
+        jsonl = folder / CAPTIONS_FILE
+        for lineno, line in enumerate(jsonl.read_text().splitlines() if jsonl.is_file() else [], start=1):
+            try:
+                row = json.loads(line) if line.strip() else None
+            except json.JSONDecodeError as e:
+                raise DataError(f"{jsonl} line {lineno} is not JSON ({e}): write {{\"file\": ..., \"caption\": ...}}") from e
+            if row is not None and not (isinstance(row, dict) and {"file", "caption"} <= set(row)):
+                raise DataError(f"{jsonl} line {lineno} lacks \"file\" or \"caption\": write {{\"file\": \"01.jpg\", "
+                                f"\"caption\": \"a sks dog on a sofa\"}}")
+            if row is not None:
+                by_file[str(folder / row["file"])] = row["caption"]
+    captions = []
+    for p in images:
+        txt = p.with_suffix(".txt")
+        text = (txt.read_text().strip() if txt.is_file() else by_file.get(str(p), default)).strip()
+        if not re.search(rf"\b{re.escape(identifier)}\b", text):
+            raise DataError(f"the caption of {p} ({text!r}) does not contain the identifier {identifier!r}: "
+                            f"put it in the caption (\"a {identifier} dog on a sofa\") or set data.identifier")
+        captions.append(text)
+    return captions
+
+
 def list_images(folder: str | Path, min_size: int = 0, what: str = "instance") -> list[Path]:
     """Sorted, validated image files directly inside `folder` (hidden files ignored)."""
     folder = Path(folder)
@@ -111,7 +140,9 @@ def list_images(folder: str | Path, min_size: int = 0, what: str = "instance") -
     files = sorted(p for p in folder.iterdir() if not p.name.startswith(".") and p.is_file())
     paths = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
     exts = ", ".join(sorted(IMAGE_EXTENSIONS))
-    unused = [p.name for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS and p.name not in NOT_PHOTOS]
+    stems = {p.stem for p in paths}  # <photo>.txt is that photo's caption
+    unused = [p.name for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS and p.name not in NOT_PHOTOS
+              and not (p.suffix == ".txt" and p.stem in stems)]
     if unused:
         warnings.warn(f"{what} folder {folder}: not using {', '.join(unused)} (not an image: accepted extensions "
                       f"are {exts}; convert them or move them out)", stacklevel=2)
@@ -140,6 +171,7 @@ class DreamBoothDataset(Dataset):
         repeats: int = 1,
         min_image_size: int = 0,
         load_pixels: bool = True,
+        instance_prompts: list[str] | None = None,
     ) -> None:
         if not instance_images:
             raise DataError("DreamBoothDataset got no instance images: check data.instance_dir")
@@ -153,6 +185,10 @@ class DreamBoothDataset(Dataset):
             raise DataError(f"repeats must be >= 1, got {repeats}: set data.repeats")
         self.instance_images = [Path(p) for p in instance_images]
         self.instance_prompt = instance_prompt
+        # One prompt per photo (its caption); None: every photo is `instance_prompt`.
+        self.instance_prompts = instance_prompts
+        if instance_prompts is not None and len(instance_prompts) != len(self.instance_images):
+            raise DataError(f"{len(instance_prompts)} captions for {len(self.instance_images)} photos: one each")
         self.class_images = [Path(p) for p in class_images] if class_images is not None else None
         self.class_prompt = class_prompt
         self.resolution = resolution
@@ -202,7 +238,7 @@ class DreamBoothDataset(Dataset):
         pixels, flipped = self._load(self.instance_images[idx])
         example: dict[str, Any] = {
             "instance_pixel_values": pixels,
-            "instance_prompt": self.instance_prompt,
+            "instance_prompt": self.instance_prompts[idx] if self.instance_prompts else self.instance_prompt,
             "instance_index": idx,
             "instance_flipped": flipped,
             "class_prompt": self.class_prompt,  # also without class images: `prior_loss: teacher` prompts with it
@@ -373,12 +409,14 @@ class DreamBoothDataModule(pl.LightningDataModule):
         """List and validate the image folders, then build `self.dataset`."""
         hp = self.hparams
         self.instance_images = list_images(hp.instance_dir, min_size=hp.min_image_size, what="instance")
+        self.instance_captions = read_captions(self.instance_images, hp.identifier, self.instance_prompt)
         self.class_images = self._list_class_images() if hp.with_prior_preservation else []
         self._log_class_grid()
         prior = hp.with_prior_preservation
         self.dataset = DreamBoothDataset(
             instance_images=self.instance_images,
             instance_prompt=self.instance_prompt,
+            instance_prompts=self.instance_captions,
             class_images=self.class_images if prior else None,
             class_prompt=self.class_prompt,
             resolution=hp.resolution,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import re
 import warnings
 from pathlib import Path
 
@@ -570,3 +572,29 @@ def test_a_phone_folder_with_heic_gif_and_a_text_file_trains_and_warns(photos, t
     with pytest.warns(UserWarning, match="not using notes.txt"):
         make_trainer(tmp_path / "run", 2).fit(DreamBoothModule(pretrained="tiny"), datamodule=dm)
     assert sorted(p.name for p in dm.dataset.instance_images) == ["IMG_0001.HEIC", "desk.png", "party.gif"]
+
+
+# ---------------------------------------------------------------- per-image captions
+
+
+def test_captions_from_txt_and_jsonl_reach_the_batch_and_class_rows_keep_the_class_prompt(photos, tmp_path):
+    folder = photos["instance"]
+    names = sorted(p.name for p in list_images(folder))  # 4 photos
+    (folder / names[0]).with_suffix(".txt").write_text("a sks can on a wooden table\n")
+    (folder / "captions.jsonl").write_text(json.dumps({"file": names[1], "caption": "a sks can in the snow"}) + "\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # caption files are not "unused files"
+        dm = make_datamodule(photos)
+        dm.setup("fit")
+    assert dm.instance_captions == ["a sks can on a wooden table", "a sks can in the snow", "a sks can", "a sks can"]
+    batch = collate([dm.dataset[i] for i in range(4)])
+    assert batch["prompts"][:4] == dm.instance_captions  # the prompts the text encoder gets
+    assert batch["prompts"][4:] == ["a can"] * 4
+
+
+def test_a_caption_without_the_identifier_is_refused_naming_the_photo(photos):
+    folder = photos["instance"]
+    photo = sorted(list_images(folder))[0]
+    photo.with_suffix(".txt").write_text("a can on a table")
+    with pytest.raises(DataError, match=rf"caption of {re.escape(str(photo))} .* does not contain the identifier 'sks'"):
+        make_datamodule(photos).setup("fit")
