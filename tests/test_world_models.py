@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionInstructPix2PixPipeline, StableDiffusionPipeline
+from transformers import CLIPTokenizer
 
 from dreambooth_pl import components, instructpix2pix, world
 from dreambooth_pl import world_models as wm
@@ -114,3 +115,13 @@ def test_an_interrupted_build_resumes_after_its_last_stage_with_the_same_result(
     for part in ("sd/unet", "sd/vae", "sd/text_encoder", "ip2p/unet"):
         a, b = (next((tmp_path / run / part).glob("*.safetensors")).read_bytes() for run in ("whole", "resumed"))
         assert a == b, part
+
+
+def test_the_tokenizer_is_saved_compactly_and_loads_the_same(tmp_path):
+    tok = wm.world_tokenizer()
+    wm.save_tokenizer(tok, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merges.txt", "tokenizer_config.json", "vocab.json"]
+    back = CLIPTokenizer.from_pretrained(tmp_path)
+    texts = ["a small red star with white dots on grass in the top left", "", "make it blue"]
+    assert len(back) == 49408 and back.model_max_length == wm.TEXT_LENGTH
+    assert torch.equal(wm.token_ids(back, texts), wm.token_ids(tok, texts))
