@@ -280,10 +280,7 @@ class ExportModel(pl.Callback):
         cb = trainer.checkpoint_callback
         if self.best and cb is not None and cb.monitor and cb.best_model_path and Path(cb.best_model_path).is_file():
             ckpt = torch.load(cb.best_model_path, map_location="cpu", weights_only=True)
-            pl_module.load_state_dict(ckpt["state_dict"], strict=False)  # the trainable weights of the best step
-            if pl_module.ema is not None and "ema" in ckpt:  # and its EMA, which the export uses
-                pl_module.ema.load_state_dict(ckpt["ema"])
-                pl_module.ema.to(pl_module.device)
+            pl_module.load_trained(ckpt)  # the trainable weights of the best step, and its EMA, which the export uses
             record = {"step": int(ckpt["global_step"]), "weights": "best", "checkpoint": cb.best_model_path,
                       "monitor": cb.monitor, "score": float(cb.best_model_score)}
             print(f"Exporting the best checkpoint: step {record['step']}, {cb.monitor} = {record['score']:.4f}")

@@ -44,6 +44,12 @@ def class_prompt(class_noun: str) -> str:
     return f"a {class_noun}"
 
 
+def describe_subject(subject: str, class_noun: str, identifier: str) -> dict[str, str]:
+    """Who a run is about: subject, class noun, identifier and both prompts (for exports and reports)."""
+    return dict(subject=subject, class_noun=class_noun, identifier=identifier,
+                instance_prompt=instance_prompt(identifier, class_noun), class_prompt=class_prompt(class_noun))
+
+
 def benchmark_prompts(template_file: str | Path, identifier: str, class_noun: str) -> list[str]:
     """DreamBench prompts from a template file ('{0}' = identifier, '{1}' = class noun)."""
     path = Path(template_file)
@@ -362,9 +368,7 @@ class DreamBoothDataModule(pl.LightningDataModule):
 
     def describe(self) -> dict[str, str]:
         """Who the run is about: subject, class noun, identifier and both prompts (for exports and reports)."""
-        hp = self.hparams
-        return dict(subject=hp.subject, class_noun=hp.class_noun, identifier=hp.identifier,
-                    instance_prompt=self.instance_prompt, class_prompt=self.class_prompt)
+        return describe_subject(self.hparams.subject, self.hparams.class_noun, self.hparams.identifier)
 
     def prior_settings(self) -> PriorSettings:
         """What the generated class images depend on (their cache key)."""

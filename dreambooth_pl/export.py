@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 from . import components
-from .data import class_prompt, instance_prompt
+from .data import describe_subject
 from .files import atomic_path, image_grid, write_image, write_text
 from .loggers import git_sha
 from .lora import export_lora, has_lora
@@ -84,11 +84,7 @@ def write_card(run_dir: Path, folder: Path, meta: dict) -> Path:
 def checkpoint_metadata(ckpt: dict, path: Path) -> dict:
     """Who and what a checkpoint is (subject, prompts, step), from the hyperparameters it carries."""
     d = ckpt.get("datamodule_hyper_parameters", {})
-    who = {}
-    if "class_noun" in d:
-        who = dict(subject=d.get("subject"), class_noun=d["class_noun"], identifier=d.get("identifier", "sks"),
-                   instance_prompt=instance_prompt(d.get("identifier", "sks"), d["class_noun"]),
-                   class_prompt=class_prompt(d["class_noun"]))
+    who = describe_subject(d.get("subject"), d["class_noun"], d.get("identifier", "sks")) if "class_noun" in d else {}
     return {**who, "resolution": d.get("resolution"), "steps": ckpt.get("global_step"), "checkpoint": str(path),
             "git_sha": git_sha()}
 

@@ -300,9 +300,7 @@ class DreamBoothModule(pl.LightningModule):
                              f"trainer.gradient_clip_val: null, or use model.optim.optimizer: adamw")
         if self.optim.ema_decay:
             self.ema = EMAModel(self.trainable_parameters(), decay=self.optim.ema_decay)
-            if self._ema_state is not None:
-                self.ema.load_state_dict(self._ema_state)
-                self.ema.to(self.device)
+            self._load_ema_state()  # a resumed fit continues its average
         if self.speed.cache_latents:
             dm = self.trainer.datamodule
             self.cache_latents({split: dm.fixed_views(split) for split in ("instance", "class")},
@@ -548,13 +546,24 @@ class DreamBoothModule(pl.LightningModule):
         groups = dict(optim=Optimization(**hp.pop("optim")), lora=LoraSettings(**hp.pop("lora")),
                       speed=SpeedSettings(**hp.pop("speed")))
         module = cls(**hp, **groups)
-        module.on_load_checkpoint(ckpt)  # refuses a checkpoint that lacks trainable weights
-        module.load_state_dict(ckpt["state_dict"], strict=False)
-        if module._ema_state is not None:  # an EMA run exports its averaged weights, as after fit
-            ema = EMAModel(module.trainable_parameters())
-            ema.load_state_dict(module._ema_state)
-            ema.copy_to(module.trainable_parameters())
+        if ckpt.get("ema") is not None:  # an EMA run exports its averaged weights, as after fit
+            module.ema = EMAModel(module.trainable_parameters())
+        module.load_trained(ckpt)
+        if module.ema is not None:
+            module.ema.copy_to(module.trainable_parameters())
         return module.eval(), ckpt
+
+    def load_trained(self, ckpt: dict) -> None:
+        """A checkpoint's trainable weights into this module, and its EMA into `self.ema` when both have one."""
+        self.on_load_checkpoint(ckpt)  # refuses a checkpoint that lacks trainable weights
+        self.load_state_dict(ckpt["state_dict"], strict=False)
+        self._load_ema_state()
+
+    def _load_ema_state(self) -> None:
+        """The EMA state of the checkpoint loaded last (resume, best step) into `self.ema`, when both exist."""
+        if self.ema is not None and self._ema_state is not None:
+            self.ema.load_state_dict(self._ema_state)
+            self.ema.to(self.device)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Drop the frozen gigabytes: they come back from `pretrained` when the module is rebuilt.
