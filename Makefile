@@ -19,9 +19,8 @@ CONFIGS = --config experiments/base.yaml --config experiments/subjects/$(SUBJECT
 	$(if $(MODEL),--model.pretrained $(MODEL))
 OFFLINE = $(if $(filter tiny tiny-v world,$(MODEL)),HF_HUB_OFFLINE=1)
 WORLD_SUBJECT ?= purple_star
-WORLD_SUBJECTS := purple_star red_ball green_box yellow_heart
-# A toy-world subject needs the world's photos (made offline), not the DreamBench download.
-SUBJECT_DATA = $(if $(filter $(WORLD_SUBJECTS),$(SUBJECT)),world-data,data)
+# A toy-world subject (subject_type: world in its YAML) needs the world's photos (made offline), not the DreamBench download.
+SUBJECT_DATA = $(if $(shell grep -s "subject_type: world" experiments/subjects/$(SUBJECT).yaml),world-data,data)
 
 .PHONY: help install demo test test-slow lint data priors fit experiment dreambench compare compare-bench sweep tiny-model world world-data world-claims clean
 

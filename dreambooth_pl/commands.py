@@ -22,6 +22,7 @@ from . import world_models as world_model_recipes
 from .components import SAMPLERS, ModelSource
 from .config import parse_config, parse_run_config
 from .data import DreamBoothDataModule, class_prompt, list_images, load_image, write_benchmark_files
+from .encoders import KINDS as ENCODER_KINDS
 from .encoders import load_encoders
 from .evaluation import FILE_RE, PAPER_ROWS, encoder_info, protocol_prompts, real_vs_real, score
 from .export import export_checkpoint
@@ -90,7 +91,7 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--type", default="object", choices=("object", "live"), help="which DreamBench prompt list")
     p.add_argument("--identifier", default="sks", help="the identifier in the prompts")
     p.add_argument("--prompts-dir", default="data/dreambooth", help="folder holding prompts_object.txt / prompts_live.txt")
-    p.add_argument("--encoders", default="real", choices=("real", "tiny", "world"), help="tiny: offline random encoders (uncalibrated)")
+    p.add_argument("--encoders", default="real", choices=ENCODER_KINDS, help="tiny: offline random encoders (uncalibrated)")
     p.add_argument("--real-vs-real", action="store_true", help="score the photos against each other (paper's real-image row)")
     p.add_argument("--out", default=None, help="metrics.json path (default: <images>/metrics.json)")
 
@@ -153,7 +154,7 @@ def report(a: argparse.Namespace) -> None:
 def add_compare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("runs", nargs="+", help="DreamBooth run folders (outputs/<subject>)")
     p.add_argument("--model", default=IP2P_MODEL, help="InstructPix2Pix hub id, folder, or tiny-ip2p (offline)")
-    p.add_argument("--encoders", default=None, choices=("real", "tiny", "world"), help="default: the run's eval.encoders")
+    p.add_argument("--encoders", default=None, choices=ENCODER_KINDS, help="default: the run's eval.encoders")
     p.add_argument("--steps", type=int, default=100, help="sampling steps per edit")
     p.add_argument("--guidance", type=float, default=7.5, help="text guidance")
     p.add_argument("--image-guidance", type=float, default=1.5, help="image guidance")
