@@ -12,12 +12,16 @@ ARGS ?=
 SHARED_DATA := $(abspath ../shared/data/dreambooth)
 DATA_URL := https://github.com/google/dreambooth
 
-# MODEL=tiny (or tiny-v) layers the offline CPU config, MODEL=world the toy world's; neither touches the network.
+# MODEL=tiny (or tiny-v, or tiny-xl: SDXL layout) layers the offline CPU config, MODEL=world the toy world's; neither
+# touches the network. MODEL=sdxl layers experiments/sdxl.yaml (SDXL base 1.0, 1024 px, LoRA); any other MODEL is a
+# hub id, folder or file.
+TINY_NAMES := tiny tiny-v tiny-xl
 CONFIGS = --config experiments/base.yaml --config experiments/subjects/$(SUBJECT).yaml \
-	$(if $(filter tiny tiny-v,$(MODEL)),--config experiments/tiny.yaml) \
+	$(if $(filter $(TINY_NAMES),$(MODEL)),--config experiments/tiny.yaml) \
 	$(if $(filter world,$(MODEL)),--config experiments/world.yaml) \
-	$(if $(MODEL),--model.pretrained $(MODEL))
-OFFLINE = $(if $(filter tiny tiny-v world,$(MODEL)),HF_HUB_OFFLINE=1)
+	$(if $(filter sdxl,$(MODEL)),--config experiments/sdxl.yaml) \
+	$(if $(filter-out sdxl,$(MODEL)),--model.pretrained $(MODEL))
+OFFLINE = $(if $(filter $(TINY_NAMES) world,$(MODEL)),HF_HUB_OFFLINE=1)
 WORLD_SUBJECT ?= purple_star
 # A toy-world subject (subject_type: world in its YAML) needs the world's photos (made offline), not the DreamBench download.
 SUBJECT_DATA = $(if $(shell grep -s "subject_type: world" experiments/subjects/$(SUBJECT).yaml),world-data,data)
@@ -55,7 +59,7 @@ data: ## get the DreamBooth dataset into data/dreambooth (links ../shared/data/d
 	elif [ -d "$(SHARED_DATA)" ]; then ln -s "$(SHARED_DATA)" data/dreambooth && echo "linked data/dreambooth -> $(SHARED_DATA)"; \
 	else git clone --depth 1 $(DATA_URL) data/dreambooth && $(PY) -m dreambooth_pl dreambench-files data/dreambooth; fi
 
-fit: install ## fine-tune SUBJECT (MODEL=tiny for the offline CPU config; ARGS=... for overrides)
+fit: install ## fine-tune SUBJECT (MODEL=tiny / tiny-xl offline on CPU, MODEL=sdxl for SDXL; ARGS=... for overrides)
 	$(OFFLINE) $(PY) -m dreambooth_pl fit $(CONFIGS) $(ARGS)
 
 priors: install ## make SUBJECT's class-prior images once (content-keyed cache/priors/); fit reuses them
@@ -71,11 +75,13 @@ dreambench: install data ## experiment over SUBJECTS="a b c", then one mean ± 9
 	@for s in $(SUBJECTS); do $(MAKE) --no-print-directory experiment SUBJECT=$$s MODEL=$(MODEL) ARGS='$(ARGS)' || exit 1; done
 	$(PY) -m dreambooth_pl report $(addprefix outputs/,$(SUBJECTS)) --aggregate outputs/dreambench.md
 
-IP2P_MODEL = $(if $(filter tiny tiny-v,$(MODEL)),tiny-ip2p,$(if $(filter world,$(MODEL)),world-ip2p,timbrooks/instruct-pix2pix))
-IP2P_ARGS = $(if $(filter tiny tiny-v,$(MODEL)),--steps 20,$(if $(filter world,$(MODEL)),--steps 25 --guidance 5,))
+# The offline models' own InstructPix2Pix; otherwise the command's default (timbrooks/instruct-pix2pix, or
+# diffusers/sdxl-instructpix2pix-768 for an SDXL run).
+IP2P_MODEL = $(if $(filter tiny tiny-v,$(MODEL)),--model tiny-ip2p,$(if $(filter tiny-xl,$(MODEL)),--model tiny-xl-ip2p,$(if $(filter world,$(MODEL)),--model world-ip2p,)))
+IP2P_ARGS = $(if $(filter $(TINY_NAMES),$(MODEL)),--steps 20,$(if $(filter world,$(MODEL)),--steps 25 --guidance 5,))
 compare: install $(SUBJECT_DATA) ## DreamBooth vs InstructPix2Pix on SUBJECT (reuses outputs/SUBJECT; runs the experiment if absent)
 	@[ -f outputs/$(SUBJECT)/metrics.json ] || $(MAKE) --no-print-directory experiment SUBJECT=$(SUBJECT) MODEL=$(MODEL) ARGS='$(ARGS)'
-	$(OFFLINE) $(PY) -m dreambooth_pl compare outputs/$(SUBJECT) --model $(IP2P_MODEL) $(IP2P_ARGS)
+	$(OFFLINE) $(PY) -m dreambooth_pl compare outputs/$(SUBJECT) $(IP2P_MODEL) $(IP2P_ARGS)
 
 compare-bench: install data ## compare over SUBJECTS="a b c", then one table per method (outputs/compare-bench.md)
 	@for s in $(SUBJECTS); do $(MAKE) --no-print-directory compare SUBJECT=$$s MODEL=$(MODEL) ARGS='$(ARGS)' || exit 1; done

@@ -370,7 +370,10 @@ def our_step(module: DreamBoothModule, cfg: Config, b: Bench) -> Callable[[], No
     """One optimisation step as Lightning's automatic optimisation runs it (without logging)."""
     cached = module.speed.cache_latents
     if cached:  # on_fit_start's work, outside the timings as in training; one view (no flip) per image
-        module.cache_latents({"instance": [b.pixels[:1]], "class": [b.pixels[1:]]}, progress=False)
+        r = b.pixels.shape[-1]
+        ids = torch.tensor([[r, r, 0, 0, r, r]], dtype=torch.float32)  # (1 view, 6) size/crop ids: uncropped squares
+        module.cache_latents([(("instance", 0, -1), b.pixels[:1], ids), (("class", 0, -1), b.pixels[1:], ids)],
+                             progress=False)
     batch = our_batch(b.pixels, cached)
     opt = module.make_optimizer()
     sched = module.make_scheduler(opt, b.warmup + b.steps + 3)  # total: what estimated_stepping_batches would be

@@ -1,4 +1,4 @@
-"""Architecture tables: UNet, VAE, text-encoder and scheduler configs of the tiny models and SD 1.5 / SD 2.1.
+"""Architecture tables: UNet, VAE, text-encoder and scheduler configs of the tiny models, SD 1.5 / 2.1 and SDXL.
 
 Data only: `tiny.build_random` turns a table into random-initialised modules, and the tests build the public
 shapes on the meta device to check their parameter counts.
@@ -35,6 +35,18 @@ TINY_TEXT = dict(
     bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
 )
 
+# SDXL layout in miniature: two text encoders (hidden states concatenated: 32 + 32 = 64-d cross-attention; the
+# second one's pooled projection, 32-d, plus six size/crop ids x 8 feed the UNet's added embedding: 32 + 6*8 = 80).
+TINY_XL_UNET = {
+    **TINY_UNET, "cross_attention_dim": 64, "addition_embed_type": "text_time", "addition_time_embed_dim": 8,
+    "projection_class_embeddings_input_dim": 80, "use_linear_projection": True,
+}
+TINY_XL_IP2P_UNET = {**TINY_XL_UNET, "in_channels": 8}  # sdxl-instructpix2pix layout
+TINY_XL_VAE = {**TINY_VAE, "scaling_factor": 0.13025}
+TINY_XL_TEXT_2 = {**TINY_TEXT, "hidden_act": "gelu", "pad_token_id": 0}  # CLIPTextModelWithProjection, OpenCLIP-style
+# SDXL samples with Euler (leading spacing); training uses the same betas as SD 1.x.
+XL_SCHEDULER = {**SCHEDULER, "timestep_spacing": "leading", "interpolation_type": "linear", "use_karras_sigmas": False}
+
 # ------------------------------------------------------------------------------------ public SD shapes
 
 SD_VAE = dict(
@@ -67,20 +79,43 @@ SD21_TEXT = dict(
     bos_token_id=0, eos_token_id=2, pad_token_id=1,
 )
 
+# stabilityai/stable-diffusion-xl-base-1.0: 2.6B-parameter UNet, three levels, 10 transformer layers at the lowest.
+SDXL_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+)
+SDXL_VAE = {**SD_VAE, "sample_size": 1024, "scaling_factor": 0.13025}
+SDXL_TEXT = {**SD15_TEXT}  # CLIP ViT-L/14, penultimate layer
+# OpenCLIP ViT-bigG/14 text tower with its 1280-d pooled projection
+SDXL_TEXT_2 = dict(
+    vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+    num_attention_heads=20, max_position_embeddings=77, projection_dim=1280, hidden_act="gelu",
+    bos_token_id=49406, eos_token_id=49407, pad_token_id=0,
+)
+
 ARCHITECTURES: dict[str, dict[str, dict]] = {
     "tiny": dict(unet=TINY_UNET, vae=TINY_VAE, text=TINY_TEXT, scheduler=SCHEDULER),
     "tiny-v": dict(unet=TINY_UNET, vae=TINY_VAE, text=TINY_TEXT, scheduler=V_SCHEDULER),
     "tiny-ip2p": dict(unet=TINY_IP2P_UNET, vae=TINY_VAE, text=TINY_TEXT, scheduler=SCHEDULER),
     "sd15": dict(unet=SD15_UNET, vae=SD_VAE, text=SD15_TEXT, scheduler=SCHEDULER),
     "sd21": dict(unet=SD21_UNET, vae=SD_VAE, text=SD21_TEXT, scheduler=V_SCHEDULER),
+    "tiny-xl": dict(unet=TINY_XL_UNET, vae=TINY_XL_VAE, text=TINY_TEXT, text_2=TINY_XL_TEXT_2, scheduler=XL_SCHEDULER),
+    "tiny-xl-ip2p": dict(unet=TINY_XL_IP2P_UNET, vae=TINY_XL_VAE, text=TINY_TEXT, text_2=TINY_XL_TEXT_2,
+                         scheduler=XL_SCHEDULER),
+    "sdxl": dict(unet=SDXL_UNET, vae=SDXL_VAE, text=SDXL_TEXT, text_2=SDXL_TEXT_2, scheduler=XL_SCHEDULER),
 }
 
 
 def architecture(name: str) -> dict[str, dict]:
-    """UNet, VAE, text-encoder and scheduler configs for `tiny`, `tiny-v`, `tiny-ip2p`, `sd15` or `sd21`.
+    """UNet, VAE, text-encoder(s) and scheduler configs of one of `ARCHITECTURES` (`text_2`: SDXL's second encoder).
 
     Fresh dicts on every call: a caller may change them without touching the tables.
     """
     if name not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {name!r}: choose tiny, tiny-v, tiny-ip2p, sd15 or sd21")
+        raise ValueError(f"unknown architecture {name!r}: choose one of {', '.join(ARCHITECTURES)}")
     return {part: dict(config) for part, config in ARCHITECTURES[name].items()}

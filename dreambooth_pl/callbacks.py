@@ -15,7 +15,7 @@ import torch
 import wandb
 from PIL import Image
 
-from .data import load_image
+from .data import Subject, load_image
 from .encoders import load_encoders
 from .evaluation import (
     PAPER_ROWS,
@@ -33,11 +33,24 @@ from .files import image_grid, write_json
 from .loggers import git_sha
 
 
+@dataclasses.dataclass
+class _Target:
+    """One subject the callback evaluates: its prompts, class prompt, photos and output folder."""
+
+    subject: Subject
+    prompts: list[EvalPrompt]
+    out: Path
+    photos: list[Path]
+    key: str  # metric-key prefix: "" for a one-subject run, "<subject>/" otherwise
+    results: dict[str, dict] = dataclasses.field(default_factory=dict)
+
+
 class SampleAndScore(pl.Callback):
     """Every N steps: a few prompts, scored (val/*). Before and after training: the full DreamBench protocol.
 
     Writes samples/<stage>/<prompt index>_<seed>.png and metrics.json in the run folder, logs val/* to
-    the loggers (ModelCheckpoint(monitor="val/dino") works) and, on W&B, a table and per-prompt grids.
+    the loggers (ModelCheckpoint(monitor="val/dino") works) and, on W&B, a table and per-prompt grids. A run of
+    several subjects scores each in <run>/subjects/<subject>/ (val/<subject>/*, and their mean as val/*).
     """
 
     def __init__(
@@ -74,7 +87,7 @@ class SampleAndScore(pl.Callback):
         self.final = final
         self.batch_size = batch_size
         self.encoders: dict | None = None
-        self.results: dict[str, dict] = {}
+        self.targets: list[_Target] = []
         self.last_scored_step = -1
 
     # --------------------------------------------------------------------------------- setup
@@ -88,27 +101,40 @@ class SampleAndScore(pl.Callback):
             return
         dm = trainer.datamodule
         hp = dm.hparams
-        if not (Path(self.prompts_dir) / f"prompts_{hp.subject_type}.txt").is_file():
-            raise FileNotFoundError(
-                f"eval.prompts_dir={self.prompts_dir} has no prompts_{hp.subject_type}.txt: run `make data` "
-                f"(the DreamBench prompt lists), point eval.prompts_dir at them, or turn evaluation off "
-                f"(eval.every_n_steps: 0, eval.evaluate_base: false, eval.final: false)"
-            )
-        self.prompts = protocol_prompts(self.prompts_dir, hp.subject_type, hp.identifier, hp.class_noun)
+        for kind in sorted({s.subject_type for s in dm.subjects}):
+            if not (Path(self.prompts_dir) / f"prompts_{kind}.txt").is_file():
+                raise FileNotFoundError(
+                    f"eval.prompts_dir={self.prompts_dir} has no prompts_{kind}.txt: run `make data` "
+                    f"(the DreamBench prompt lists), point eval.prompts_dir at them, or turn evaluation off "
+                    f"(eval.every_n_steps: 0, eval.evaluate_base: false, eval.final: false)"
+                )
+        run_dir, several = Path(trainer.default_root_dir), len(dm.subjects) > 1
+        if not dm.images_of:
+            dm.setup("fit")
+        self.targets = [
+            _Target(s, protocol_prompts(self.prompts_dir, s.subject_type, s.identifier, s.class_noun),
+                    run_dir / "subjects" / s.subject if several else run_dir, dm.images_of[s.subject],
+                    f"{s.subject}/" if several else "")
+            for s in dm.subjects]
+        self.prompts = self.targets[0].prompts
         p = self.protocol
         # The protocol as run (the configured one stays as set): the data's resolution unless set; PRES gets as
         # many class-prompt images as the benchmark prompts in total (4 x 25 in the paper).
         self.run_protocol = dataclasses.replace(
             p, resolution=p.resolution or hp.resolution,
             pres_images=p.pres_images if p.pres_images is not None else p.images_per_prompt * len(self.prompts))
-        if hp.with_prior_preservation and hp.class_dir is None:  # generated class images: seeds prior.seed + i
+        if hp.with_prior_preservation and any(s.class_dir is None for s in dm.subjects):  # seeds prior.seed + i
             rp = self.run_protocol
             check_seeds_apart(rp, max(rp.images_per_prompt, rp.pres_images), dm.prior.seed, hp.num_class_images)
-        self.class_prompt = dm.class_prompt
-        self.out = Path(trainer.default_root_dir)
-        f = self.out / "metrics.json"
-        if f.is_file():  # resumed run: keep the base-model scores made before
-            self.results = json.loads(f.read_text()).get("stages", {})
+        for t in self.targets:
+            f = t.out / "metrics.json"
+            if f.is_file():  # resumed run: keep the base-model scores made before
+                t.results = json.loads(f.read_text()).get("stages", {})
+
+    @property
+    def results(self) -> dict[str, dict]:
+        """The first (in a one-subject run, the only) subject's scores by stage."""
+        return self.targets[0].results if self.targets else {}
 
     def _ensure_encoders(self, device: torch.device) -> dict:
         if self.encoders is None:
@@ -118,8 +144,9 @@ class SampleAndScore(pl.Callback):
     # --------------------------------------------------------------------------------- hooks
 
     def on_train_start(self, trainer, pl_module) -> None:
-        if self.evaluate_base and "base" not in self.results and trainer.global_step == 0:
-            self._run_stage(trainer, pl_module, "base", self.prompts, full=True)
+        for t in self.targets:
+            if self.evaluate_base and "base" not in t.results and trainer.global_step == 0:
+                self._run_stage(trainer, pl_module, "base", t, t.prompts, full=True)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -128,18 +155,26 @@ class SampleAndScore(pl.Callback):
             return
         if self.every_n_steps > 0 and 0 < step < (trainer.max_steps or -1) and step % self.every_n_steps == 0:
             self.last_scored_step = step
-            # A spread-out subset: the same prompts every time, so the curve compares like with like.
-            stride = max(1, len(self.prompts) // self.subset_prompts)
-            subset = self.prompts[::stride][: self.subset_prompts]
-            self._publish(trainer, self._run_stage(trainer, pl_module, f"step{step:06d}", subset, full=False))
+            scores = []
+            for t in self.targets:
+                # A spread-out subset: the same prompts every time, so the curve compares like with like.
+                stride = max(1, len(t.prompts) // self.subset_prompts)
+                subset = t.prompts[::stride][: self.subset_prompts]
+                scores.append(self._run_stage(trainer, pl_module, f"step{step:06d}", t, subset, full=False))
+            self._publish(trainer, scores)
 
     def on_train_end(self, trainer, pl_module) -> None:
         if self.final and not trainer.interrupted:
-            self._publish(trainer, self._run_stage(trainer, pl_module, "final", self.prompts, full=True))
+            self._publish(trainer, [self._run_stage(trainer, pl_module, "final", t, t.prompts, full=True)
+                                    for t in self.targets])
 
-    def _publish(self, trainer, scored: Scored) -> None:
-        """val/* to every logger at exactly this step, and into callback_metrics for ModelCheckpoint(monitor=...)."""
-        vals = {f"val/{k}": v for k, v in scored.metrics.items()}
+    def _publish(self, trainer, scores: list[Scored]) -> None:
+        """val/* to every logger at exactly this step, and into callback_metrics for ModelCheckpoint(monitor=...).
+        Several subjects: val/<subject>/* each, and val/* their mean."""
+        vals = {f"val/{t.key}{k}": v for t, sc in zip(self.targets, scores, strict=True) for k, v in sc.metrics.items()}
+        if len(self.targets) > 1:
+            for k in scores[0].metrics:
+                vals[f"val/{k}"] = sum(sc.metrics[k] for sc in scores) / len(scores)
         # Every rank gets the same numbers (rank zero scored) so checkpoint decisions agree across ranks.
         vals = trainer.strategy.broadcast(vals, src=0)
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in vals.items()})
@@ -149,55 +184,58 @@ class SampleAndScore(pl.Callback):
 
     # --------------------------------------------------------------------------------- work
 
-    def _sample_mine(self, trainer, pl_module, jobs: list[tuple[EvalPrompt | None, int]], folder: Path) -> None:
+    def _sample_mine(self, trainer, pl_module, jobs: list[tuple[EvalPrompt | None, int]], folder: Path,
+                     class_prompt: str) -> None:
         """This rank's share of the (prompt, seed) jobs, written as <index>_<seed>.png (class_<seed>.png for PRES)."""
         mine = jobs[trainer.global_rank :: trainer.world_size]
         was_training = pl_module.training
         pl_module.eval()
         with pl_module.averaged():  # the EMA weights when model.optim.ema_decay is set
-            images = sample(pl_module.parts(), [ep.prompt if ep else self.class_prompt for ep, _ in mine],
+            images = sample(pl_module.parts(), [ep.prompt if ep else class_prompt for ep, _ in mine],
                             [s for _, s in mine], self.run_protocol, self.batch_size)
         pl_module.train(was_training)
         for (ep, seed), img in zip(mine, images, strict=True):
             img.save(folder / (f"{ep.index:02d}_{seed}.png" if ep else f"class_{seed}.png"))
 
-    def _run_stage(self, trainer, pl_module, stage: str, prompts: list[EvalPrompt], full: bool) -> Scored:
-        """Sample `prompts` (sharded over ranks), score on rank zero, write files, log."""
+    def _run_stage(self, trainer, pl_module, stage: str, target: _Target, prompts: list[EvalPrompt],
+                   full: bool) -> Scored:
+        """Sample `prompts` of one subject (sharded over ranks), score on rank zero, write files, log."""
         p = self.run_protocol
         seeds = [p.seed + j for j in range(p.images_per_prompt)]
         pres_seeds = [p.seed + j for j in range(p.pres_images if full else 0)]
-        folder = self.out / "samples" / stage
+        folder = target.out / "samples" / stage
         folder.mkdir(parents=True, exist_ok=True)
         jobs = [(ep, s) for ep in prompts for s in seeds] + [(None, s) for s in pres_seeds]
-        self._sample_mine(trainer, pl_module, jobs, folder)
+        self._sample_mine(trainer, pl_module, jobs, folder, target.subject.class_prompt)
         trainer.strategy.barrier()
         if not trainer.is_global_zero:
             return Scored(metrics={})
         groups = [(ep, seeds, [Image.open(folder / f"{ep.index:02d}_{s}.png").convert("RGB") for s in seeds])
                   for ep in prompts]
         pres = [Image.open(folder / f"class_{s}.png").convert("RGB") for s in pres_seeds] or None
-        real = [load_image(p) for p in trainer.datamodule.instance_images]
+        real = [load_image(p) for p in target.photos]
         scored = score(self._ensure_encoders(pl_module.device), real, groups, pres)
         if full:
-            self._record(trainer, stage, scored)
-        self._log_media(trainer, stage, scored, groups)
+            self._record(trainer, stage, target, scored)
+        self._log_media(trainer, f"{target.key}{stage}", scored, groups)
         return scored
 
-    def _record(self, trainer, stage: str, scored: Scored) -> None:
-        self.results[stage] = {"metrics": scored.metrics, "per_prompt": scored.per_prompt, "step": trainer.global_step}
-        dm = trainer.datamodule
+    def _record(self, trainer, stage: str, target: _Target, scored: Scored) -> None:
+        target.results[stage] = {"metrics": scored.metrics, "per_prompt": scored.per_prompt,
+                                 "step": trainer.global_step}
+        s = target.subject
         info = encoder_info(self.encoders or {})
         payload = {
-            "subject": dm.hparams.subject,
-            "class_noun": dm.hparams.class_noun,
-            "identifier": dm.hparams.identifier,
+            "subject": s.subject if target.key else trainer.datamodule.hparams.subject,
+            "class_noun": s.class_noun,
+            "identifier": s.identifier,
             "protocol": dataclasses.asdict(self.run_protocol),
             **info,
-            "real_photos": [str(p) for p in dm.instance_images],
+            "real_photos": [str(p) for p in target.photos],
             "reference": PAPER_ROWS,
-            "stages": self.results,
+            "stages": target.results,
         }
-        write_json(self.out / "metrics.json", payload)
+        write_json(target.out / "metrics.json", payload)
         if not info["calibrated"]:
             print("metrics.json: scores from random tiny encoders are UNCALIBRATED smoke numbers", file=sys.stderr)
 
@@ -306,27 +344,33 @@ class LearningProbe(pl.Callback):
         """The callback's settings (its config group).
 
         Args:
-            enabled: run the probe after fit (logged as probe/denoising_mse_base and _tuned)
-            max_images: instance photos scored
+            enabled: run the probe after fit (logged as probe/denoising_mse_base and _tuned; per subject,
+                probe/<subject>/..., in a run of several)
+            max_images: instance photos scored (per subject)
             seed: seed of the fixed noise and timesteps
         """
         super().__init__()
         self.enabled = enabled
         self.max_images = max_images
         self.seed = seed
+        self.results: dict[str, tuple[float, float]] = {}  # subject -> (base, fine-tuned) denoising MSE
 
     def on_fit_end(self, trainer, pl_module) -> None:
         if not (self.enabled and _fit_done(trainer)):
             return
         dm = trainer.datamodule
-        # (N, 3, R, R): center-cropped, unflipped views, so the probe does not depend on augmentation.
-        pixels = torch.stack([v[0] for v in dm.fixed_views("instance", limit=self.max_images)])
-        prompts = [dm.instance_prompt] * len(pixels)
-        with pl_module.averaged():
-            tuned = pl_module.denoising_mse(pixels, prompts, seed=self.seed)
-        base = pl_module.base_model().denoising_mse(pixels, prompts, seed=self.seed)
-        print(f"Denoising MSE on the instance photos (fixed noise): base {base:.4f} -> fine-tuned {tuned:.4f} "
-              f"({100 * (tuned - base) / base:+.1f}%)")
-        for logger in trainer.loggers:
-            logger.log_metrics({"probe/denoising_mse_base": base, "probe/denoising_mse_tuned": tuned},
-                               step=trainer.global_step)
+        base_model, several = pl_module.base_model(), len(dm.subjects) > 1
+        for s in dm.subjects:
+            # (N, 3, R, R): center-cropped, unflipped views, so the probe does not depend on augmentation.
+            pixels = torch.stack([v[0] for v in dm.fixed_views("instance", limit=self.max_images, subject=s.subject)])
+            prompts = [s.instance_prompt] * len(pixels)
+            with pl_module.averaged():
+                tuned = pl_module.denoising_mse(pixels, prompts, seed=self.seed)
+            base = base_model.denoising_mse(pixels, prompts, seed=self.seed)
+            self.results[s.subject] = (base, tuned)
+            print(f"Denoising MSE on the instance photos{f' of {s.subject}' if several else ''} (fixed noise): "
+                  f"base {base:.4f} -> fine-tuned {tuned:.4f} ({100 * (tuned - base) / base:+.1f}%)")
+            key = f"probe/{s.subject}/" if several else "probe/"
+            for logger in trainer.loggers:
+                logger.log_metrics({f"{key}denoising_mse_base": base, f"{key}denoising_mse_tuned": tuned},
+                                   step=trainer.global_step)

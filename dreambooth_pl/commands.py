@@ -19,6 +19,7 @@ import torch
 from . import priors as prior_images
 from . import world
 from . import world_models as world_model_recipes
+from .backbones import BACKBONES
 from .components import SAMPLERS, ModelSource
 from .config import parse_config, parse_run_config
 from .data import DreamBoothDataModule, class_prompt, list_images, load_image, write_benchmark_files
@@ -36,6 +37,7 @@ from .world_claims import ClaimsSettings, run_claims
 
 # ------------------------------------------------------------------------------------------------ priors
 
+XL_IP2P_MODEL = BACKBONES["sdxl"].default_ip2p
 DEFAULT_INSTANCE_DIR = inspect.signature(DreamBoothDataModule).parameters["instance_dir"].default
 
 
@@ -143,17 +145,25 @@ def add_report_args(p: argparse.ArgumentParser) -> None:
 
 
 def report(a: argparse.Namespace) -> None:
-    """report.md + figures per run folder, or one DreamBench table over them."""
+    """report.md + figures per run folder (a run of several subjects: one per subject, and a table over them), or
+    one DreamBench table over the runs."""
     if a.aggregate:
         print(f"wrote {aggregate([Path(r) / 'metrics.json' for r in a.runs], a.aggregate)}")
         return
     for r in a.runs:
-        print(f"wrote {write_report(r)}")
+        subjects = sorted(Path(r).glob("subjects/*/metrics.json"))
+        if subjects and not (Path(r) / "metrics.json").is_file():
+            for f in subjects:
+                print(f"wrote {write_report(f.parent)}")
+            print(f"wrote {aggregate(subjects, Path(r) / 'report.md')}")
+        else:
+            print(f"wrote {write_report(r)}")
 
 
 def add_compare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("runs", nargs="+", help="DreamBooth run folders (outputs/<subject>)")
-    p.add_argument("--model", default=IP2P_MODEL, help="InstructPix2Pix hub id, folder, or tiny-ip2p (offline)")
+    p.add_argument("--model", default=None, help=f"InstructPix2Pix hub id, folder, or tiny-ip2p / tiny-xl-ip2p / "
+                   f"world-ip2p (offline); default: {IP2P_MODEL}, or {XL_IP2P_MODEL} for an SDXL run")
     p.add_argument("--encoders", default=None, choices=ENCODER_KINDS, help="default: the run's eval.encoders")
     p.add_argument("--steps", type=int, default=100, help="sampling steps per edit")
     p.add_argument("--guidance", type=float, default=7.5, help="text guidance")

@@ -1,4 +1,4 @@
-"""Stable Diffusion parts: the only module that calls `from_pretrained` / `from_single_file`.
+"""Stable Diffusion parts (SD 1.x/2.x and SDXL): the only module that calls `from_pretrained` / `from_single_file`.
 
 Loads a hub id, a local diffusers folder, a single-file checkpoint or a tiny model name (`tiny.TINY_MODELS`),
 and builds the sampling schedulers and pipelines that share the loaded modules.
@@ -7,6 +7,7 @@ and builds the sampling schedulers and pipelines that share the loaded modules.
 from __future__ import annotations
 
 import functools
+import json
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,16 +17,12 @@ from urllib.parse import urlparse
 import diffusers
 import huggingface_hub
 import torch
-from diffusers import (
-    AutoencoderKL,
-    DDPMScheduler,
-    StableDiffusionInstructPix2PixPipeline,
-    StableDiffusionPipeline,
-    UNet2DConditionModel,
-)
+from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
+from safetensors import safe_open
 from torch import nn
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from .backbones import BACKBONES, Backbone, backbone_of, backbone_of_pipeline
 from .tiny import TINY_MODELS, tiny_model_path
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # what training and priors load unless told
@@ -50,6 +47,17 @@ class SDComponents:
     noise_scheduler: Any  # DDPMScheduler for training (add_noise, alphas_cumprod)
     scheduler_config: dict = field(default_factory=dict)  # the model's own sampling scheduler config
     source: str = ""
+    tokenizer_2: Any = None  # SDXL's second tokenizer and text encoder (with the pooled projection); else None
+    text_encoder_2: nn.Module | None = None
+
+    @property
+    def backbone(self) -> Backbone:
+        return backbone_of(self.unet)
+
+    @property
+    def text_encoder_modules(self) -> list[nn.Module]:
+        """The text encoders in the backbone's order (one for SD 1.x/2.x, two for SDXL)."""
+        return [getattr(self, name) for name in self.backbone.text_encoders]
 
     @property
     def prediction_type(self) -> str:
@@ -188,15 +196,24 @@ def load_components(
         kw = hub_access(pretrained, kw)
     wkw = dict(kw, variant=variant) if variant else kw
     try:
+        index = dict(DiffusionPipeline.load_config(path, **kw))  # model_index.json: which parts the pipeline has
+        xl = "text_encoder_2" in index
         if local.is_dir():
-            absent = [d for d in ("tokenizer", "text_encoder", "vae", "unet", "scheduler") if not (local / d).is_dir()]
+            needed = ("tokenizer", "text_encoder", "vae", "unet", "scheduler") + (("tokenizer_2", "text_encoder_2") if xl else ())
+            absent = [d for d in needed if not (local / d).is_dir()]
             if absent:
                 raise ModelLoadError(f"Cannot load model '{pretrained}': {local} lacks {', '.join(absent)}/ (a diffusers "
                                      f"Stable Diffusion folder has tokenizer, text_encoder, vae, unet and scheduler)."
                                      + rebuild_hint(pretrained))
-            check_weight_files(local, pretrained)
+            check_weight_files(local, pretrained, ("text_encoder", "vae", "unet") + (("text_encoder_2",) if xl else ()))
         tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kw)
         text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=dtype, **wkw)
+        second = {}
+        if xl:  # SDXL: OpenCLIP-bigG-style second encoder whose projection gives the pooled embedding
+            second = dict(
+                tokenizer_2=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", **kw),
+                text_encoder_2=CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2",
+                                                                           torch_dtype=dtype, **wkw))
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype, **wkw)
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype, **wkw)
         scheduler_config = dict(DDPMScheduler.load_config(path, subfolder="scheduler", **kw))
@@ -218,7 +235,39 @@ def load_components(
         noise_scheduler=DDPMScheduler.from_config(scheduler_config),
         scheduler_config=scheduler_config,
         source=pretrained,
+        **second,
     )
+
+
+def single_file_backbone(path: Path, config: str | None) -> Backbone:
+    """SD or SDXL for a single-file checkpoint: from its config's pipeline class, else from its keys (SDXL files
+    hold `conditioner.embedders.*`, SD ones `cond_stage_model.*`)."""
+    if config is not None:
+        folder = Path(config)
+        index = folder / "model_index.json"
+        if index.is_file():
+            return backbone_of_pipeline(json.loads(index.read_text()).get("_class_name", ""))
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt") as f:
+            if any(k.startswith("conditioner.embedders.") for k in f.keys()):
+                return BACKBONES["sdxl"]
+    return BACKBONES["sd"]
+
+
+def backbone_of_model(pretrained: str) -> Backbone:
+    """The backbone of a model from its model_index.json alone (no weights loaded); a model whose index cannot be
+    read here (a single file, an uncached hub id offline) counts as SD 1.x/2.x."""
+    path = Path(resolve(pretrained)).expanduser()
+    if path.is_file():
+        return single_file_backbone(path, None)
+    index = path / "model_index.json"
+    if not index.is_file() and not _is_pathlike(pretrained):  # a hub id: its cached index, if any
+        cached = huggingface_hub.try_to_load_from_cache(pretrained, "model_index.json")
+        index = Path(cached) if isinstance(cached, str) else index
+    try:
+        return backbone_of_pipeline(json.loads(index.read_text()).get("_class_name", ""))
+    except (OSError, ValueError):
+        return BACKBONES["sd"]
 
 
 def _load_single_file(path: Path, pretrained: str, config: str | None, dtype: torch.dtype) -> SDComponents:
@@ -226,8 +275,9 @@ def _load_single_file(path: Path, pretrained: str, config: str | None, dtype: to
     if config is not None:
         kw["config"] = resolve(config)
         kw["local_files_only"] = Path(kw["config"]).is_dir()
+    cls = single_file_backbone(path, kw.get("config")).pipeline_class("text2img")
     try:
-        pipe = StableDiffusionPipeline.from_single_file(str(path), **kw)
+        pipe = cls.from_single_file(str(path), **kw)
     except (OSError, ValueError) as err:
         raise ModelLoadError(
             f"Cannot load checkpoint '{pretrained}': {err}. Single files hold weights only; the architecture "
@@ -243,6 +293,8 @@ def _load_single_file(path: Path, pretrained: str, config: str | None, dtype: to
         noise_scheduler=DDPMScheduler.from_config(scheduler_config),
         scheduler_config=scheduler_config,
         source=pretrained,
+        tokenizer_2=getattr(pipe, "tokenizer_2", None),
+        text_encoder_2=getattr(pipe, "text_encoder_2", None),
     )
 
 
@@ -269,24 +321,13 @@ def sampling_scheduler(parts: SDComponents, sampler: str = "default"):
     return cls.from_config(parts.scheduler_config)
 
 
-PIPELINES = {"text2img": StableDiffusionPipeline, "instruct_pix2pix": StableDiffusionInstructPix2PixPipeline}
 PipelineKind = Literal["text2img", "instruct_pix2pix"]
 
 
 def pipeline(parts: SDComponents, sampler: str = "default", kind: PipelineKind = "text2img"):
-    """A `StableDiffusionPipeline` (or, `kind="instruct_pix2pix"`, a `StableDiffusionInstructPix2PixPipeline`)
-    sharing `parts`' modules (no copies), sampling with `sampler`; no safety checker."""
-    if kind not in PIPELINES:
-        raise ValueError(f"unknown pipeline kind {kind!r}: choose one of {', '.join(PIPELINES)}")
-    pipe = PIPELINES[kind](
-        vae=parts.vae,
-        text_encoder=parts.text_encoder,
-        tokenizer=parts.tokenizer,
-        unet=parts.unet,
-        scheduler=sampling_scheduler(parts, sampler),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    """The backbone's text-to-image pipeline (or, `kind="instruct_pix2pix"`, its InstructPix2Pix pipeline) sharing
+    `parts`' modules (no copies), sampling with `sampler`; no safety checker, no watermark."""
+    backbone = parts.backbone
+    pipe = backbone.pipeline_class(kind)(**backbone.pipeline_parts(parts), scheduler=sampling_scheduler(parts, sampler))
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -7,6 +7,7 @@ import re
 import sys
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -18,7 +19,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from .components import ModelSource
+from .buckets import BucketBatchSampler, fit_to_bucket, make_buckets, nearest_bucket
+from .components import ModelSource, backbone_of_model
 from .files import as_record, image_grid
 from .priors import MANIFEST, SETTINGS, PriorSampling, PriorSettings, default_folder, generate
 
@@ -32,6 +34,35 @@ SubjectType = Literal["object", "live", "world"]  # which prompts_<type>.txt eva
 
 class DataError(ValueError):
     """Bad training data or data config; the message names the path and the fix."""
+
+
+@dataclass(frozen=True)
+class Subject:
+    """One subject of a run: its photos and how prompts name it (an item of `data.subjects:`).
+
+    Args:
+        subject: the subject's name (its evaluation folder, outputs/<run>/subjects/<subject>, in several-subject runs)
+        class_noun: the class it belongs to ("dog"); prompts are "a <identifier> <class_noun>"
+        instance_dir: folder of its photos
+        identifier: the rare token that names it; every subject of a run needs its own
+        subject_type: which prompt list evaluates it (object, live; world for the toy world)
+        class_dir: folder of its class images; null = generated (shared by the subjects of one class noun)
+    """
+
+    subject: str
+    class_noun: str
+    instance_dir: str
+    identifier: str = "sks"
+    subject_type: SubjectType = "object"
+    class_dir: str | None = None
+
+    @property
+    def instance_prompt(self) -> str:
+        return instance_prompt(self.identifier, self.class_noun)
+
+    @property
+    def class_prompt(self) -> str:
+        return class_prompt(self.class_noun)
 
 
 def instance_prompt(identifier: str, class_noun: str) -> str:
@@ -163,7 +194,13 @@ def list_images(folder: str | Path, min_size: int = 0, what: str = "instance") -
 
 
 class DreamBoothDataset(Dataset):
-    """Instance photos (repeated) paired with prior-preservation class images, loaded lazily."""
+    """Instance photos (repeated) paired with prior-preservation class images, loaded lazily.
+
+    Several subjects: `subject_of[j]` is photo j's subject, `class_subject[c]` class image c's, and every photo is
+    paired with a class image of its own subject (whose prompt is `class_prompts[subject]`). With `buckets`, each
+    photo goes to the bucket nearest its aspect ratio and its class image is fitted to the same bucket, so a batch
+    of examples from one bucket stacks into one tensor.
+    """
 
     def __init__(
         self,
@@ -178,6 +215,10 @@ class DreamBoothDataset(Dataset):
         min_image_size: int = 0,
         load_pixels: bool = True,
         instance_prompts: list[str] | None = None,
+        subject_of: list[int] | None = None,
+        class_subject: list[int] | None = None,
+        class_prompts: list[str] | None = None,
+        buckets: list[tuple[int, int]] | None = None,
     ) -> None:
         if not instance_images:
             raise DataError("DreamBoothDataset got no instance images: check data.instance_dir")
@@ -204,84 +245,158 @@ class DreamBoothDataset(Dataset):
         self.min_image_size = min_image_size
         # False with cached VAE latents: examples carry (index, flip) only and no image is decoded.
         self.load_pixels = load_pixels
+        n = len(self.instance_images)
+        self.subject_of = list(subject_of) if subject_of is not None else [0] * n
+        n_subjects = max(self.subject_of) + 1
+        self.class_prompts = list(class_prompts) if class_prompts is not None else [class_prompt] * n_subjects
+        # Each subject's photos and class images, as indices into the flat lists.
+        self.members = [[j for j in range(n) if self.subject_of[j] == s] for s in range(n_subjects)]
+        self.rank = {j: r for group in self.members for r, j in enumerate(group)}
+        self.class_members: list[list[int]] = [[] for _ in range(n_subjects)]
+        if self.class_images is not None:
+            owners = list(class_subject) if class_subject is not None else [0] * len(self.class_images)
+            for c, s in enumerate(owners):
+                self.class_members[s].append(c)
+            empty = [s for s in range(n_subjects) if self.members[s] and not self.class_members[s]]
+            if empty:
+                raise DataError(f"subject {empty[0]} has photos but no class images: give every subject class images")
+        # (width, height) buckets and photo j's bucket index; None = square crops at `resolution`.
+        self.buckets = buckets
+        self.bucket_of_photo = [nearest_bucket(*load_image(p).size, buckets) for p in self.instance_images] if buckets else []
 
     def __len__(self) -> int:
         n = len(self.instance_images) * self.repeats
         if self.class_images is not None:
-            # An epoch covers every class image at least once; instances cycle to fill it.
-            n = max(n, len(self.class_images))
+            # An epoch covers every class image of every subject at least once; instances cycle to fill it: a
+            # subject's C-th class image comes with its photo of rank (C-1) % n_s in cycle (C-1) // n_s (see `pair`).
+            n = max(n, *((len(c) - 1) // len(m) * len(self.instance_images) + m[(len(c) - 1) % len(m)] + 1
+                         for m, c in zip(self.members, self.class_members, strict=True) if m))
         return n
 
-    def transform(self, img: Image.Image) -> tuple[torch.Tensor, bool]:
-        """Resize shorter side, crop to square, maybe flip; returns ((3, R, R) in [-1, 1], flipped)."""
-        r = self.resolution
+    def pair(self, i: int) -> tuple[int, int | None]:
+        """Item i -> (photo index, class image index or None): the k-th time a subject's photos come round they
+        take its class images k * n_s.. in turn (one subject: photo i % N with class image i % C)."""
+        j = i % len(self.instance_images)
+        if self.class_images is None:
+            return j, None
+        s = self.subject_of[j]
+        occurrence = (i // len(self.instance_images)) * len(self.members[s]) + self.rank[j]
+        group = self.class_members[s]
+        return j, group[occurrence % len(group)]
+
+    def class_subject_of(self, c: int) -> int:
+        """The subject class image c belongs to."""
+        return next(s for s, group in enumerate(self.class_members) if c in group)
+
+    def bucket(self, i: int) -> int:
+        """Item i's bucket index (its photo's); -1 without buckets."""
+        return self.bucket_of_photo[i % len(self.instance_images)] if self.buckets else -1
+
+    def transform(self, img: Image.Image, bucket: int = -1,
+                  center: bool | None = None) -> tuple[torch.Tensor, bool, torch.Tensor]:
+        """Maybe flip, resize and crop (to the square `resolution`, or to `buckets[bucket]`); returns ((3, h, w) in
+        [-1, 1], flipped, (6,) size/crop ids: original (H, W), crop (top, left) in resized pixels, target (h, w))."""
         x = TF.pil_to_tensor(img)  # (3, H, W) uint8
+        # Flip first, so the crop's offsets are those of the image the model sees (SDXL's crop conditioning).
+        flipped = bool(self.random_flip and torch.rand(()).item() < 0.5)
+        if flipped:
+            x = x.flip(-1)
+        size = self.buckets[bucket] if bucket >= 0 else None
+        x, ids = crop_image(x, self.resolution, size, self.center_crop if center is None else center)
+        return x, flipped, ids
+
+    def _load(self, path: Path, bucket: int) -> tuple[torch.Tensor | None, bool, torch.Tensor | None]:
+        if not self.load_pixels:  # the cache holds latents and size/crop ids per (image, bucket, flip)
+            return None, bool(self.random_flip and torch.rand(()).item() < 0.5), None  # same draw as transform()
+        with load_image(path, min_size=self.min_image_size) as img:
+            return self.transform(img, bucket)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        if not 0 <= i < len(self):
+            raise IndexError(f"index {i} out of range for dataset of length {len(self)}")
+        idx, cidx = self.pair(i)
+        bucket = self.bucket(i)
+        pixels, flipped, ids = self._load(self.instance_images[idx], bucket)
+        example: dict[str, Any] = {
+            "instance_pixel_values": pixels,
+            "instance_prompt": self.instance_prompts[idx] if self.instance_prompts else self.instance_prompt,
+            "instance_index": idx,
+            "instance_flipped": flipped,
+            "instance_time_ids": ids,
+            "bucket": bucket,
+            # Also without class images: `prior_loss: teacher` prompts with it.
+            "class_prompt": self.class_prompts[self.subject_of[idx]],
+        }
+        if cidx is not None:
+            pixels, flipped, ids = self._load(self.class_images[cidx], bucket)
+            example.update(
+                class_pixel_values=pixels,
+                class_index=cidx,
+                class_flipped=flipped,
+                class_time_ids=ids,
+            )
+        return example
+
+
+def crop_image(x: torch.Tensor, resolution: int, bucket: tuple[int, int] | None,
+               center: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(3, H, W) uint8 -> ((3, h, w) in [-1, 1], (6,) size/crop ids: original (H, W), crop (top, left) in resized
+    pixels, target (h, w)): resized and cropped to the square `resolution`, or to `bucket` (width, height)."""
+    if bucket is not None:
+        x, original, (top, left) = fit_to_bucket(x, bucket, center=center)
+    else:
+        r, original = resolution, tuple(x.shape[-2:])
         x = TF.resize(x, r, interpolation=InterpolationMode.BILINEAR, antialias=True)  # shorter side = R
         h, w = x.shape[-2:]
-        if self.center_crop:
+        if center:
             top, left = (h - r) // 2, (w - r) // 2
         else:
             # torch RNG (not python random) so seed_everything / DataLoader worker seeding reproduce it.
             top = int(torch.randint(0, h - r + 1, (1,)).item())
             left = int(torch.randint(0, w - r + 1, (1,)).item())
         x = x[:, top : top + r, left : left + r]
-        flipped = bool(self.random_flip and torch.rand(()).item() < 0.5)
-        if flipped:
-            x = x.flip(-1)
-        x = x.to(torch.float32).div_(127.5).sub_(1.0)  # (3, R, R) in [-1, 1]
-        return x.contiguous(), flipped
-
-    def _load(self, path: Path) -> tuple[torch.Tensor | None, bool]:
-        if not self.load_pixels:
-            return None, bool(self.random_flip and torch.rand(()).item() < 0.5)  # same draw as transform()
-        with load_image(path, min_size=self.min_image_size) as img:
-            return self.transform(img)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        if not 0 <= i < len(self):
-            raise IndexError(f"index {i} out of range for dataset of length {len(self)}")
-        idx = i % len(self.instance_images)
-        pixels, flipped = self._load(self.instance_images[idx])
-        example: dict[str, Any] = {
-            "instance_pixel_values": pixels,
-            "instance_prompt": self.instance_prompts[idx] if self.instance_prompts else self.instance_prompt,
-            "instance_index": idx,
-            "instance_flipped": flipped,
-            "class_prompt": self.class_prompt,  # also without class images: `prior_loss: teacher` prompts with it
-        }
-        if self.class_images is not None:
-            cidx = i % len(self.class_images)
-            pixels, flipped = self._load(self.class_images[cidx])
-            example.update(
-                class_pixel_values=pixels,
-                class_index=cidx,
-                class_flipped=flipped,
-            )
-        return example
+    ids = torch.tensor([*original, top, left, *x.shape[-2:]], dtype=torch.float32)
+    return x.to(torch.float32).div_(127.5).sub_(1.0).contiguous(), ids  # (3, h, w) in [-1, 1]
 
 
 def collate(examples: list[dict]) -> dict[str, Any]:
     """Batch examples: instance rows [0, B) then class rows [B, 2B) when class images are present."""
-    pixels = [e["instance_pixel_values"] for e in examples]
-    prompts = [e["instance_prompt"] for e in examples]
-    index = [e["instance_index"] for e in examples]
-    flipped = [e["instance_flipped"] for e in examples]
-    if examples and "class_pixel_values" in examples[0]:
-        pixels += [e["class_pixel_values"] for e in examples]
-        prompts += [e["class_prompt"] for e in examples]
-        index += [e["class_index"] for e in examples]
-        flipped += [e["class_flipped"] for e in examples]
+    rows = ["instance"] + (["class"] if examples and "class_pixel_values" in examples[0] else [])
+    pixels = [e[f"{r}_pixel_values"] for r in rows for e in examples]
+    ids = [e[f"{r}_time_ids"] for r in rows for e in examples]
+    buckets = {e["bucket"] for e in examples}
+    if len(buckets) > 1:
+        raise ValueError(f"a batch mixes buckets {sorted(buckets)}: bucketed data needs the bucket batch sampler")
     batch = {
-        "prompts": prompts,
-        "class_prompt": examples[0]["class_prompt"] if examples else None,  # the class noun's prompt, "a dog"
-        "image_index": torch.tensor(index, dtype=torch.long),  # index into its own (instance or class) list
-        "flipped": torch.tensor(flipped, dtype=torch.bool),
+        "prompts": [e["instance_prompt"] for e in examples] + [e["class_prompt"] for e in examples] * (len(rows) - 1),
+        "class_prompts": [e["class_prompt"] for e in examples],  # each instance row's class prompt, "a dog"
+        "class_prompt": examples[0]["class_prompt"] if examples else None,
+        "image_index": torch.tensor([e[f"{r}_index"] for r in rows for e in examples], dtype=torch.long),  # own list
+        "flipped": torch.tensor([e[f"{r}_flipped"] for r in rows for e in examples], dtype=torch.bool),
+        "bucket": torch.tensor([e["bucket"] for _ in rows for e in examples], dtype=torch.long),  # -1: no buckets
         "num_instance": len(examples),
     }
     if pixels[0] is not None:  # absent with cached latents
-        # (2B, 3, R, R) with class images, else (B, 3, R, R); plain layout so the VAE sees NCHW.
+        # (2B, 3, h, w) with class images, else (B, 3, h, w); plain layout so the VAE sees NCHW.
         batch["pixel_values"] = torch.stack(pixels).contiguous(memory_format=torch.contiguous_format)
+        batch["time_ids"] = torch.stack(ids)  # (2B or B, 6) SDXL size/crop conditioning
     return batch
+
+
+class BucketBatches(Dataset):
+    """A dataset whose items are whole batches, each from one bucket: a DataLoader (batch_size=None) over it
+    shuffles the batches, and Lightning's distributed sampler shards them over DDP ranks as it does any dataset."""
+
+    def __init__(self, dataset: DreamBoothDataset, batch_size: int, seed: int) -> None:
+        self.dataset = dataset
+        sampler = BucketBatchSampler([dataset.bucket(i) for i in range(len(dataset))], batch_size, seed=seed)
+        self.batches = list(sampler)  # grouped once; the loader reshuffles their order every epoch
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, b: int) -> dict[str, Any]:
+        return collate([self.dataset[i] for i in self.batches[b]])
 
 
 def _check_config(c: dict) -> None:
@@ -322,6 +437,10 @@ class DreamBoothDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         min_image_size: int = 64,
         seed: int = 0,
+        subjects: list[Subject] | None = None,
+        buckets: bool | None = None,
+        bucket_step: int = 64,
+        max_aspect_ratio: float = 2.0,
     ) -> None:
         """The photos, the class images and how batches are made (the `data:` section).
 
@@ -346,38 +465,68 @@ class DreamBoothDataModule(pl.LightningDataModule):
             num_workers: DataLoader worker processes
             min_image_size: photos with a shorter side are refused
             seed: shuffling and augmentation seed (set from seed_everything)
+            subjects: several subjects learnt by one model in one run (each with its photos, identifier, class noun
+                and optional class folder; identifiers must differ); null = the one subject above. `subject` then
+                names the run, and evaluation and the report are per subject
+            buckets: aspect-ratio buckets of about resolution^2 pixels instead of square crops (batches never mix
+                buckets; class images are fitted to their photo's bucket); null = on for SDXL, off for SD 1.x/2.x
+            bucket_step: bucket sides are multiples of this (px; a multiple of 8)
+            max_aspect_ratio: the most elongated bucket (longer / shorter side)
         """
         config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
         _check_config(config)
         self.save_hyperparameters(as_record(config))  # plain values: YAML, W&B and weights_only checkpoints
         self.prior, self.model_source = prior, model
+        self.subjects = _subjects(config)
         self.instance_images: list[Path] = []
         self.class_images: list[Path] = []
+        self.images_of: dict[str, list[Path]] = {}  # subject name -> its photos
         self.dataset: DreamBoothDataset | None = None
 
     @property
     def instance_prompt(self) -> str:
-        """Prompt paired with the subject's photos."""
-        return instance_prompt(self.hparams.identifier, self.hparams.class_noun)
+        """Prompt paired with the (first) subject's photos."""
+        return self.subjects[0].instance_prompt
 
     @property
     def class_prompt(self) -> str:
-        """Prompt paired with the class images."""
-        return class_prompt(self.hparams.class_noun)
+        """Prompt paired with the (first) subject's class images."""
+        return self.subjects[0].class_prompt
 
-    def describe(self) -> dict[str, str]:
-        """Who the run is about: subject, class noun, identifier and both prompts (for exports and reports)."""
-        return describe_subject(self.hparams.subject, self.hparams.class_noun, self.hparams.identifier)
+    @property
+    def use_buckets(self) -> bool:
+        """`buckets` as set, or on for an SDXL base model (read from its model_index.json)."""
+        if self.hparams.buckets is not None:
+            return self.hparams.buckets
+        return backbone_of_model(self.model_source.pretrained).name == "sdxl"
 
-    def prior_settings(self) -> PriorSettings:
-        """What the generated class images depend on (their cache key)."""
-        return PriorSettings(model=self.model_source, prompt=self.class_prompt, resolution=self.hparams.resolution,
+    def bucket_sizes(self) -> list[tuple[int, int]] | None:
+        """The (width, height) buckets, or None for square crops."""
+        hp = self.hparams
+        if not self.use_buckets:
+            return None
+        try:
+            return make_buckets(hp.resolution, hp.bucket_step, hp.max_aspect_ratio)
+        except ValueError as e:
+            raise DataError(str(e)) from e
+
+    def describe(self, subject: Subject | None = None) -> dict[str, str]:
+        """Who the run (or one of its subjects) is about: subject, class noun, identifier and both prompts."""
+        s = subject or self.subjects[0]
+        name = s.subject if subject is not None or len(self.subjects) > 1 else self.hparams.subject
+        return describe_subject(name, s.class_noun, s.identifier)
+
+    def prior_settings(self, subject: Subject | None = None) -> PriorSettings:
+        """What the generated class images (of `subject`, default the first) depend on (their cache key)."""
+        prompt = (subject or self.subjects[0]).class_prompt
+        return PriorSettings(model=self.model_source, prompt=prompt, resolution=self.hparams.resolution,
                              sampling=self.prior)
 
-    def class_folder(self) -> Path:
+    def class_folder(self, subject: Subject | None = None) -> Path:
         """`class_dir` when set, else the content-keyed cache folder cache/priors/<key>/."""
-        return Path(self.hparams.class_dir) if self.hparams.class_dir is not None else default_folder(self.prior_settings())
+        s = subject or self.subjects[0]
+        return Path(s.class_dir) if s.class_dir is not None else default_folder(self.prior_settings(s))
 
     def _user_photos(self, folder: Path) -> bool:
         # A folder the user filled with real class photos: images present, no generator settings file.
@@ -389,34 +538,46 @@ class DreamBoothDataModule(pl.LightningDataModule):
         """Make the missing class images (once, on local rank zero) before fitting."""
         if not self.hparams.with_prior_preservation:
             return
-        folder = self.class_folder()
-        if self._user_photos(folder):
-            return  # validated like instance photos in setup()
-        trainer = getattr(self, "trainer", None)
-        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
-        result = generate(self.prior_settings(), self.hparams.num_class_images, folder=folder, device=device)
-        print(f"Class images: {result}", file=sys.stderr)
+        for s in self.subjects:
+            folder = self.class_folder(s)
+            if self._user_photos(folder):
+                continue  # validated like instance photos in setup()
+            trainer = getattr(self, "trainer", None)
+            device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+            result = generate(self.prior_settings(s), self.hparams.num_class_images, folder=folder, device=device)
+            print(f"Class images ({s.subject}): {result}", file=sys.stderr)
 
-    def _list_class_images(self) -> list[Path]:
-        folder = self.class_folder()
+    def _list_class_images(self, subject: Subject | None = None) -> list[Path]:
+        s = subject or self.subjects[0]
+        folder = self.class_folder(s)
         if not folder.is_dir():
             raise DataError(
-                f"class-image folder {folder} does not exist for subject {self.hparams.subject!r}: run "
+                f"class-image folder {folder} does not exist for subject {s.subject!r}: run "
                 f"`python -m dreambooth_pl priors` (or fit, which makes them in prepare_data), point "
-                f"data.class_dir at a folder of '{self.class_prompt}' photos, or set data.with_prior_preservation: false"
+                f"data.class_dir at a folder of '{s.class_prompt}' photos, or set data.with_prior_preservation: false"
             )
         images = list_images(folder, min_size=self.hparams.min_image_size, what="class")
         # Generated folders can hold more images than asked for (an earlier, larger run): use 0..N-1.
         return images if self._user_photos(folder) else images[: self.hparams.num_class_images]
 
     def setup(self, stage: str | None = None) -> None:
-        """List and validate the image folders, then build `self.dataset`."""
+        """List and validate every subject's image folders, then build `self.dataset`."""
         hp = self.hparams
-        self.instance_images = list_images(hp.instance_dir, min_size=hp.min_image_size, what="instance")
-        self.instance_captions = read_captions(self.instance_images, hp.identifier, self.instance_prompt)
-        self.class_images = self._list_class_images() if hp.with_prior_preservation else []
-        self._log_class_grid()
         prior = hp.with_prior_preservation
+        self.instance_images, self.instance_captions, self.class_images = [], [], []
+        subject_of, class_subject = [], []
+        for k, s in enumerate(self.subjects):
+            photos = list_images(s.instance_dir, min_size=hp.min_image_size, what="instance")
+            self.images_of[s.subject] = photos
+            self.instance_images += photos
+            self.instance_captions += read_captions(photos, s.identifier, s.instance_prompt)
+            subject_of += [k] * len(photos)
+            if prior:
+                # Subjects of one class noun share a generated folder: list it once, pair it with each of them.
+                classes = self._list_class_images(s)
+                class_subject += [k] * len(classes)
+                self.class_images += classes
+        self._log_class_grid()
         self.dataset = DreamBoothDataset(
             instance_images=self.instance_images,
             instance_prompt=self.instance_prompt,
@@ -429,21 +590,50 @@ class DreamBoothDataModule(pl.LightningDataModule):
             repeats=hp.repeats,
             min_image_size=hp.min_image_size,
             load_pixels=not hp.cache_latents,
+            subject_of=subject_of,
+            class_subject=class_subject if prior else None,
+            class_prompts=[s.class_prompt for s in self.subjects],
+            buckets=self.bucket_sizes(),
         )
 
-    def fixed_views(self, split: Literal["instance", "class"], limit: int | None = None) -> Iterator[torch.Tensor]:
+    def cache_views(self) -> Iterator[tuple[tuple[str, int, int], torch.Tensor, torch.Tensor]]:
+        """What the latent cache encodes: every (split, image index, bucket) the loader can show, with its views
+        (F, 3, h, w) in [-1, 1] (F = 2 with random_flip: as is, then flipped) and their (F, 6) size/crop ids."""
+        ds = self.dataset
+        if ds is None:
+            self.setup("fit")
+            ds = self.dataset
+        seen = set()
+        for i in range(len(ds)):
+            j, c = ds.pair(i)
+            b = ds.bucket(i)
+            for key, path in ((("instance", j, b), ds.instance_images[j]),
+                              (("class", c, b), ds.class_images[c] if c is not None else None)):
+                if path is None or key in seen:
+                    continue
+                seen.add(key)
+                with load_image(path) as img:
+                    flips = [False, True] if self.hparams.random_flip else [False]
+                    views = [_fixed_view(ds, img, b, f) for f in flips]
+                yield key, torch.stack([v for v, _ in views]), torch.stack([t for _, t in views])
+
+    def fixed_views(self, split: Literal["instance", "class"], limit: int | None = None,
+                    subject: str | None = None) -> Iterator[torch.Tensor]:
         """Every view the loader can show of each `split` image, unaugmented otherwise: (F, 3, R, R) in [-1, 1].
 
-        Center-cropped; F = 2 (as is, then flipped) with `random_flip`, else 1. What the latent cache encodes
-        and the learning probe scores, so neither depends on the random crop of a step.
+        Square center crops; F = 2 (as is, then the mirrored photo's) with `random_flip`, else 1. What the learning
+        probe scores (and, without buckets, what the latent cache encodes), so neither depends on a step's crop.
+        `subject`: that subject's photos only.
         """
-        paths = (self.instance_images if split == "instance" else self.class_images)[:limit]
-        if not paths:
-            return
-        ds = DreamBoothDataset(paths, "", resolution=self.hparams.resolution, center_crop=True, random_flip=False)
-        for i in range(len(paths)):
-            x = ds[i]["instance_pixel_values"]  # (3, R, R)
-            yield torch.stack([x, x.flip(-1)]) if self.hparams.random_flip else x[None]
+        if subject is not None:  # one subject's photos (several-subject runs)
+            paths = self.images_of[subject][:limit]
+        else:
+            paths = (self.instance_images if split == "instance" else self.class_images)[:limit]
+        r, flips = self.hparams.resolution, [False, True] if self.hparams.random_flip else [False]
+        for path in paths:
+            with load_image(path) as img:
+                x = TF.pil_to_tensor(img)  # (3, H, W) uint8
+            yield torch.stack([crop_image(x.flip(-1) if f else x, r, None, center=True)[0] for f in flips])
 
     def _log_class_grid(self) -> None:
         trainer = getattr(self, "trainer", None)
@@ -455,21 +645,53 @@ class DreamBoothDataModule(pl.LightningDataModule):
                 logger.log_image("priors/class_images", [grid], caption=[f"{self.class_prompt} ({len(self.class_images)} images)"])
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled loader; order (and worker RNG seeds) come from a generator seeded with `seed`."""
+        """Shuffled loader; order (and worker RNG seeds) come from a generator seeded with `seed`. With buckets its
+        items are whole one-bucket batches (`BucketBatches`)."""
         if self.dataset is None:
             self.setup("fit")
         hp = self.hparams
+        batched = self.dataset.buckets is not None
         return DataLoader(
-            self.dataset,
-            batch_size=hp.batch_size,
+            BucketBatches(self.dataset, hp.batch_size, hp.seed) if batched else self.dataset,
+            batch_size=None if batched else hp.batch_size,
             shuffle=True,
             generator=torch.Generator().manual_seed(hp.seed),
             drop_last=False,
-            collate_fn=collate,
+            collate_fn=_identity if batched else collate,
             num_workers=hp.num_workers,
             persistent_workers=hp.num_workers > 0,
             pin_memory=False,
         )
+
+
+def _identity(batch: dict) -> dict:
+    """The collate of a loader whose items are batches already (picklable for worker processes)."""
+    return batch
+
+
+def _fixed_view(ds: DreamBoothDataset, img: Image.Image, bucket: int, flip: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """One unaugmented, center-cropped view of an image in `bucket` (-1: the square), flipped or not, with its ids."""
+    x = TF.pil_to_tensor(img)  # (3, H, W) uint8
+    return crop_image(x.flip(-1) if flip else x, ds.resolution, ds.buckets[bucket] if bucket >= 0 else None, center=True)
+
+
+def _subjects(c: dict) -> list[Subject]:
+    """The run's subjects: `subjects` when given (distinct names and identifiers), else the one of the flat keys."""
+    if not c.get("subjects"):
+        return [Subject(c["subject"], c["class_noun"], c["instance_dir"], c["identifier"], c["subject_type"],
+                        c["class_dir"])]
+    subjects = [s if isinstance(s, Subject) else Subject(**s) for s in c["subjects"]]
+    for key in ("identifier", "subject"):
+        values = [getattr(s, key) for s in subjects]
+        dup = next((v for v in values if values.count(v) > 1), None)
+        if dup is not None:
+            raise DataError(f"data.subjects: two subjects have the {key} {dup!r}: give each subject its own {key} "
+                            f"(one model must tell them apart by it)")
+    for s in subjects:
+        if s.subject_type not in get_args(SubjectType):
+            raise DataError(f"data.subjects: subject {s.subject!r} has subject_type {s.subject_type!r}: set it to "
+                            f"'object', 'live' or 'world'")
+    return subjects
 
 
 def write_benchmark_files(root: str | Path) -> list[Path]:

@@ -97,7 +97,7 @@ def sample(parts: components.SDComponents, prompts: list[str], seeds: list[int],
 def mixed_precision(parts: components.SDComponents):
     """Autocast to the half precision of the frozen parts when it differs from the UNet's (the memory presets keep
     the VAE and text encoder in bf16 and the trained UNet in fp32); a no-op when all parts share one dtype."""
-    dtypes = {m.dtype for m in (parts.text_encoder, parts.vae, parts.unet)}
+    dtypes = {m.dtype for m in (*parts.text_encoder_modules, parts.vae, parts.unet)}
     if len(dtypes) == 1:
         return nullcontext()
     return torch.autocast(parts.unet.device.type, dtype=next(d for d in dtypes if d != torch.float32))

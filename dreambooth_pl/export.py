@@ -24,7 +24,8 @@ KOHYA_IMPLEMENTATION = "https://github.com/kohya-ss/sd-scripts"
 
 def export_pipeline(parts: components.SDComponents, folder: str | Path, metadata: dict | None = None,
                     sampler: str = "default") -> Path:
-    """Write a complete diffusers `StableDiffusionPipeline` (safetensors) with `parts`' weights, atomically."""
+    """Write a complete diffusers pipeline (StableDiffusionPipeline or StableDiffusionXLPipeline, safetensors) with
+    `parts`' weights, atomically."""
     pipe = components.pipeline(parts, sampler=sampler)
     # An earlier export is replaced only once the new one is complete.
     with atomic_path(folder, folder=True) as tmp:
@@ -45,15 +46,15 @@ def export_run(module, out_dir: str | Path, metadata: dict, single_file: bool = 
     meta = {"base_model": hp.pretrained, "revision": hp.revision, **metadata}
     width = module.unet.config.cross_attention_dim
     prediction = module.noise_scheduler.config.prediction_type
-    if has_lora(module.unet) or has_lora(module.text_encoder):
+    if has_lora(module.unet) or any(has_lora(e) for e in module.text_encoders):
         keys = share_metadata(meta, architecture(width, prediction, lora=True), KOHYA_IMPLEMENTATION)
         paths = {f"lora ({kind})": path for kind, path in
                  export_lora(module, out_dir / "lora", metadata=keys, kohya_name=f"{share_name(meta)}_lora.safetensors").items()}
-        write_card(out_dir, out_dir / "lora", meta)
+        write_card(out_dir, out_dir / "lora", meta, module.backbone.pipelines["text2img"])
         return paths
     parts = module.export_parts()  # one dtype throughout: a mixed bf16/fp32 pipeline fails on its first call
     paths = {"diffusers": export_pipeline(parts, out_dir / "model", meta)}
-    write_card(out_dir, out_dir / "model", meta)
+    write_card(out_dir, out_dir / "model", meta, module.backbone.pipelines["text2img"])
     if single_file:
         keys = {**{k: str(v) for k, v in meta.items()}, **share_metadata(meta, architecture(width, prediction),
                                                                         LDM_IMPLEMENTATION)}
@@ -66,7 +67,7 @@ def share_name(meta: dict) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(meta.get("subject") or "model")).strip("._") or "model"
 
 
-def write_card(run_dir: Path, folder: Path, meta: dict) -> Path:
+def write_card(run_dir: Path, folder: Path, meta: dict, pipeline_class: str = "StableDiffusionPipeline") -> Path:
     """folder/README.md: the model card, with the run's final scores and a grid of its final samples when it has them."""
     metrics = None
     mfile = run_dir / "metrics.json"
@@ -78,7 +79,7 @@ def write_card(run_dir: Path, folder: Path, meta: dict) -> Path:
     if samples:
         write_image(image_grid(samples, cols=4, size=256), folder / "samples.png")
         grid = "samples.png"
-    return write_text(folder / CARD_FILE, model_card(meta, metrics, grid))
+    return write_text(folder / CARD_FILE, model_card(meta, metrics, grid, pipeline_class))
 
 
 def checkpoint_metadata(ckpt: dict, path: Path) -> dict:

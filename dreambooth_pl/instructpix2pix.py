@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from . import components
+from .backbones import BACKBONES
 from .data import class_prompt, list_images, load_image
 from .encoders import load_encoders
 from .evaluation import EvalPrompt, encoder_info, protocol_prompts, score
@@ -20,7 +21,7 @@ from .metrics import DirectionalSimilarity, PairedCosine
 from .report import write_compare_report
 from .world import TEMPLATES as WORLD_TEMPLATES
 
-DEFAULT_MODEL = "timbrooks/instruct-pix2pix"
+DEFAULT_MODEL = BACKBONES["sd"].default_ip2p  # timbrooks/instruct-pix2pix
 
 # Every DreamBench template (object and live lists) -> the edit that turns a photo of the subject
 # into the prompt's scene. A template without an entry is an error, never a silent skip.
@@ -191,13 +192,19 @@ def _cost(run_dir: Path, out: Path, stats: RunStats, steps: int) -> dict:
     }
 
 
-def compare(run_dir: str | Path, config, model: str = DEFAULT_MODEL, encoders: str | None = None, steps: int = 100,
+def default_model(pretrained: str) -> str:
+    """The InstructPix2Pix baseline for a DreamBooth run on `pretrained`: the SDXL one for an SDXL base model."""
+    return components.backbone_of_model(pretrained).default_ip2p
+
+
+def compare(run_dir: str | Path, config, model: str | None = None, encoders: str | None = None, steps: int = 100,
             guidance_scale: float = 7.5, image_guidance_scale: float = 1.5, batch_size: int = 4,
             device: str | None = None) -> Path:
     """Run the baseline on a DreamBooth run's subject, score base / DreamBooth / InstructPix2Pix alike, report.
 
-    `config` is the run's parsed config.yaml (`config.parse_run_config`).
+    `config` is the run's parsed config.yaml (`config.parse_run_config`); `model` None: `default_model` of its base.
     """
+    model = model or default_model(config.model.pretrained)
     run_dir, d, ev = Path(run_dir), config.data, config.eval
     k, seed, res = ev.protocol.images_per_prompt, ev.protocol.seed, d.resolution
     prompts = protocol_prompts(ev.prompts_dir, d.subject_type, d.identifier, d.class_noun)

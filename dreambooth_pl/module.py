@@ -1,4 +1,6 @@
-"""DreamBoothModule: frozen VAE + text encoder, trainable UNet (or LoRA adapters), the two-term DreamBooth loss."""
+"""DreamBoothModule: frozen VAE + text encoder(s), trainable UNet (or LoRA adapters), the two-term DreamBooth loss.
+
+SD 1.x/2.x and SDXL run through the same code: `backbones` says how prompts condition the UNet."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from pytorch_lightning.strategies import FSDPStrategy
 from tqdm.auto import tqdm
 
 from . import components
+from .backbones import Backbone, Conditioning, backbone_of
 from .components import DEFAULT_MODEL
 from .files import as_record
 from .lora import add_lora
@@ -77,7 +80,7 @@ class LoraSettings:
         alpha: UNet adapter scale numerator (scale = alpha / rank); null = rank
         dropout: adapter dropout
         targets: UNet module names to adapt; null = the attention projections to_q/k/v/out.0
-        text_encoder_rank: text-encoder adapter rank; 0 = no text-encoder adapters
+        text_encoder_rank: text-encoder adapter rank (on both of SDXL's encoders); 0 = no text-encoder adapters
         text_encoder_alpha: text-encoder adapter alpha; null = text_encoder_rank
         text_encoder_targets: text-encoder module names; null = q/k/v/out_proj
     """
@@ -133,7 +136,7 @@ def make_optimizer(name: str, groups: list[dict], **kw) -> torch.optim.Optimizer
 
 
 class DreamBoothModule(pl.LightningModule):
-    """Fine-tunes a Stable Diffusion UNet (and optionally its text encoder) on one subject."""
+    """Fine-tunes a Stable Diffusion (1.x, 2.x or XL) UNet, and optionally its text encoder(s), on a subject."""
 
     def __init__(
         self,
@@ -153,7 +156,8 @@ class DreamBoothModule(pl.LightningModule):
         """The model and what of it trains (the `model:` section).
 
         Args:
-            pretrained: hub id, local diffusers folder, single .safetensors/.ckpt file, or tiny / tiny-v (offline)
+            pretrained: hub id, local diffusers folder, single .safetensors/.ckpt file, or tiny / tiny-v / tiny-xl
+                (offline); SD 1.x/2.x or SDXL, told apart from the loaded UNet
             revision: hub revision (branch, tag or commit)
             variant: hub weight variant, e.g. fp16
             single_file_config: for a single-file `pretrained`: the diffusers folder or hub id describing it
@@ -162,7 +166,7 @@ class DreamBoothModule(pl.LightningModule):
                 difference between the fine-tuned and the frozen base model's predictions for the class prompt on the
                 instance step's noisy latents (no class images; data.with_prior_preservation: false; one frozen UNet
                 copy in memory, none with LoRA)
-            train_text_encoder: fine-tune the whole text encoder too
+            train_text_encoder: fine-tune the whole text encoder too (both of SDXL's)
             snr_gamma: min-SNR-gamma loss weighting (Hang et al. 2023; 5 is usual); null = off. It weights both terms:
                 the prior term is the same denoising loss on class images (diffusers' example weights the instance
                 term only)
@@ -180,11 +184,13 @@ class DreamBoothModule(pl.LightningModule):
         self.optim, self.lora, self.speed = optim, lora, speed
         parts = self.source().load()
         self.tokenizer, self.text_encoder, self.vae, self.unet = parts.tokenizer, parts.text_encoder, parts.vae, parts.unet
+        self.tokenizer_2, self.text_encoder_2 = parts.tokenizer_2, parts.text_encoder_2  # SDXL's second; else None
         self.noise_scheduler, self.scheduler_config = parts.noise_scheduler, parts.scheduler_config
         self._set_up_training()
-        # prompt -> (77, D) hidden states; split -> (N, F flips, 2 [mean, std], 4, h, w) latent moments.
-        self._text_cache: dict[str, torch.Tensor] = {}
-        self._latent_cache: dict[str, torch.Tensor] = {}
+        # prompt -> its (1-row) conditioning; (split, image index, bucket) -> ((F flips, 2 [mean, std], 4, h, w)
+        # latent moments, (F, 6) size/crop ids).
+        self._text_cache: dict[str, Conditioning] = {}
+        self._latent_cache: dict[tuple[str, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         # (T,) cumulative alphas of the training noise schedule; not saved (it comes from the config).
         self.register_buffer("alphas_cumprod", self.noise_scheduler.alphas_cumprod.clone().float(), persistent=False)
         # Checkpoints hold only the trainable weights, so loading one leaves the frozen ones as loaded.
@@ -207,14 +213,15 @@ class DreamBoothModule(pl.LightningModule):
             add_lora(self.unet, lora.rank, lora.alpha, lora.dropout, lora.targets)
         else:
             self.unet.requires_grad_(True)
-        if lora.text_encoder_rank:
-            add_lora(self.text_encoder, lora.text_encoder_rank, lora.text_encoder_alpha, lora.dropout,
-                     lora.text_encoder_targets)
-            frozen.append(self.text_encoder)
-        elif self.hparams.train_text_encoder:
-            self.text_encoder.requires_grad_(True)
-        else:
-            frozen.append(self.text_encoder)
+        for encoder in self.text_encoders:
+            if lora.text_encoder_rank:
+                add_lora(encoder, lora.text_encoder_rank, lora.text_encoder_alpha, lora.dropout,
+                         lora.text_encoder_targets)
+                frozen.append(encoder)
+            elif self.hparams.train_text_encoder:
+                encoder.requires_grad_(True)
+            else:
+                frozen.append(encoder)
         # Half-precision frozen weights halve their memory; trainable weights (and adapters) stay fp32, since fp16
         # trainable weights are what make GradScaler fail with "unscale FP16 gradients".
         for module in frozen if dtype != torch.float32 else []:
@@ -225,14 +232,24 @@ class DreamBoothModule(pl.LightningModule):
         self.train()  # from_pretrained returns eval-mode modules; `train()` keeps the frozen ones in eval
         if speed.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
-            if self.text_encoder_trains:
-                self.text_encoder.gradient_checkpointing_enable()
+            for encoder in self.text_encoders if self.text_encoder_trains else []:
+                encoder.gradient_checkpointing_enable()
         if speed.channels_last:
             self.unet.to(memory_format=torch.channels_last)
         if speed.compile_unet:
             self.unet.compile()  # in place: state-dict keys (checkpoints, export) stay unprefixed
 
     # ----------------------------------------------------------------------------------------- parts
+
+    @property
+    def backbone(self) -> Backbone:
+        """SD 1.x/2.x or SDXL, from the loaded UNet."""
+        return backbone_of(self.unet)
+
+    @property
+    def text_encoders(self) -> list[torch.nn.Module]:
+        """The text encoders in the backbone's order (one for SD 1.x/2.x, two for SDXL)."""
+        return [getattr(self, name) for name in self.backbone.text_encoders]
 
     def source(self) -> components.ModelSource:
         """Where the base weights come from."""
@@ -253,6 +270,8 @@ class DreamBoothModule(pl.LightningModule):
             noise_scheduler=self.noise_scheduler,
             scheduler_config=self.scheduler_config,
             source=self.hparams.pretrained,
+            tokenizer_2=self.tokenizer_2,
+            text_encoder_2=self.text_encoder_2,
         )
 
     def export_parts(self) -> components.SDComponents:
@@ -265,6 +284,7 @@ class DreamBoothModule(pl.LightningModule):
         parts.vae = base.vae.to(self.device)
         if not self.text_encoder_trains:
             parts.text_encoder = base.text_encoder.to(self.device)
+            parts.text_encoder_2 = base.text_encoder_2.to(self.device) if base.text_encoder_2 is not None else None
         return parts
 
     @property
@@ -276,8 +296,8 @@ class DreamBoothModule(pl.LightningModule):
         self.vae.eval()
         if self.teacher_unet is not None:
             self.teacher_unet.eval()
-        if not self.text_encoder_trains:
-            self.text_encoder.eval()
+        for encoder in self.text_encoders if not self.text_encoder_trains else []:
+            encoder.eval()
         return self
 
     def setup(self, stage: str) -> None:
@@ -302,9 +322,7 @@ class DreamBoothModule(pl.LightningModule):
             self.ema = EMAModel(self.trainable_parameters(), decay=self.optim.ema_decay)
             self._load_ema_state()  # a resumed fit continues its average
         if self.speed.cache_latents:
-            dm = self.trainer.datamodule
-            self.cache_latents({split: dm.fixed_views(split) for split in ("instance", "class")},
-                               progress=self.trainer.is_global_zero)
+            self.cache_latents(self.trainer.datamodule.cache_views(), progress=self.trainer.is_global_zero)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -328,52 +346,63 @@ class DreamBoothModule(pl.LightningModule):
         mean, std = self.latent_moments(pixel_values)
         return self.sample_latents(mean, std, generator) if sample else mean * self.vae.config.scaling_factor
 
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """N prompts -> (N, 77, D) text-encoder hidden states (with grad only when it trains)."""
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
+        """N prompts -> their conditioning: (N, 77, D) hidden states (+ (N, P) pooled for SDXL), with grad only
+        when a text encoder trains."""
         trains = self.text_encoder_trains and self.training
         if not trains and self.speed.cache_text_embeddings:
             # A frozen text encoder maps the two prompts of a run to the same states every step: encode once.
             missing = sorted({p for p in prompts if p not in self._text_cache})
             if missing:
-                for p, h in zip(missing, self._encode_ids(missing), strict=True):
-                    self._text_cache[p] = h
-            return torch.stack([self._text_cache[p] for p in prompts])
+                cond = self._encode(missing)
+                for i, p in enumerate(missing):
+                    self._text_cache[p] = cond.rows(slice(i, i + 1))
+            return Conditioning.cat([self._text_cache[p] for p in prompts])
         with nullcontext() if trains else torch.no_grad():
-            return self._encode_ids(prompts)
+            return self._encode(prompts)
 
-    def _encode_ids(self, prompts: list[str]) -> torch.Tensor:
-        ids = self.tokenizer(
-            prompts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
-        ).input_ids.to(self.device)
+    def _encode(self, prompts: list[str]) -> Conditioning:
+        tokenizers = [getattr(self, name) for name in self.backbone.tokenizers]
         # A half-precision frozen text encoder feeds an fp32 UNet: cast to the UNet's dtype.
-        return self.text_encoder(ids)[0].to(self.unet.dtype)
+        return self.backbone.encode(tokenizers, self.text_encoders, prompts, self.device).to(self.unet.dtype)
+
+    def unet_forward(self, unet: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning,
+                     time_ids: torch.Tensor | None) -> torch.Tensor:
+        """One UNet prediction, (N, 4, h, w), conditioned as the backbone wants (SDXL: pooled + size/crop ids)."""
+        return unet(noisy, timesteps, **self.backbone.unet_kwargs(cond, time_ids)).sample
 
     @torch.no_grad()
-    def cache_latents(self, views: dict[str, Iterable[torch.Tensor]], progress: bool = True) -> None:
-        """Encode each image's views once: split -> (N, F, 2 [mean, std], 4, h, w) VAE posterior moments.
+    def cache_latents(self, views: Iterable[tuple[tuple[str, int, int], torch.Tensor, torch.Tensor]],
+                      progress: bool = True) -> None:
+        """Encode each image's views once: (split, image index, bucket) -> its (F, 2 [mean, std], 4, h, w) VAE
+        posterior moments and (F, 6) size/crop ids.
 
-        `views[split]` yields (F, 3, R, R) per image, F = the flips the loader can show (the data module's
-        `fixed_views`); batches then carry (image_index, flipped) instead of pixels.
+        `views` yields (key, (F, 3, h, w) views, (F, 6) ids), F = the flips the loader can show (the data module's
+        `cache_views`); batches then carry (image_index, flipped, bucket) instead of pixels.
         """
-        for split, images in views.items():
-            moments = [torch.stack(self.latent_moments(v.to(self.device)), dim=1)  # (F, 2, 4, h, w)
-                       for v in tqdm(images, desc=f"caching {split} latents", disable=not progress)]
-            if moments:
-                self._latent_cache[split] = torch.stack(moments)
+        for key, v, ids in tqdm(views, desc="caching latents", disable=not progress):
+            self._latent_cache[key] = (torch.stack(self.latent_moments(v.to(self.device)), dim=1), ids.to(self.device))
 
-    def batch_latents(self, batch: dict) -> torch.Tensor:
-        """(N, 4, h, w) scaled latents of a batch: encoded from pixels, or drawn from the cached moments."""
+    @staticmethod
+    def default_time_ids(latents: torch.Tensor) -> torch.Tensor:
+        """(N, 6) size/crop ids of uncropped images as large as the latents show: original = target, crop (0, 0)."""
+        h, w = (8 * s for s in latents.shape[-2:])
+        return torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32, device=latents.device).expand(len(latents), 6)
+
+    def batch_latents(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(N, 4, h, w) scaled latents of a batch and its (N, 6) size/crop ids (None: the batch has none): encoded
+        from pixels, or drawn from the cached moments."""
         if "pixel_values" in batch:
-            return self.encode_images(batch["pixel_values"])
+            return self.encode_images(batch["pixel_values"]), batch.get("time_ids")
         n = batch["num_instance"]
-        idx, flip = batch["image_index"].to(self.device), batch["flipped"].to(self.device).long()
-        inst = self._latent_cache["instance"]
-        flip = flip.clamp(max=inst.shape[1] - 1)
-        m = [inst[idx[:n], flip[:n]]]
-        if idx.shape[0] > n:
-            m.append(self._latent_cache["class"][idx[n:], flip[n:]])
-        moments = torch.cat(m)  # (N, 2, 4, h, w)
-        return self.sample_latents(moments[:, 0], moments[:, 1])
+        buckets = batch["bucket"].tolist() if "bucket" in batch else [-1] * len(batch["image_index"])
+        cached = [self._latent_cache[("instance" if r < n else "class", int(i), b)]
+                  for r, (i, b) in enumerate(zip(batch["image_index"].tolist(), buckets, strict=True))]
+        # A cache made without random_flip holds one view: a row never flipped reads view 0.
+        flips = [min(int(f), m.shape[0] - 1) for f, (m, _) in zip(batch["flipped"].tolist(), cached, strict=True)]
+        moments = torch.stack([m[f] for f, (m, _) in zip(flips, cached, strict=True)])  # (N, 2, 4, h, w)
+        ids = torch.stack([t[f] for f, (_, t) in zip(flips, cached, strict=True)])  # (N, 6)
+        return self.sample_latents(moments[:, 0], moments[:, 1]), ids
 
     def diffusion_step(
         self,
@@ -385,7 +414,7 @@ class DreamBoothModule(pl.LightningModule):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Noise the images' latents at random timesteps; return (UNet prediction, target), each (N, 4, h, w)."""
         latents = self.encode_images(pixel_values, generator, sample=sample_latents)
-        pred, target, _ = self.denoise(latents, prompts, generator, timesteps)
+        pred, target, _ = self.denoise(latents, prompts, generator, timesteps, self.default_time_ids(latents))
         return pred, target
 
     def noised(self, latents: torch.Tensor, generator: torch.Generator | None = None,
@@ -410,23 +439,27 @@ class DreamBoothModule(pl.LightningModule):
         return diffusion_target(self.noise_scheduler.config.prediction_type, latents, noise, timesteps, self.alphas_cumprod)
 
     def denoise(self, latents: torch.Tensor, prompts: list[str], generator: torch.Generator | None = None,
-                timesteps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(N, 4, h, w) clean latents -> (UNet prediction, target, timesteps) at random or given timesteps."""
+                timesteps: torch.Tensor | None = None,
+                time_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(N, 4, h, w) clean latents -> (UNet prediction, target, timesteps) at random or given timesteps;
+        `time_ids` (N, 6): SDXL's size/crop ids (None: `default_time_ids`)."""
         cond = self.encode_prompts(prompts)
         noisy, noise, timesteps = self.noised(latents, generator, timesteps)
-        pred = self.unet(noisy, timesteps, encoder_hidden_states=cond).sample
+        ids = self.default_time_ids(latents) if time_ids is None else time_ids.to(latents.device)
+        pred = self.unet_forward(self.unet, noisy, timesteps, cond, ids)
         return pred, self.target(latents, noise, timesteps), timesteps
 
-    def denoise_with_teacher(self, latents: torch.Tensor, prompts: list[str],
-                             class_prompt: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Instance rows as `denoise`, then rows for the class prompt on the same noisy latents whose target is the
-        frozen base model's prediction (`prior_loss: teacher`): prediction, target, timesteps, each 2N rows."""
+    def denoise_with_teacher(self, latents: torch.Tensor, prompts: list[str], class_prompts: list[str],
+                             time_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Instance rows as `denoise`, then rows for each row's class prompt on the same noisy latents whose target
+        is the frozen base model's prediction (`prior_loss: teacher`): prediction, target, timesteps, each 2N rows."""
         n = latents.shape[0]
-        cond = self.encode_prompts(prompts + [class_prompt] * n)  # (2N, 77, D): instance prompts, then the class's
+        cond = self.encode_prompts(prompts + class_prompts)  # 2N rows: instance prompts, then their class prompts
         noisy, noise, t = self.noised(latents)
-        pred = self.unet(torch.cat([noisy, noisy]), torch.cat([t, t]), encoder_hidden_states=cond).sample
+        ids = self.default_time_ids(latents) if time_ids is None else time_ids.to(latents.device)  # (N, 6)
+        pred = self.unet_forward(self.unet, torch.cat([noisy, noisy]), torch.cat([t, t]), cond, torch.cat([ids, ids]))
         with torch.no_grad(), self.base_unet() as base:
-            teacher = base(noisy.to(base.dtype), t, encoder_hidden_states=cond[n:].to(base.dtype)).sample
+            teacher = self.unet_forward(base, noisy.to(base.dtype), t, cond.rows(slice(n, None)).to(base.dtype), ids)
         return pred, torch.cat([self.target(latents, noise, t), teacher.to(pred.dtype)]), torch.cat([t, t])
 
     @contextmanager
@@ -444,14 +477,16 @@ class DreamBoothModule(pl.LightningModule):
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The DreamBooth loss of a batch: (L_instance + lambda * L_prior, {"instance": ..., "prior": ...})."""
         hp = self.hparams
-        latents, n = self.batch_latents(batch), batch["num_instance"]
+        (latents, time_ids), n = self.batch_latents(batch), batch["num_instance"]
         if hp.prior_loss == "class_images":
-            pred, target, t = self.denoise(latents, batch["prompts"])
+            pred, target, t = self.denoise(latents, batch["prompts"], time_ids=time_ids)
         elif latents.shape[0] != n:
             raise ValueError("model.prior_loss: teacher compares with the base model and uses no class images: set "
                              "data.with_prior_preservation: false (or model.prior_loss: class_images)")
         else:
-            pred, target, t = self.denoise_with_teacher(latents, batch["prompts"], batch["class_prompt"])
+            pred, target, t = self.denoise_with_teacher(latents, batch["prompts"],
+                                                        batch.get("class_prompts") or [batch["class_prompt"]] * n,
+                                                        time_ids)
         w = None
         if hp.snr_gamma:
             w = min_snr_weights(t, self.alphas_cumprod, hp.snr_gamma, self.noise_scheduler.config.prediction_type)
@@ -512,7 +547,8 @@ class DreamBoothModule(pl.LightningModule):
         groups = [{"params": [p for p in self.unet.parameters() if p.requires_grad], "lr": o.learning_rate}]
         if self.text_encoder_trains:
             te_lr = o.text_encoder_learning_rate or o.learning_rate
-            groups.append({"params": [p for p in self.text_encoder.parameters() if p.requires_grad], "lr": te_lr})
+            groups.append({"params": [p for e in self.text_encoders for p in e.parameters() if p.requires_grad],
+                           "lr": te_lr})
         return make_optimizer(o.optimizer, groups, betas=(o.adam_beta1, o.adam_beta2), weight_decay=o.weight_decay,
                               eps=o.epsilon)
 

@@ -200,6 +200,7 @@ class PriorGenerator(pl.LightningModule):
         self.pipe = components.pipeline(parts, sampler=settings.sampling.sampler)
         # Registered as children so Lightning moves them to the device and applies its precision.
         self.unet, self.vae, self.text_encoder = parts.unet, parts.vae, parts.text_encoder
+        self.text_encoder_2 = parts.text_encoder_2  # SDXL's second encoder; None for SD 1.x/2.x
         self.requires_grad_(False).eval()
 
     def blocks(self) -> list[int]:

@@ -12,12 +12,13 @@ from .components import ModelLoadError, hub_reachable
 
 # ModelSpec architecture ids (Stability AI's "SAI Model Spec" 1.0) by the UNet's text width and prediction type.
 ARCHITECTURES = {(768, "epsilon"): "stable-diffusion-v1", (1024, "epsilon"): "stable-diffusion-v2-512",
-                 (1024, "v_prediction"): "stable-diffusion-v2-768-v"}
+                 (1024, "v_prediction"): "stable-diffusion-v2-768-v", (2048, "epsilon"): "stable-diffusion-xl-v1-base"}
 CARD_FILE = "README.md"
 
 
 def architecture(cross_attention_dim: int, prediction_type: str, lora: bool = False) -> str:
-    """The ModelSpec architecture id of an SD 1.x / 2.x fine-tune (its LoRA: '/lora'); others are named as custom."""
+    """The ModelSpec architecture id of an SD 1.x / 2.x / XL fine-tune (its LoRA: '/lora'); others are named as
+    custom."""
     arch = ARCHITECTURES.get((int(cross_attention_dim), prediction_type), f"dreambooth_pl-custom-{cross_attention_dim}")
     return f"{arch}/lora" if lora else arch
 
@@ -42,7 +43,8 @@ def share_metadata(meta: dict, arch: str, implementation: str) -> dict[str, str]
     return keys
 
 
-def model_card(meta: dict, metrics: dict | None, sample_grid: str | None) -> str:
+def model_card(meta: dict, metrics: dict | None, sample_grid: str | None,
+               pipeline_class: str = "StableDiffusionPipeline") -> str:
     """README.md for an exported diffusers folder: Hub front matter, trigger phrase, how to load, settings, scores."""
     prompt, base = meta.get("instance_prompt", "a sks <class>"), meta.get("base_model")
     lines = ["---\n", f"base_model: {base}\n", "library_name: diffusers\n", f"instance_prompt: {prompt}\n",
@@ -51,8 +53,8 @@ def model_card(meta: dict, metrics: dict | None, sample_grid: str | None) -> str
              f"Trigger phrase: **`{prompt}`** (the class prompt `{meta.get('class_prompt')}` keeps the prior). "
              f"Trained with dreambooth_pl for {meta.get('steps')} steps at {meta.get('resolution')} px, seed "
              f"{meta.get('seed')}, git {meta.get('git_sha')}.\n\n",
-             "```python\nfrom diffusers import StableDiffusionPipeline\n\n"
-             "pipe = StableDiffusionPipeline.from_pretrained(\"<this folder or repo>\")\n"
+             f"```python\nfrom diffusers import {pipeline_class}\n\n"
+             f"pipe = {pipeline_class}.from_pretrained(\"<this folder or repo>\")\n"
              f"image = pipe(\"{prompt} on the beach\").images[0]\n```\n\n"]
     if sample_grid:
         lines.append(f"![samples]({sample_grid})\n\n")

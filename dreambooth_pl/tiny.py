@@ -14,7 +14,7 @@ from pathlib import Path
 import diffusers
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from .architectures import architecture
 from .files import atomic_path, cache_root
@@ -22,7 +22,9 @@ from .files import atomic_path, cache_root
 TINY = "tiny"  # epsilon-prediction tiny random SD (SD 1.x layout)
 TINY_V = "tiny-v"  # v-prediction tiny random SD (SD 2.x layout)
 TINY_IP2P = "tiny-ip2p"  # tiny InstructPix2Pix: 8-channel UNet input (noisy latents ++ image latents)
-TINY_MODELS = (TINY, TINY_V, TINY_IP2P)
+TINY_XL = "tiny-xl"  # SDXL layout: two text encoders, size/crop conditioning
+TINY_XL_IP2P = "tiny-xl-ip2p"  # SDXL InstructPix2Pix layout
+TINY_MODELS = (TINY, TINY_V, TINY_IP2P, TINY_XL, TINY_XL_IP2P)
 # Bump when the tiny builder changes so caches made by older code are rebuilt, never silently reused.
 TINY_VERSION = 1
 STAMP = "TINY_VERSION"  # file in every folder build_random writes: "<arch> <TINY_VERSION> seed=<seed>"
@@ -62,15 +64,16 @@ def write_clip_tokenizer(folder: str | Path) -> Path:
     return folder
 
 
-def build_tokenizer(folder: str | Path) -> CLIPTokenizer:
-    """A real CLIP BPE tokenizer (max length 77) saved in `folder` in transformers layout."""
+def build_tokenizer(folder: str | Path, pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
+    """A real CLIP BPE tokenizer (max length 77) saved in `folder` in transformers layout (SDXL's second pads with
+    "!")."""
     write_clip_tokenizer(folder)
     # Positional: transformers 4 names these vocab_file/merges_file, transformers 5 vocab/merges.
     tok = CLIPTokenizer(
         str(Path(folder) / "vocab.json"),
         str(Path(folder) / "merges.txt"),
         model_max_length=77,
-        pad_token="<|endoftext|>",
+        pad_token=pad_token,
     )
     tok.save_pretrained(folder)
     return tok
@@ -100,6 +103,10 @@ def build_random(name: str, folder: str | Path, seed: int = 0) -> Path:
         AutoencoderKL(**arch["vae"]).save_pretrained(tmp / "vae")
         torch.manual_seed(seed + 2)
         UNet2DConditionModel(**arch["unet"]).save_pretrained(tmp / "unet")
+        if "text_2" in arch:  # SDXL: a second tokenizer and text encoder (with the pooled projection)
+            build_tokenizer(tmp / "tokenizer_2", pad_token="!")
+            torch.manual_seed(seed + 3)
+            CLIPTextModelWithProjection(CLIPTextConfig(**arch["text_2"])).save_pretrained(tmp / "text_encoder_2")
         _write_index(name, tmp, arch["scheduler"])
         (tmp / STAMP).write_text(f"{name} {TINY_VERSION} seed={seed}\n")
     return folder
@@ -109,14 +116,31 @@ def _write_index(name: str, folder: Path, scheduler: dict) -> None:
     """`scheduler/scheduler_config.json` and `model_index.json`, as in the released models."""
     # SD 1.x ships PNDM for sampling and a config that also carries DDPM/DDIM keys (clip_sample...),
     # from which training builds its DDPM; written as JSON like the released file.
-    # timbrooks/instruct-pix2pix samples with Euler ancestral.
-    sched_name = "EulerAncestralDiscreteScheduler" if name == TINY_IP2P else "PNDMScheduler"
+    # timbrooks/instruct-pix2pix samples with Euler ancestral, SDXL with Euler.
+    xl = name in (TINY_XL, TINY_XL_IP2P)
+    sched_name = "EulerAncestralDiscreteScheduler" if name == TINY_IP2P else "EulerDiscreteScheduler" if xl else "PNDMScheduler"
     (folder / "scheduler").mkdir()
     sched_cfg = {
         "_class_name": sched_name, "_diffusers_version": diffusers.__version__, "skip_prk_steps": True, **scheduler,
     }
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched_cfg, indent=2))
-    pipe_cls = "StableDiffusionInstructPix2PixPipeline" if name == TINY_IP2P else "StableDiffusionPipeline"
+    pipe_cls = {TINY_IP2P: "StableDiffusionInstructPix2PixPipeline", TINY_XL: "StableDiffusionXLPipeline",
+                TINY_XL_IP2P: "StableDiffusionXLInstructPix2PixPipeline"}.get(name, "StableDiffusionPipeline")
+    if xl:
+        index = {
+            "_class_name": pipe_cls,
+            "_diffusers_version": diffusers.__version__,
+            "force_zeros_for_empty_prompt": True,
+            "scheduler": ["diffusers", sched_name],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "tokenizer_2": ["transformers", "CLIPTokenizer"],
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+        }
+        (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+        return
     index = {
         "_class_name": pipe_cls,
         "_diffusers_version": diffusers.__version__,

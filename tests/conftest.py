@@ -67,6 +67,18 @@ def tiny_v_dir(model_cache) -> Path:
     return tiny_model_path("tiny-v")
 
 
+@pytest.fixture(scope="session")
+def tiny_xl_dir(model_cache) -> Path:
+    """The tiny SDXL-layout model (two text encoders, size/crop conditioning) that `pretrained: tiny-xl` loads."""
+    return tiny_model_path("tiny-xl")
+
+
+@pytest.fixture(scope="session")
+def tiny_xl_parts(tiny_xl_dir):
+    """The tiny SDXL model's parts, loaded once; tests only read them."""
+    return components.load_components(str(tiny_xl_dir))
+
+
 def make_photos(folder: Path, n: int, size: tuple[int, int] = (80, 96), seed: int = 0, kind: str = "pattern") -> Path:
     """Write n deterministic RGB JPEGs: smooth coloured patterns (learnable) or noise."""
     folder.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from dreambooth_pl.architectures import ARCHITECTURES, architecture
 from dreambooth_pl.tiny import TINY_MODELS
@@ -44,11 +44,28 @@ def test_sd21_architecture():
     assert counts["text"] == pytest.approx(340_387_840, rel=0.01)
 
 
-@pytest.mark.parametrize("name", [*TINY_MODELS, "sd15", "sd21"])
+def test_sdxl_parameter_counts():
+    """SDXL base 1.0 shapes: UNet ~2567.5M, CLIP ViT-L ~123.1M + OpenCLIP bigG ~694.7M text encoders, VAE ~83.7M."""
+    arch = architecture("sdxl")
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**arch["unet"])
+        text_2 = CLIPTextModelWithProjection(CLIPTextConfig(**arch["text_2"]))
+    assert n_params(unet) == pytest.approx(2_567_463_684, rel=0.01)
+    assert n_params(text_2) == pytest.approx(694_659_840, rel=0.01)
+    assert meta_counts("sdxl")["text"] == pytest.approx(123_060_480, rel=0.01)
+
+
+@pytest.mark.parametrize("name", [*TINY_MODELS, "sd15", "sd21", "sdxl"])
 def test_architecture_parts_fit_together(name):
-    """Text width = UNet cross-attention width, 77 positions, CLIP vocab, VAE latents = UNet channels."""
+    """Text width(s) = UNet cross-attention width, 77 positions, CLIP vocab, VAE latents = UNet channels; SDXL's
+    added embedding takes the pooled projection plus six size/crop ids."""
     arch = architecture(name)
-    assert arch["text"]["hidden_size"] == arch["unet"]["cross_attention_dim"]
+    widths = arch["text"]["hidden_size"] + (arch["text_2"]["hidden_size"] if "text_2" in arch else 0)
+    assert widths == arch["unet"]["cross_attention_dim"]
+    if "text_2" in arch:
+        u = arch["unet"]
+        assert u["addition_embed_type"] == "text_time"
+        assert u["projection_class_embeddings_input_dim"] == arch["text_2"]["projection_dim"] + 6 * u["addition_time_embed_dim"]
     assert arch["text"]["max_position_embeddings"] == 77
     assert arch["text"]["vocab_size"] == 49408
     assert arch["vae"]["latent_channels"] == arch["unet"]["out_channels"] == 4
@@ -56,14 +73,14 @@ def test_architecture_parts_fit_together(name):
 
 def test_unknown_architecture_raises():
     """An unknown architecture name is a ValueError naming it."""
-    with pytest.raises(ValueError, match="sdxl"):
-        architecture("sdxl")
+    with pytest.raises(ValueError, match="sd3"):
+        architecture("sd3")
 
 
 def test_every_tiny_model_has_an_architecture():
-    """Each tiny model name is an architecture; the table offers the tiny models, SD 1.5 and SD 2.1."""
+    """Each tiny model name is an architecture; the table offers the tiny models, SD 1.5, SD 2.1 and SDXL."""
     assert set(TINY_MODELS) <= set(ARCHITECTURES)
-    assert set(ARCHITECTURES) == {*TINY_MODELS, "sd15", "sd21"}
+    assert set(ARCHITECTURES) == {*TINY_MODELS, "sd15", "sd21", "sdxl"}
 
 
 def test_tiny_variants_differ_only_where_stated():

@@ -316,3 +316,37 @@ def test_evaluation_runs_once_per_optimizer_step_with_gradient_accumulation(tiny
     trainer.fit(DreamBoothModule(pretrained="tiny"), datamodule=make_datamodule(photos, batch_size=1))
     # 6 batches, 3 optimizer steps: steps 1 and 2 scored once each (not at step 0, not twice, not at the last step).
     assert trainer.global_step == 3 and cb.stages == ["step000001", "step000002"]
+
+
+def test_a_two_subject_run_learns_both_and_scores_each(tiny_dir, prompts_dir, tmp_path):
+    """`data.subjects`: one model learns two subjects (the probe improves for each), evaluation and the report are
+    per subject (subjects/<name>/), val/<name>/* per subject and val/* their mean."""
+    from dreambooth_pl.report import aggregate, write_report
+
+    subjects = [dict(subject="ball", class_noun="toy", instance_dir=str(make_photos(tmp_path / "a", 3, seed=1)),
+                     identifier="sks", class_dir=str(make_photos(tmp_path / "ca", 4, seed=3, kind="noise"))),
+                dict(subject="mug", class_noun="cup", instance_dir=str(make_photos(tmp_path / "b", 3, seed=7)),
+                     identifier="zwx", class_dir=str(make_photos(tmp_path / "cb", 4, seed=4, kind="noise")))]
+    dm = make_datamodule({"instance": tmp_path / "a", "class": tmp_path / "ca"}, subject="pair", subjects=subjects)
+    out, logger = tmp_path / "run", MemoryLogger()
+    probe = LearningProbe(enabled=True)
+    evaluation = SampleAndScore(protocol=Protocol(images_per_prompt=1, steps=2, pres_images=1), every_n_steps=0,
+                                encoders="tiny", prompts_dir=str(prompts_dir), batch_size=8)
+    pl.seed_everything(0)
+    module = DreamBoothModule(pretrained="tiny", optim=Optimization(learning_rate=LR, lr_warmup_steps=WARMUP))
+    with contextlib.redirect_stdout(io.StringIO()):
+        make_trainer(out, STEPS, [evaluation, probe], logger=logger).fit(module, datamodule=dm)
+    assert set(probe.results) == {"ball", "mug"}
+    for name, (base, tuned) in probe.results.items():
+        assert tuned <= 0.8 * base, (name, base, tuned)  # each subject's photos learnt
+        assert logger.values(f"probe/{name}/denoising_mse_tuned") == [(STEPS, tuned)]
+    for name, identifier in (("ball", "sks"), ("mug", "zwx")):
+        m = json.loads((out / "subjects" / name / "metrics.json").read_text())
+        assert m["subject"] == name and m["identifier"] == identifier and set(m["stages"]) == {"base", "final"}
+        assert {Path(p).parent.name for p in m["real_photos"]} == {"a" if name == "ball" else "b"}
+        assert (out / "subjects" / name / "samples" / "final" / "00_10000.png").is_file()
+        write_report(out / "subjects" / name)
+    final = next(row for _, row in reversed(logger.rows) if "val/dino" in row)
+    assert final["val/dino"] == pytest.approx((final["val/ball/dino"] + final["val/mug/dino"]) / 2)
+    table = aggregate(sorted(out.glob("subjects/*/metrics.json")), out / "report.md").read_text()
+    assert "Subjects: ball, mug" in table

@@ -32,7 +32,7 @@ from dreambooth_pl.data import (
 from dreambooth_pl.module import DreamBoothModule
 from dreambooth_pl.priors import PriorSampling
 
-from .conftest import make_datamodule, make_trainer
+from .conftest import make_datamodule, make_photos, make_trainer
 
 DREAMBENCH = Path(__file__).resolve().parents[2] / "shared/data/dreambooth"
 RED = (255, 0, 0)
@@ -487,7 +487,8 @@ def test_fixed_views_with_random_flip(photos, split):
         assert v.shape == (2, 3, 64, 64) and v.dtype == torch.float32
         assert v.min() >= -1.0 and v.max() <= 1.0
         assert torch.equal(v[0], _center_crop(path, 64))  # as is
-        assert torch.equal(v[1], v[0].flip(-1))  # then mirrored
+        # then the mirrored photo's crop (the loader flips before it resizes): the mirror image up to resampling
+        assert torch.allclose(v[1], v[0].flip(-1), atol=0.1) and not torch.equal(v[1], v[0])
     limited = list(dm.fixed_views(split, limit=2))
     assert len(limited) == 2
     assert all(torch.equal(a, b) for a, b in zip(limited, views[:2], strict=True))
@@ -598,3 +599,100 @@ def test_a_caption_without_the_identifier_is_refused_naming_the_photo(photos):
     photo.with_suffix(".txt").write_text("a can on a table")
     with pytest.raises(DataError, match=rf"caption of {re.escape(str(photo))} .* does not contain the identifier 'sks'"):
         make_datamodule(photos).setup("fit")
+
+
+# ------------------------------------------------------------------------------ buckets, several subjects
+
+
+def _mixed_photos(root):
+    """Photos of three aspect ratios (5:3 landscape, square, 3:5 portrait), 2 each, and square class images."""
+    inst = root / "mixed"
+    for k, size in enumerate([(120, 72), (96, 96), (72, 120)]):
+        for i, p in enumerate(sorted(make_photos(root / f"m{k}", 2, size=size, seed=k).iterdir())):
+            inst.mkdir(exist_ok=True)
+            p.rename(inst / f"{k}_{i}.jpg")
+    return {"instance": inst, "class": make_photos(root / "cls", 3, size=(96, 96), seed=9)}
+
+
+def test_buckets_keep_each_photos_aspect_ratio_and_never_mix_in_a_batch(tmp_path):
+    from dreambooth_pl.buckets import ASPECT_TOLERANCE, aspect_error
+
+    dm = make_datamodule(_mixed_photos(tmp_path), buckets=True, bucket_step=16, batch_size=2, repeats=3)
+    dm.setup("fit")
+    ds = dm.dataset
+    for j, path in enumerate(ds.instance_images):  # every photo in the bucket nearest its shape, within tolerance
+        with load_image(path) as img:
+            assert aspect_error(*img.size, ds.buckets[ds.bucket_of_photo[j]]) <= ASPECT_TOLERANCE
+    assert len({ds.bucket_of_photo[j] for j in range(6)}) == 3  # three shapes -> three buckets
+    seen = []
+    for batch in dm.train_dataloader():
+        assert len(set(batch["bucket"].tolist())) == 1  # instance and class rows of one bucket
+        w, h = ds.buckets[int(batch["bucket"][0])]
+        assert batch["pixel_values"].shape[-2:] == (h, w) and w * h <= 64 * 64
+        ids = batch["time_ids"]  # (2B, 6): original (H, W), crop (top, left), target (h, w) = the bucket
+        assert (ids[:, 4:] == torch.tensor([float(h), float(w)])).all()
+        n = batch["num_instance"]
+        for r in range(n):  # the photo's own size; its crop stays within the resized photo
+            with load_image(ds.instance_images[int(batch["image_index"][r])]) as img:
+                assert ids[r, :2].tolist() == [img.height, img.width]
+        seen += batch["image_index"][:n].tolist()
+    assert sorted(seen) == sorted(list(range(6)) * 3)  # every item once per epoch
+
+
+def test_buckets_default_by_backbone_and_square_without(tmp_path, photos, tiny_xl_dir, tiny_dir):
+    from dreambooth_pl.components import ModelSource
+
+    assert make_datamodule(photos, model=ModelSource(str(tiny_xl_dir))).use_buckets
+    assert not make_datamodule(photos, model=ModelSource(str(tiny_dir))).use_buckets
+    dm = make_datamodule(photos, buckets=False)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["pixel_values"].shape[-2:] == (64, 64) and (batch["bucket"] == -1).all()
+    with pytest.raises(DataError, match="data.bucket_step"):
+        make_datamodule(photos, buckets=True, bucket_step=12).setup("fit")
+
+
+def test_cached_latent_views_follow_the_bucket(tmp_path):
+    dm = make_datamodule(_mixed_photos(tmp_path), buckets=True, bucket_step=16, center_crop=True,
+                         cache_latents=True, batch_size=1)
+    dm.setup("fit")
+    ds, views = dm.dataset, {key: (v, ids) for key, v, ids in dm.cache_views()}
+    for (split, i, b), (v, ids) in views.items():
+        w, h = ds.buckets[b]
+        assert v.shape == (1, 3, h, w) and ids[0, 4:].tolist() == [h, w]
+    # every (photo, bucket) and (class image, bucket) pair an epoch can draw is cached
+    pairs = {(s, i, ds.bucket(k)) for k in range(len(ds)) for s, i in zip(("instance", "class"), ds.pair(k), strict=True)}
+    assert pairs == set(views)
+
+
+def _two_subjects(root):
+    return [dict(subject="ball", class_noun="toy", instance_dir=str(make_photos(root / "a", 3, seed=1)),
+                 identifier="sks", class_dir=str(make_photos(root / "ca", 4, seed=3, kind="noise"))),
+            dict(subject="mug", class_noun="cup", instance_dir=str(make_photos(root / "b", 2, seed=2)),
+                 identifier="zwx", class_dir=str(make_photos(root / "cb", 3, seed=4, kind="noise")))]
+
+
+def test_several_subjects_keep_their_instance_class_pairing(tmp_path, photos):
+    dm = make_datamodule(photos, subject="pair", subjects=_two_subjects(tmp_path), batch_size=1)
+    dm.setup("fit")
+    ds = dm.dataset
+    assert [s.subject for s in dm.subjects] == ["ball", "mug"] and len(ds.instance_images) == 5
+    assert len(ds) >= len(ds.class_images)
+    for k in range(len(ds)):
+        e = ds[k]
+        s = ds.subject_of[e["instance_index"]]
+        assert ds.class_subject_of(e["class_index"]) == s  # each photo with a class image of its own subject
+        assert e["instance_prompt"] == ["a sks toy", "a zwx cup"][s] and e["class_prompt"] == ["a toy", "a cup"][s]
+    used = {ds[k]["class_index"] for k in range(len(ds))}
+    assert used == set(range(len(ds.class_images)))  # an epoch covers every class image of every subject
+    assert dm.describe(dm.subjects[1])["instance_prompt"] == "a zwx cup"
+
+
+def test_several_subjects_need_distinct_identifiers(tmp_path, photos):
+    subjects = _two_subjects(tmp_path)
+    subjects[1]["identifier"] = "sks"
+    with pytest.raises(DataError, match="identifier 'sks'.*its own identifier"):
+        make_datamodule(photos, subjects=subjects)
+    subjects[1].update(identifier="zwx", subject="ball")
+    with pytest.raises(DataError, match="subject 'ball'"):
+        make_datamodule(photos, subjects=subjects)

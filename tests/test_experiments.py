@@ -40,7 +40,21 @@ def test_every_yaml_is_checked_here():
     """Base, subjects, overlays (incl. memory presets) and sweeps: a YAML in a new place would go unchecked."""
     checked = {EXP / "base.yaml", *SUBJECTS, *OVERLAYS, *SWEEPS}
     assert set(EXP.rglob("*.yaml")) == checked
-    assert {p.stem for p in OVERLAYS} == {"tiny", "world", "8gb", "12gb", "16gb", "24gb"}
+    assert {p.stem for p in OVERLAYS} == {"tiny", "world", "sdxl", "8gb", "12gb", "16gb", "24gb", "sdxl-12gb",
+                                          "sdxl-16gb", "sdxl-full"}
+
+
+@pytest.mark.parametrize("preset", ["sdxl-12gb", "sdxl-16gb", "sdxl-full"])
+def test_sdxl_presets_layer_on_the_sdxl_recipe(preset):
+    """SDXL memory presets on top of sdxl.yaml: the diffusers LoRA recipe's 1024 px, buckets on; LoRA for 12/16 GB
+    (16 GB adds both text encoders' adapters), a full fine-tune with 8-bit AdamW and checkpointing otherwise."""
+    cfg = parse_config(layered(EXP / "subjects" / "can.yaml", EXP / "sdxl.yaml", EXP / "memory" / f"{preset}.yaml"))
+    assert cfg.model.pretrained == "stabilityai/stable-diffusion-xl-base-1.0"
+    assert cfg.data.resolution == 1024 and cfg.data.buckets and cfg.model.speed.gradient_checkpointing
+    if preset == "sdxl-full":
+        assert cfg.model.lora.rank == 0 and cfg.model.optim.optimizer == "adamw_8bit"
+    else:
+        assert cfg.model.lora.rank > 0 and (cfg.model.lora.text_encoder_rank > 0) == (preset == "sdxl-16gb")
 
 
 def test_tiny_overlay_is_offline_and_small():

@@ -10,8 +10,10 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.strategies import FSDPStrategy
+from torchvision.transforms import functional as TF
 
 from dreambooth_pl.components import load_components
+from dreambooth_pl.data import DreamBoothDataset, crop_image, load_image
 from dreambooth_pl.module import (
     DreamBoothModule,
     LoraSettings,
@@ -331,16 +333,19 @@ def test_cached_latents_cover_both_flips(tiny_dir, photos, tmp_path):
     m = DreamBoothModule(pretrained="tiny", speed=SpeedSettings(cache_latents=True))
     dm = make_datamodule(photos, center_crop=True, random_flip=True, cache_latents=True)
     make_trainer(tmp_path, 1).fit(m, datamodule=dm)
-    cache = m._latent_cache["instance"]  # (N, 2 flips, 2 moments, 4, h, w)
-    assert cache.shape[:3] == (4, 2, 2)
-    from dreambooth_pl.data import DreamBoothDataset
-
+    assert {k for k in m._latent_cache if k[0] == "instance"} == {("instance", j, -1) for j in range(4)}
+    cache, ids = m._latent_cache[("instance", 0, -1)]  # (2 flips, 2 moments, 4, h, w), (2, 6)
+    assert cache.shape[:2] == (2, 2) and ids.shape == (2, 6)
     ds = DreamBoothDataset(dm.instance_images, "", resolution=64, center_crop=True, random_flip=False)
     x = ds[0]["instance_pixel_values"][None]  # (1, 3, 64, 64), unflipped
     # slot 0 holds the image's moments, slot 1 those of its mirror image
-    assert torch.allclose(cache[0, 0, 0], m.latent_moments(x)[0][0], atol=1e-5)
-    assert torch.allclose(cache[0, 1, 0], m.latent_moments(x.flip(-1))[0][0], atol=1e-5)
-    assert not torch.allclose(cache[0, 0, 0], cache[0, 1, 0], atol=1e-3)
+    assert torch.allclose(cache[0, 0], m.latent_moments(x)[0][0], atol=1e-5)
+    # The loader flips the photo before resizing and cropping it, so the mirror view is made the same way.
+    mirror, _ = crop_image(TF.pil_to_tensor(load_image(dm.instance_images[0])).flip(-1), 64, None, center=True)
+    assert torch.allclose(cache[1, 0], m.latent_moments(mirror[None])[0][0], atol=1e-5)
+    assert torch.allclose(mirror, x[0].flip(-1), atol=0.1)  # and it is the mirror image, up to resampling
+    assert not torch.allclose(cache[0, 0], cache[1, 0], atol=1e-3)
+    assert torch.equal(ids[0], ds[0]["instance_time_ids"])  # the view's size/crop ids travel with it
 
 
 @pytest.mark.parametrize("random_flip", [True, False])
@@ -348,14 +353,16 @@ def test_cache_latents_fills_the_moments_of_the_views(tiny_dir, photos, random_f
     m = DreamBoothModule(pretrained="tiny")
     dm = make_datamodule(photos, center_crop=True, random_flip=random_flip)
     dm.setup("fit")
-    m.cache_latents({split: dm.fixed_views(split) for split in ("instance", "class")}, progress=False)
+    m.cache_latents(dm.cache_views(), progress=False)
     flips = 2 if random_flip else 1
     for split, n in (("instance", 4), ("class", 6)):
-        cache = m._latent_cache[split]
-        assert cache.shape == (n, flips, 2, 4, 8, 8)
+        keys = sorted(k for k in m._latent_cache if k[0] == split)
+        assert keys == [(split, i, -1) for i in range(n)]
         for i, views in enumerate(dm.fixed_views(split)):  # views (F, 3, 64, 64)
+            cache, _ = m._latent_cache[(split, i, -1)]
+            assert cache.shape == (flips, 2, 4, 8, 8)
             mean, std = m.latent_moments(views)
-            assert torch.allclose(cache[i, :, 0], mean, atol=1e-6) and torch.allclose(cache[i, :, 1], std, atol=1e-6)
+            assert torch.allclose(cache[:, 0], mean, atol=1e-6) and torch.allclose(cache[:, 1], std, atol=1e-6)
 
 
 @pytest.mark.parametrize("option, tol", [
@@ -472,7 +479,7 @@ def test_teacher_prior_equals_the_mse_to_the_frozen_base_prediction(tiny_dir, ph
         noise = torch.randn(latents.shape)
         t = torch.randint(0, 1000, (latents.shape[0],))
         noisy = m.noise_scheduler.add_noise(latents, noise, t)
-        cls = m.encode_prompts([batch["class_prompt"]] * len(t))
+        cls = m.encode_prompts([batch["class_prompt"]] * len(t)).hidden  # (B, 77, D)
         student = m.unet(noisy, t, encoder_hidden_states=cls).sample
         teacher = base(noisy, t, encoder_hidden_states=cls).sample
     expected = (student - teacher).pow(2).mean()

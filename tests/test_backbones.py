@@ -1,0 +1,117 @@
+"""Tests for dreambooth_pl.backbones: SD and SDXL told apart from the model, SDXL's conditioning end to end."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dreambooth_pl import components
+from dreambooth_pl.backbones import BACKBONES, Conditioning, backbone_of, time_ids
+from dreambooth_pl.module import DreamBoothModule, LoraSettings
+
+from .conftest import make_datamodule, make_photos
+
+
+def test_backbone_comes_from_the_loaded_model(tiny_parts, tiny_xl_parts, tiny_dir, tiny_xl_dir):
+    assert backbone_of(tiny_parts.unet).name == "sd" and tiny_parts.text_encoder_2 is None
+    assert backbone_of(tiny_xl_parts.unet).name == "sdxl"
+    assert type(tiny_xl_parts.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
+    # Without loading weights, from model_index.json: what the data module and the IP2P default use.
+    assert components.backbone_of_model(str(tiny_dir)).name == "sd"
+    assert components.backbone_of_model(str(tiny_xl_dir)).name == "sdxl"
+    assert components.backbone_of_model("some-org/not-cached-anywhere").name == "sd"
+    assert BACKBONES["sdxl"].default_ip2p == "diffusers/sdxl-instructpix2pix-768"
+
+
+def test_sdxl_conditioning_matches_the_diffusers_pipeline(tiny_xl_parts):
+    """Hidden states and pooled embedding as StableDiffusionXLPipeline.encode_prompt makes them."""
+    p = tiny_xl_parts
+    cond = p.backbone.encode([p.tokenizer, p.tokenizer_2], p.text_encoder_modules, ["a sks can", "a can"], "cpu")
+    pipe = components.pipeline(p)
+    hidden, _, pooled, _ = pipe.encode_prompt(["a sks can", "a can"], device="cpu", do_classifier_free_guidance=False)
+    assert cond.hidden.shape == (2, 77, 64) and cond.pooled.shape == (2, 32)
+    assert torch.allclose(cond.hidden, hidden, atol=1e-6) and torch.allclose(cond.pooled, pooled, atol=1e-6)
+    ids = time_ids(torch.tensor([[80.0, 96]]), torch.tensor([[3.0, 5]]), torch.tensor([[64.0, 64]]))
+    expected = pipe._get_add_time_ids((80, 96), (3, 5), (64, 64), torch.float32, text_encoder_projection_dim=32)
+    assert torch.equal(ids, expected)
+
+
+@pytest.fixture
+def wide_photos(tmp_path):
+    """Landscape photos (so buckets crop and the crop ids are not zero) and class images."""
+    return {"instance": make_photos(tmp_path / "i", 2, size=(120, 72), seed=1),
+            "class": make_photos(tmp_path / "c", 2, size=(96, 96), seed=2)}
+
+
+def test_sdxl_training_step_equals_an_independent_computation(tiny_xl_dir, wide_photos):
+    """The loss of a bucketed SDXL batch = the MSE of a UNet call built from diffusers' own pieces: the pipeline's
+    prompt encoding and add_time_ids from each image's real size and crop, with the same noise and timesteps."""
+    m = DreamBoothModule(pretrained="tiny-xl", prior_loss_weight=0.7)
+    dm = make_datamodule(wide_photos, batch_size=1, bucket_step=16, center_crop=True)
+    dm.model_source = m.source()
+    dm.setup("fit")
+    assert dm.use_buckets  # on by default for an SDXL model
+    batch = next(iter(dm.train_dataloader()))
+    ids = batch["time_ids"]  # (2, 6): photo row, class row
+    assert batch["pixel_values"].shape[-2:] == (48, 80)  # the 5:3 bucket of a 5:3 photo at 64^2 pixels
+    assert ids[0].tolist()[:2] == [72, 120] and ids[0].tolist()[4:] == [48, 80]  # original (H, W), target (h, w)
+    # The square class image, resized to 80 x 80 and cropped to the photo's bucket: 16 px off the top.
+    assert ids[1].tolist() == [96, 96, 16, 0, 48, 80]
+    torch.manual_seed(5)
+    loss, parts = m.compute_loss(batch)
+
+    torch.manual_seed(5)  # the same draws by hand: posterior sample, noise, timesteps
+    pipe = components.pipeline(components.load_components(str(tiny_xl_dir)))
+    with torch.no_grad():
+        latents = pipe.vae.encode(batch["pixel_values"]).latent_dist.sample() * pipe.vae.config.scaling_factor
+        noise = torch.randn(latents.shape)
+        t = torch.randint(0, 1000, (2,))
+        noisy = m.noise_scheduler.add_noise(latents, noise, t)
+        hidden, _, pooled, _ = pipe.encode_prompt(batch["prompts"], device="cpu", do_classifier_free_guidance=False)
+        add_ids = torch.cat([pipe._get_add_time_ids(tuple(int(v) for v in r[:2]), tuple(int(v) for v in r[2:4]),
+                                                    tuple(int(v) for v in r[4:]), torch.float32, 32) for r in ids])
+        pred = pipe.unet(noisy, t, encoder_hidden_states=hidden,
+                         added_cond_kwargs={"text_embeds": pooled, "time_ids": add_ids}).sample
+    per_row = (pred - noise).pow(2).flatten(1).mean(1)
+    assert parts["instance"].item() == pytest.approx(per_row[0].item(), rel=1e-5)
+    assert parts["prior"].item() == pytest.approx(per_row[1].item(), rel=1e-5)
+    assert loss.item() == pytest.approx(per_row[0].item() + 0.7 * per_row[1].item(), rel=1e-5)
+
+
+def test_size_and_crop_ids_reach_the_unet(tiny_xl_dir):
+    m = DreamBoothModule(pretrained="tiny-xl").eval()
+    latents = torch.randn(1, 4, 8, 8)
+    t = torch.tensor([500])
+    cond = m.encode_prompts(["a sks can"])
+    with torch.no_grad():
+        a = m.unet_forward(m.unet, latents, t, cond, torch.tensor([[64.0, 64, 0, 0, 64, 64]]))
+        b = m.unet_forward(m.unet, latents, t, cond, torch.tensor([[128.0, 96, 20, 0, 64, 64]]))
+    assert not torch.allclose(a, b, atol=1e-4)
+    with pytest.raises(ValueError, match="size/crop ids"):
+        m.unet_forward(m.unet, latents, t, cond, None)
+
+
+def test_sdxl_lora_adapts_the_unet_and_both_text_encoders_only(tiny_xl_dir):
+    m = DreamBoothModule(pretrained="tiny-xl", lora=LoraSettings(rank=4, text_encoder_rank=2))
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    for part in ("unet.", "text_encoder.", "text_encoder_2."):
+        assert any(n.startswith(part) for n in trainable), part
+    opt = m.make_optimizer()
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert in_opt == {id(p) for p in m.parameters() if p.requires_grad}
+    # Full text-encoder training unfreezes both encoders, and nothing else but the UNet.
+    full = DreamBoothModule(pretrained="tiny-xl", train_text_encoder=True)
+    frozen = {n.split(".")[0] for n, p in full.named_parameters() if not p.requires_grad}
+    assert frozen == {"vae"}
+    n_te2 = sum(p.numel() for p in full.text_encoder_2.parameters())
+    assert sum(p.numel() for p in full.trainable_parameters()) == (
+        sum(p.numel() for p in full.unet.parameters()) + sum(p.numel() for p in full.text_encoder.parameters()) + n_te2)
+
+
+def test_conditioning_rows_and_cat():
+    a = Conditioning(torch.randn(2, 77, 8), torch.randn(2, 4))
+    b = Conditioning(torch.randn(1, 77, 8), torch.randn(1, 4))
+    both = Conditioning.cat([a, b])
+    assert both.hidden.shape == (3, 77, 8) and torch.equal(both.rows(slice(2, 3)).pooled, b.pooled)
+    assert Conditioning.cat([Conditioning(torch.randn(1, 77, 8))]).pooled is None
