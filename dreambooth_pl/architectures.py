@@ -35,15 +35,17 @@ TINY_TEXT = dict(
     bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
 )
 
-# SDXL layout in miniature: two text encoders (hidden states concatenated: 32 + 32 = 64-d cross-attention; the
+# SDXL layout in miniature: two text encoders (hidden states concatenated: 32 + 48 = 80-d cross-attention; the
 # second one's pooled projection, 32-d, plus six size/crop ids x 8 feed the UNet's added embedding: 32 + 6*8 = 80).
+# The encoders differ in width as SDXL's do: diffusers' single-file loader tells them apart by it.
 TINY_XL_UNET = {
-    **TINY_UNET, "cross_attention_dim": 64, "addition_embed_type": "text_time", "addition_time_embed_dim": 8,
+    **TINY_UNET, "cross_attention_dim": 80, "addition_embed_type": "text_time", "addition_time_embed_dim": 8,
     "projection_class_embeddings_input_dim": 80, "use_linear_projection": True,
 }
 TINY_XL_IP2P_UNET = {**TINY_XL_UNET, "in_channels": 8}  # sdxl-instructpix2pix layout
 TINY_XL_VAE = {**TINY_VAE, "scaling_factor": 0.13025}
-TINY_XL_TEXT_2 = {**TINY_TEXT, "hidden_act": "gelu", "pad_token_id": 0}  # CLIPTextModelWithProjection, OpenCLIP-style
+# CLIPTextModelWithProjection, OpenCLIP-style (gelu, "!" padding), 48 wide with a 32-d pooled projection
+TINY_XL_TEXT_2 = {**TINY_TEXT, "hidden_size": 48, "intermediate_size": 96, "hidden_act": "gelu", "pad_token_id": 0}
 # SDXL samples with Euler (leading spacing); training uses the same betas as SD 1.x.
 XL_SCHEDULER = {**SCHEDULER, "timestep_spacing": "leading", "interpolation_type": "linear", "use_karras_sigmas": False}
 

@@ -21,7 +21,7 @@ from . import world
 from . import world_models as world_model_recipes
 from .backbones import BACKBONES
 from .components import SAMPLERS, ModelSource
-from .config import parse_config, parse_run_config
+from .config import parse_config, parse_run_config, subject_folders
 from .data import DreamBoothDataModule, class_prompt, list_images, load_image, write_benchmark_files
 from .encoders import KINDS as ENCODER_KINDS
 from .encoders import load_encoders
@@ -69,18 +69,22 @@ def priors(a: argparse.Namespace) -> None:
         sys.exit("priors: give --config files, or both --model and --class-prompt")
     cfg = parse_config([x for c in a.config for x in ("--config", c)])  # no files: the defaults
     d = cfg.data
-    if d.instance_dir != DEFAULT_INSTANCE_DIR:  # the configs name a subject (make experiment): check its photos
-        list_images(d.instance_dir, min_size=d.min_image_size)  # before any model loads, so a wrong folder fails fast
+    if d.instance_dir != DEFAULT_INSTANCE_DIR or d.get("subjects"):  # the configs name subjects: check their photos
+        for folder in subject_folders(d):  # before any model loads, so a wrong folder fails fast
+            list_images(folder, min_size=d.min_image_size)
     source = ModelSource(**d.model.as_dict()) if a.model is None else ModelSource(a.model)
     sampling = dataclasses.replace(prior_images.PriorSampling(**d.prior.as_dict()), **_given(
         negative_prompt=a.negative_prompt, sampler=a.sampler, steps=a.steps, guidance_scale=a.guidance, seed=a.seed,
         batch_size=a.batch_size))
-    settings = prior_images.PriorSettings(model=source, prompt=a.class_prompt or class_prompt(d.class_noun),
-                                          resolution=d.resolution if a.resolution is None else a.resolution, sampling=sampling)
     trainer_kwargs = {"accelerator": a.accelerator, "devices": a.devices, **_given(precision=a.precision)}
     num_images = d.num_class_images if a.num_images is None else a.num_images
-    print(prior_images.generate(settings, num_images, folder=a.out or d.class_dir,
-                                trainer_kwargs=trainer_kwargs))
+    # One class (prompt, folder) per subject of a several-subject run, subjects of one class noun sharing it.
+    classes = {(s["class_noun"], s.get("class_dir")) for s in d.get("subjects") or []} or {(d.class_noun, d.class_dir)}
+    for noun, folder in sorted(classes, key=str):
+        settings = prior_images.PriorSettings(model=source, prompt=a.class_prompt or class_prompt(noun),
+                                              resolution=d.resolution if a.resolution is None else a.resolution,
+                                              sampling=sampling)
+        print(prior_images.generate(settings, num_images, folder=a.out or folder, trainer_kwargs=trainer_kwargs))
 
 
 # ------------------------------------------------------------------------------------------------ evaluate

@@ -223,6 +223,10 @@ def load_components(
         if local.is_dir():
             raise ModelLoadError(f"Cannot load model '{pretrained}' from {local}: {err}{rebuild_hint(pretrained)}") from err
         raise _unreachable(pretrained, err) from err
+    if backbone_of(unet).name == "sdxl" and not xl:
+        raise ModelLoadError(f"Cannot load model '{pretrained}': its UNet is SDXL's (text and size/crop embeddings) but "
+                             f"its model_index.json lists no text_encoder_2 / tokenizer_2; an SDXL pipeline folder "
+                             f"has both (save it with StableDiffusionXLPipeline.save_pretrained).")
     # transformers 5 returns an empty 2-token tokenizer for a broken tokenizer/ folder instead of raising.
     if len(tokenizer) < 1000:
         raise ModelLoadError(f"Cannot load model '{pretrained}': its tokenizer has {len(tokenizer)} tokens; "

@@ -51,7 +51,8 @@ class DreamBoothCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         if self.check_photos:  # a wrong folder is reported before any model loads or class image is made
-            list_images(cfg.data.instance_dir, min_size=cfg.data.min_image_size)
+            for folder in subject_folders(cfg.data):
+                list_images(folder, min_size=cfg.data.min_image_size)
         out = Path(cfg.output_dir or default_run_folder(cfg.data.subject))
         cfg.output_dir = str(out)
         cfg.trainer.default_root_dir = str(out)
@@ -62,6 +63,11 @@ class DreamBoothCLI(LightningCLI):
             _default_logger_args(getattr(logger, "init_args", None), out, cfg.data.subject, resuming)
         if cfg.checkpoint.dirpath is None:
             cfg.checkpoint.dirpath = str(out / "checkpoints")
+
+
+def subject_folders(data) -> list[str]:
+    """The photo folders of a parsed `data:` section: each of `data.subjects`, or `data.instance_dir`."""
+    return [s["instance_dir"] for s in data.get("subjects") or []] or [data.instance_dir]
 
 
 def default_run_folder(subject: str) -> Path:

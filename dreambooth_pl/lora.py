@@ -1,8 +1,10 @@
 """LoRA: inject peft adapters for training, and export them in the two formats tools load.
 
-The adapters sit on the UNet (diffusers' `add_adapter`) and optionally on the CLIP text encoder (peft's
-`inject_adapter_in_model`). They are written in the diffusers format (`load_lora_weights`) and in the
-kohya-ss / A1111 format (`lora_unet_…` / `lora_te_…` keys with `lora_down`, `lora_up`, `alpha`).
+The adapters sit on the UNet (diffusers' `add_adapter`) and optionally on the CLIP text encoder(s) (peft's
+`inject_adapter_in_model`; SDXL has two). They are written in the diffusers format (`load_lora_weights`) and in
+the kohya-ss / A1111 format (`lora_unet_…` / `lora_te_…`, SDXL `lora_te1_…` / `lora_te2_…` keys with
+`lora_down`, `lora_up`, `alpha`). What differs between SD 1.x/2.x and SDXL (text encoders, their key prefixes,
+the pipeline class, the UNet's kohya names) comes from the UNet's backbone.
 """
 
 from __future__ import annotations
@@ -12,23 +14,27 @@ import os
 import shutil
 import tempfile
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import ModelMixin, StableDiffusionPipeline
+from diffusers import ModelMixin
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from . import files
-from .single_file import TEXT_MODEL_PARTS, string_metadata, unwrap
+from .backbones import BACKBONES, Backbone, backbone_of
+from .single_file import TEXT_MODEL_PARTS, rename, string_metadata, unet_rules, unwrap
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what `save_lora_weights` writes, `load_lora_weights` reads
 KOHYA_WEIGHT_NAME = "lora_kohya.safetensors"
+KOHYA_UNET_PREFIX = "lora_unet_"
+# kohya's `ss_base_model_version` for a backbone; A1111 files a LoRA under SDXL only when it starts with `sdxl_`.
+KOHYA_BASE_VERSIONS = {"sdxl": "sdxl_base_v1-0"}
 UNET_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # attention projections, as in the diffusers LoRA example
 TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
@@ -43,7 +49,8 @@ def add_lora(
     """Add one LoRA adapter (gaussian init; alpha defaults to rank) to the `targets` layers of `module`.
 
     `targets=None` adapts the attention projections: `UNET_LORA_TARGETS` on a diffusers model,
-    `TEXT_LORA_TARGETS` otherwise (the CLIP text encoder).
+    `TEXT_LORA_TARGETS` otherwise (a CLIP text encoder, with or without SDXL's projection: the projection itself
+    is not adapted).
     """
     if rank < 1:
         raise ValueError(f"LoRA rank must be >= 1, got {rank}")
@@ -165,36 +172,99 @@ def _resolve_target(text_encoder: Any, target: str | Path | None, what: str) -> 
     return Path(target)
 
 
+def lora_backbone(unet: nn.Module | None, text_encoder_2: nn.Module | None = None) -> Backbone:
+    """The backbone whose LoRA names the export uses: the UNet's; without a UNet, SDXL when a second text encoder
+    is given (pass the UNet, with or without LoRA, whenever there is one)."""
+    if unet is not None:
+        return backbone_of(unwrap(unet))
+    return BACKBONES["sdxl" if text_encoder_2 is not None else "sd"]
+
+
+@dataclass(frozen=True)
+class _Part:
+    """One adapted model part as the exports name it."""
+
+    attr: str  # unet, text_encoder, text_encoder_2
+    module: nn.Module
+    diffusers_kwarg: str  # its `save_lora_weights` argument: unet_lora_layers, text_encoder_lora_layers, …
+    kohya_prefix: str  # lora_unet_, lora_te_ / lora_te1_, lora_te2_
+    rename: Callable[[str], str]  # peft module name -> the name both formats use below the part's prefix
+
+    @property
+    def diffusers_metadata_kwarg(self) -> str:
+        return self.diffusers_kwarg.replace("_lora_layers", "_lora_adapter_metadata")
+
+
+def kohya_unet_namer(unet: nn.Module) -> Callable[[str], str]:
+    """UNet module name -> kohya's name for it (before `lora_unet_` and the dots-to-underscores).
+
+    SD 1.x/2.x LoRAs use diffusers' module paths (sd-scripts trains the diffusers UNet there); SDXL LoRAs the
+    original SGM paths (`down_blocks.1.attentions.0.…` -> `input_blocks.4.1.…`), i.e. the backbone's single-file
+    UNet layout, which diffusers' reader maps back with the UNet's config.
+    """
+    unet = unwrap(unet)
+    if backbone_of(unet).single_file_layout != "sdxl":
+        return str
+    rules = unet_rules(unet.config)
+
+    def sgm(name: str) -> str:
+        new = rename(name, rules)
+        if new is None:
+            raise ValueError(f"unet.{name}: the module has no place in the SGM UNet, so no kohya name")
+        return new
+
+    return sgm
+
+
+def _lora_parts(unet: nn.Module | None, text_encoders: Mapping[str, nn.Module | None], kohya: bool = False
+                ) -> tuple[Backbone, list[_Part]]:
+    """The backbone and its parts that hold LoRA layers (UNet first, then the text encoders in backbone order)."""
+    backbone = lora_backbone(unet, text_encoders.get("text_encoder_2"))
+    extra = [a for a, m in text_encoders.items() if m is not None and a not in backbone.lora_text_prefixes]
+    if extra:
+        raise ValueError(f"{', '.join(extra)} given, but a {backbone.label} UNet has no such text encoder")
+    parts = [_Part("unet", unet, "unet_lora_layers", KOHYA_UNET_PREFIX,
+                   kohya_unet_namer(unet) if kohya else str)] if has_lora(unet) else []
+    for attr, (kwarg, prefix) in backbone.lora_text_prefixes.items():
+        module = text_encoders.get(attr)
+        if has_lora(module):
+            parts.append(_Part(attr, module, kwarg, prefix, _text_lora_name))
+    if not parts:
+        names = ", ".join(["unet", *backbone.lora_text_prefixes])
+        raise ValueError(f"none of {names} has LoRA layers to export")
+    return backbone, parts
+
+
 def export_lora_diffusers(
     unet: nn.Module | None,
     text_encoder: nn.Module | None = None,
     folder: str | Path | None = None,
     adapter_name: str | None = None,
     dtype: torch.dtype | None = None,
+    text_encoder_2: nn.Module | None = None,
 ) -> Path:
-    """Write `folder/pytorch_lora_weights.safetensors` as `StableDiffusionPipeline.save_lora_weights` does.
+    """Write `folder/pytorch_lora_weights.safetensors` as the backbone's pipeline's `save_lora_weights` does
+    (`StableDiffusionPipeline` / `StableDiffusionXLPipeline`).
 
     `pipe.load_lora_weights(folder)` then loads it into a pipeline of the same base model. Keys are diffusers'
-    (`unet.<module>.lora.down.weight`, `text_encoder.text_model.<module>.lora_linear_layer.down.weight`); the
-    text encoder's LoRA is included when it has one. The `LoraConfig` (rank, alpha, patterns) goes into the
-    file's `lora_adapter_metadata` so alpha != rank survives the round trip. `dtype=None` keeps each tensor's
-    dtype. Only the LoRA factors are written; the file replaces any previous one atomically.
+    (`unet.<module>.lora.down.weight`, `text_encoder[_2].text_model.<module>.lora_linear_layer.down.weight`); each
+    text encoder's LoRA is included when it has one (`text_encoder_2`: SDXL's second). The `LoraConfig` (rank,
+    alpha, patterns) goes into the file's `lora_adapter_metadata` so alpha != rank survives the round trip.
+    `dtype=None` keeps each tensor's dtype. Only the LoRA factors are written; the file replaces any previous one
+    atomically.
     """
     folder = _resolve_target(text_encoder, folder, "folder")
     _check_dtype(dtype)
+    backbone, parts = _lora_parts(unet, {"text_encoder": text_encoder, "text_encoder_2": text_encoder_2})
     kwargs: dict[str, Any] = {}
-    for part, module, rename in (("unet", unet, str), ("text_encoder", text_encoder, _text_lora_name)):
-        if not has_lora(module):
-            continue
-        layers = {rename(n): w for n, w in _collect_lora(module, adapter_name, part).items()}
+    for part in parts:
+        layers = {part.rename(n): w for n, w in _collect_lora(part.module, adapter_name, part.attr).items()}
         peft_state = {}
         for name, w in layers.items():
             peft_state[f"{name}.lora_A.weight"] = _cpu(w.down, dtype)
             peft_state[f"{name}.lora_B.weight"] = _cpu(w.up, dtype)
-        kwargs[f"{part}_lora_layers"] = convert_state_dict_to_diffusers(peft_state)
-        kwargs[f"{part}_lora_adapter_metadata"] = _peft_metadata(layers)
-    if not kwargs:
-        raise ValueError("neither the unet nor the text encoder has LoRA layers to export")
+        kwargs[part.diffusers_kwarg] = convert_state_dict_to_diffusers(peft_state)
+        kwargs[part.diffusers_metadata_kwarg] = _peft_metadata(layers)
 
     path = folder / LORA_WEIGHT_NAME
     # diffusers writes into a folder: give it a private one beside the target (marked as a temporary, so a
@@ -204,7 +274,7 @@ def export_lora_diffusers(
         files.atomic_path(path) as tmp,
         tempfile.TemporaryDirectory(prefix=f".{LORA_WEIGHT_NAME}.", suffix=files.TMP_MARK, dir=folder) as out,
     ):
-        StableDiffusionPipeline.save_lora_weights(out, weight_name=LORA_WEIGHT_NAME, **kwargs)
+        backbone.pipeline_class("text2img").save_lora_weights(out, weight_name=LORA_WEIGHT_NAME, **kwargs)
         written = Path(out) / LORA_WEIGHT_NAME
         if not written.is_file():  # diffusers logs some failures instead of raising
             raise OSError(f"save_lora_weights wrote no {LORA_WEIGHT_NAME} in {out}")
@@ -217,40 +287,45 @@ def lora_kohya_state_dict(
     text_encoder: nn.Module | None = None,
     adapter_name: str | None = None,
     dtype: torch.dtype | None = torch.float16,
+    text_encoder_2: nn.Module | None = None,
 ) -> dict[str, torch.Tensor]:
-    """kohya-ss / A1111 LoRA tensors: `lora_unet_<module_path>` / `lora_te_text_model_<module_path>` with
-    `.lora_down.weight`, `.lora_up.weight` and a scalar `.alpha` (A1111 scales by alpha / rank).
+    """kohya-ss / A1111 LoRA tensors: `<prefix><module_path>` with `.lora_down.weight`, `.lora_up.weight` and a
+    scalar `.alpha` (A1111 scales by alpha / rank), dots in the module path turned into underscores.
 
-    SD 1.x / 2.x kohya LoRAs name UNet modules by diffusers' module paths and text-encoder modules by
-    transformers' CLIPTextModel paths (with `text_model.`), dots turned into underscores.
-    (diffusers' `convert_state_dict_to_kohya` is not used: it writes alpha = rank and SDXL's `lora_te1_`.)
+    SD 1.x / 2.x: `lora_unet_` + diffusers' UNet module paths (`lora_unet_down_blocks_1_attentions_0_…`) and
+    `lora_te_text_model_…` for the CLIP text encoder. SDXL: `lora_unet_` + the original SGM UNet paths
+    (`lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`), and `lora_te1_text_model_…` /
+    `lora_te2_text_model_…` for the two text encoders (transformers' CLIP paths, with `text_model.`), as kohya's
+    sd-scripts write them. (diffusers' `convert_state_dict_to_kohya` is not used: it writes alpha = rank,
+    `lora_te1_` for SD 1.x, and diffusers' UNet paths for SDXL.)
     """
     _check_dtype(dtype)
+    _, parts = _lora_parts(unet, {"text_encoder": text_encoder, "text_encoder_2": text_encoder_2}, kohya=True)
     out: dict[str, torch.Tensor] = {}
-    for prefix, module, rename in (("lora_unet_", unet, str), ("lora_te_", text_encoder, _text_lora_name)):
-        if not has_lora(module):
-            continue
-        for name, w in _collect_lora(module, adapter_name, prefix.strip("_")).items():
-            key = prefix + rename(name).replace(".", "_")
+    for part in parts:
+        for name, w in _collect_lora(part.module, adapter_name, part.attr).items():
+            key = part.kohya_prefix + part.rename(name).replace(".", "_")
             if f"{key}.alpha" in out:
                 raise AssertionError(f"two modules map to the kohya name {key}")
             out[f"{key}.lora_down.weight"] = _cpu(w.down, dtype)
             out[f"{key}.lora_up.weight"] = _cpu(w.up, dtype)
             out[f"{key}.alpha"] = torch.tensor(w.kohya_alpha, dtype=dtype or w.down.dtype)
-    if not out:
-        raise ValueError("neither the unet nor the text encoder has LoRA layers to export")
     return out
 
 
-def _kohya_metadata(state: Mapping[str, torch.Tensor]) -> dict[str, str]:
-    """kohya's `ss_network_*` fields; a LoRA whose rank or alpha differs per module is `Dynamic`, as kohya writes."""
+def _kohya_metadata(state: Mapping[str, torch.Tensor], backbone: Backbone) -> dict[str, str]:
+    """kohya's `ss_network_*` fields; a LoRA whose rank or alpha differs per module is `Dynamic`, as kohya writes.
+    An SDXL LoRA also gets kohya's `ss_base_model_version`, which A1111 reads to list it for SDXL models."""
     ranks = {v.shape[0] for k, v in state.items() if k.endswith(".lora_down.weight")}
     alphas = {float(v) for k, v in state.items() if k.endswith(".alpha")}
-    return {
+    meta = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(ranks.pop()) if len(ranks) == 1 else "Dynamic",
         "ss_network_alpha": str(alphas.pop()) if len(alphas) == 1 else "Dynamic",
     }
+    if backbone.name in KOHYA_BASE_VERSIONS:
+        meta["ss_base_model_version"] = KOHYA_BASE_VERSIONS[backbone.name]
+    return meta
 
 
 def export_lora_kohya(
@@ -260,18 +335,20 @@ def export_lora_kohya(
     dtype: torch.dtype = torch.float16,
     adapter_name: str | None = None,
     metadata: dict | None = None,
+    text_encoder_2: nn.Module | None = None,
 ) -> Path:
     """Write the LoRA as one kohya / A1111 `.safetensors` (see `lora_kohya_state_dict`), atomically.
 
-    Metadata carries kohya's `ss_network_module`, `ss_network_dim` and `ss_network_alpha` (strings);
-    A1111, ComfyUI and `pipe.load_lora_weights(path)` read the file.
+    Metadata carries kohya's `ss_network_module`, `ss_network_dim` and `ss_network_alpha` (strings; SDXL also
+    `ss_base_model_version`); A1111, ComfyUI and `pipe.load_lora_weights(path)` read the file.
     """
     path = _resolve_target(text_encoder, path, "path")
     if path.suffix != ".safetensors":
         raise ValueError(f"{path}: the kohya LoRA export is written as .safetensors")
-    state = lora_kohya_state_dict(unet, text_encoder, adapter_name=adapter_name, dtype=dtype)
+    state = lora_kohya_state_dict(unet, text_encoder, adapter_name=adapter_name, dtype=dtype,
+                                  text_encoder_2=text_encoder_2)
     meta = {"format": "pt", "dreambooth_pl": "lora-kohya", "dtype": str(dtype).removeprefix("torch.")}
-    meta.update(_kohya_metadata(state))
+    meta.update(_kohya_metadata(state, lora_backbone(unet, text_encoder_2)))
     meta.update(string_metadata((metadata or {}).items()))
     return files.write_tensors(state, path, meta)
 
@@ -284,21 +361,19 @@ def export_lora(
     metadata: dict | None = None,
     kohya_name: str = KOHYA_WEIGHT_NAME,
 ) -> dict[str, Path]:
-    """Both LoRA formats of `.unet` / `.text_encoder` into `folder`: {'diffusers': …, 'kohya': …}.
+    """Both LoRA formats of `.unet` and the backbone's text encoders (`.text_encoder`, SDXL also
+    `.text_encoder_2`) into `folder`: {'diffusers': …, 'kohya': …}.
 
     `folder/pytorch_lora_weights.safetensors` (for `load_lora_weights(folder)`, weights in their own dtype)
-    and `folder/<kohya_name>` (A1111 / ComfyUI, `kohya_dtype`). The text encoder's LoRA is
-    included when it has one; `metadata` goes into the kohya file's header.
+    and `folder/<kohya_name>` (A1111 / ComfyUI, `kohya_dtype`). Each text encoder's LoRA is included when it
+    has one; `metadata` goes into the kohya file's header.
     """
     folder = Path(folder)
     unet = module_or_parts.unet
-    text_encoder = getattr(module_or_parts, "text_encoder", None)
-    text_encoder = text_encoder if has_lora(text_encoder) else None
+    encoders = {attr: getattr(module_or_parts, attr, None) for attr in lora_backbone(unet).text_encoders}
+    encoders = {attr: module for attr, module in encoders.items() if has_lora(module)}
     return {
-        "diffusers": export_lora_diffusers(unet, text_encoder, folder=folder, adapter_name=adapter_name),
-        "kohya": export_lora_kohya(
-            unet, text_encoder, path=folder / kohya_name, dtype=kohya_dtype, adapter_name=adapter_name,
-            metadata=metadata,
-        ),
+        "diffusers": export_lora_diffusers(unet, folder=folder, adapter_name=adapter_name, **encoders),
+        "kohya": export_lora_kohya(unet, path=folder / kohya_name, dtype=kohya_dtype, adapter_name=adapter_name,
+                                   metadata=metadata, **encoders),
     }
-

@@ -1,10 +1,12 @@
-"""Export a fine-tuned Stable Diffusion as one original-layout (CompVis/LDM) `.safetensors` file.
+"""Export a fine-tuned Stable Diffusion as one original-layout (CompVis/LDM or SGM) `.safetensors` file.
 
 The file is what A1111 / ComfyUI load and what `StableDiffusionPipeline.from_single_file(path,
-config=<diffusers folder>)` (and so `components.load_components(path, single_file_config=...)`) reads
-back. The key mapping is derived from each model's config, so the tiny test models and SD 1.x / 2.x
-shapes all go through the same code; any weight the mapping does not cover raises instead of being
-silently dropped.
+config=<diffusers folder>)` / `StableDiffusionXLPipeline.from_single_file(...)` (and so
+`components.load_components(path, single_file_config=...)`) reads back. SD 1.x / 2.x use the LDM layout
+(`cond_stage_model.`), SDXL the SGM layout of Stability's generative-models (`conditioner.embedders.0/1.`); the
+UNet and VAE keys are the same in both. The key mapping is derived from each model's config, so the tiny test
+models and the public SD 1.x / 2.x / XL shapes all go through the same code; any weight the mapping does not
+cover raises instead of being silently dropped.
 """
 
 from __future__ import annotations
@@ -18,12 +20,18 @@ import torch
 from torch import nn
 
 from . import files
+from .backbones import backbone_of
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."  # SD 1.x: OpenAI CLIP ViT-L/14 as a transformers CLIPTextModel
 OPEN_CLIP_PREFIX = "cond_stage_model.model."  # SD 2.x: OpenCLIP ViT-H/14 text tower in open_clip's layout
 TEXT_LAYOUTS = ("auto", "clip", "open_clip")
+# SDXL (SGM `GeneralConditioner`): embedders.0 is OpenAI CLIP ViT-L/14 as a transformers CLIPTextModel, embedders.1
+# the OpenCLIP ViT-bigG/14 text tower (with its pooled `text_projection`) in open_clip's layout.
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."
+SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
+LAYOUTS = ("sd", "sdxl")  # `Backbone.single_file_layout` values
 
 # A rule maps one diffusers submodule prefix to its LDM prefix, renaming the first names below it.
 Renames = tuple[tuple[str, str], ...]
@@ -69,25 +77,32 @@ def _uniform(value: Any, n: int, name: str) -> int:
     return values.pop()
 
 
+def rename(key: str, rules: Rules) -> str | None:
+    """`key` (a weight or a module name) renamed by its longest matching rule; None when no rule matches."""
+    parts = key.split(".")
+    for n in range(len(parts), 0, -1):
+        head = ".".join(parts[:n])
+        if head in rules:
+            target, renames = rules[head]
+            rest = ".".join(parts[n:])
+            for old, new in renames:
+                if rest == old or rest.startswith(old + "."):
+                    rest = new + rest[len(old) :]
+                    break
+            return f"{target}.{rest}" if rest else target
+    return None
+
+
 def _apply(state: Mapping[str, torch.Tensor], rules: Rules, prefix: str, what: str) -> dict[str, torch.Tensor]:
     """Rename every key of `state` by its longest matching rule; an unmatched key is an error, not a drop."""
     out: dict[str, torch.Tensor] = {}
     unmatched = []
     for key, tensor in state.items():
-        parts = key.split(".")
-        for n in range(len(parts) - 1, 0, -1):
-            head = ".".join(parts[:n])
-            if head in rules:
-                target, renames = rules[head]
-                rest = ".".join(parts[n:])
-                for old, new in renames:
-                    if rest.startswith(old + "."):
-                        rest = new + rest[len(old) :]
-                        break
-                out[f"{prefix}{target}.{rest}"] = tensor
-                break
-        else:
+        name = rename(key, rules)
+        if name is None:
             unmatched.append(key)
+        else:
+            out[prefix + name] = tensor
     if unmatched:
         raise ValueError(f"{what}: {len(unmatched)} weights have no place in the original LDM layout: {unmatched[:8]}")
     if len(out) != len(state):  # two diffusers keys landing on one LDM key would lose a weight
@@ -193,15 +208,19 @@ def text_layout_of(text_encoder: nn.Module) -> str:
     return "open_clip" if act == "gelu" else "clip"
 
 
-def _clip_to_ldm(text_encoder: nn.Module) -> dict[str, torch.Tensor]:
-    """SD 1.x: the transformers CLIPTextModel state dict under `cond_stage_model.transformer.`."""
-    # Released SD 1.x files also hold the `embeddings.position_ids` buffer; transformers >= 4.31 keeps it out
+def _clip_to_ldm(text_encoder: nn.Module, prefix: str = CLIP_PREFIX) -> dict[str, torch.Tensor]:
+    """SD 1.x (and SDXL's first encoder): the transformers CLIPTextModel state dict under `prefix`."""
+    # Released SD 1.x / XL files also hold the `embeddings.position_ids` buffer; transformers >= 4.31 keeps it out
     # of the state dict and A1111, ComfyUI and diffusers all rebuild it, so it is written only where present.
-    return {CLIP_PREFIX + k: v for k, v in _text_model_keys(text_encoder).items()}
+    state = _text_model_keys(text_encoder)
+    if "text_projection.weight" in state:  # a CLIPTextModelWithProjection has no place in this layout
+        raise ValueError("text encoder: `text_projection` has no place in the transformers-CLIP LDM layout")
+    return {prefix + k: v for k, v in state.items()}
 
 
-def _open_clip_to_ldm(text_encoder: nn.Module) -> dict[str, torch.Tensor]:
-    """SD 2.x: the text tower in open_clip's layout (fused q/k/v `in_proj`) under `cond_stage_model.model.`."""
+def _open_clip_to_ldm(text_encoder: nn.Module, prefix: str = OPEN_CLIP_PREFIX) -> dict[str, torch.Tensor]:
+    """SD 2.x (and SDXL's second encoder): the text tower in open_clip's layout (fused q/k/v `in_proj`) under
+    `prefix`; a CLIPTextModelWithProjection's projection becomes open_clip's bare `text_projection` matrix."""
     state = _text_model_keys(text_encoder)
     # transformers < 4.31 saved the position-id buffer; open_clip has none (it indexes positions directly).
     state.pop("text_model.embeddings.position_ids", None)
@@ -214,28 +233,59 @@ def _open_clip_to_ldm(text_encoder: nn.Module) -> dict[str, torch.Tensor]:
         rules[f"text_model.encoder.layers.{i}"] = (f"transformer.resblocks.{i}", _OPEN_CLIP_LAYER)
     out: dict[str, torch.Tensor] = {}
     # open_clip keeps the position table as a bare parameter and q, k, v as one stacked projection.
-    out[OPEN_CLIP_PREFIX + "positional_embedding"] = state.pop("text_model.embeddings.position_embedding.weight")
+    out[prefix + "positional_embedding"] = state.pop("text_model.embeddings.position_embedding.weight")
     for i in range(layers):
         src = f"text_model.encoder.layers.{i}.self_attn"
-        dst = f"{OPEN_CLIP_PREFIX}transformer.resblocks.{i}.attn"
+        dst = f"{prefix}transformer.resblocks.{i}.attn"
         for kind in ("weight", "bias"):
             qkv = [state.pop(f"{src}.{p}_proj.{kind}") for p in "qkv"]
             out[f"{dst}.in_proj_{kind}"] = torch.cat(qkv, dim=0)
-    out.update(_apply(state, rules, OPEN_CLIP_PREFIX, "text encoder"))
+    if "text_projection.weight" in state:
+        # open_clip computes `pooled @ text_projection` with a (width, output_dim) matrix: nn.Linear's weight,
+        # transposed (diffusers' reader transposes it back and reads the width from its first dimension).
+        out[prefix + "text_projection"] = state.pop("text_projection.weight").T.contiguous()
+    out.update(_apply(state, rules, prefix, "text encoder"))
     return out
 
 
+def layout_of(unet: nn.Module) -> str:
+    """`sd` (LDM keys: SD 1.x / 2.x) or `sdxl` (SGM keys), from the UNet's backbone."""
+    return backbone_of(unwrap(unet)).single_file_layout
+
+
 def diffusers_to_ldm_state_dict(
-    unet: nn.Module, vae: nn.Module, text_encoder: nn.Module, text_layout: str = "auto"
+    unet: nn.Module,
+    vae: nn.Module,
+    text_encoder: nn.Module,
+    text_layout: str = "auto",
+    text_encoder_2: nn.Module | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Diffusers UNet/VAE + transformers CLIP text encoder -> one original (CompVis/LDM) state dict."""
+    """Diffusers UNet/VAE + transformers CLIP text encoder(s) -> one original-layout state dict.
+
+    The layout follows the UNet's backbone (`layout_of`): SD 1.x / 2.x give the CompVis/LDM file, with the text
+    encoder as `text_layout` says (`auto`: open_clip for an exact-GELU tower, else clip); SDXL gives the SGM file,
+    which needs `text_encoder_2` (the CLIPTextModelWithProjection) and has one fixed text layout.
+    """
     if text_layout not in TEXT_LAYOUTS:
         raise ValueError(f"unknown text_layout {text_layout!r}: choose one of {', '.join(TEXT_LAYOUTS)}")
     unet, vae, text_encoder = unwrap(unet), unwrap(vae), unwrap(text_encoder)
+    layout = layout_of(unet)
+    if layout not in LAYOUTS:
+        raise NotImplementedError(f"single-file layout {layout!r} is not supported: one of {', '.join(LAYOUTS)}")
     out = _apply(unet.state_dict(), unet_rules(unet.config), UNET_PREFIX, "UNet")
     out.update(_vae_attention_to_conv(_apply(vae.state_dict(), vae_rules(vae.config), VAE_PREFIX, "VAE")))
-    layout = text_layout_of(text_encoder) if text_layout == "auto" else text_layout
-    out.update(_open_clip_to_ldm(text_encoder) if layout == "open_clip" else _clip_to_ldm(text_encoder))
+    if layout == "sdxl":
+        if text_encoder_2 is None:
+            raise ValueError("an SDXL UNet's single file needs text_encoder_2 (the second text encoder)")
+        if text_layout != "auto":
+            raise ValueError(f"text_layout={text_layout!r}: the SDXL (SGM) layout fixes both text encoders' layouts")
+        out.update(_clip_to_ldm(text_encoder, SDXL_CLIP_PREFIX))
+        out.update(_open_clip_to_ldm(unwrap(text_encoder_2), SDXL_OPEN_CLIP_PREFIX))
+        return out
+    if text_encoder_2 is not None:
+        raise ValueError("text_encoder_2 was given, but the UNet is not an SDXL UNet (SD 1.x / 2.x have one encoder)")
+    text_layout = text_layout_of(text_encoder) if text_layout == "auto" else text_layout
+    out.update(_open_clip_to_ldm(text_encoder) if text_layout == "open_clip" else _clip_to_ldm(text_encoder))
     return out
 
 
@@ -251,20 +301,23 @@ def export_single_file(
     metadata: dict | None = None,
     text_layout: str = "auto",
 ) -> Path:
-    """Write `.unet/.vae/.text_encoder` of `parts_or_module` as one LDM-layout `.safetensors` file, atomically."""
+    """Write `.unet/.vae/.text_encoder` (SDXL: and `.text_encoder_2`) of `parts_or_module` as one original-layout
+    `.safetensors` file, atomically; the layout (LDM for SD 1.x / 2.x, SGM for SDXL) follows the UNet's backbone."""
     if not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating-point type, not {dtype}")
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"{path}: the single-file export is written as .safetensors")
-    state = diffusers_to_ldm_state_dict(
-        parts_or_module.unet, parts_or_module.vae, parts_or_module.text_encoder, text_layout=text_layout
-    )
+    layout = layout_of(parts_or_module.unet)
+    encoders = [getattr(parts_or_module, name) for name in backbone_of(unwrap(parts_or_module.unet)).text_encoders]
+    state = diffusers_to_ldm_state_dict(parts_or_module.unet, parts_or_module.vae, encoders[0], text_layout=text_layout,
+                                        text_encoder_2=encoders[1] if len(encoders) > 1 else None)
     # Integer buffers keep their type; weights take the export dtype. safetensors needs dense CPU tensors.
     tensors = {
         k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous() for k, v in state.items()
     }
-    meta = {"format": "pt", "dreambooth_pl": "sd-ldm-single-file", "dtype": str(dtype).removeprefix("torch.")}
+    kind = "sdxl-sgm-single-file" if layout == "sdxl" else "sd-ldm-single-file"
+    meta = {"format": "pt", "dreambooth_pl": kind, "dtype": str(dtype).removeprefix("torch.")}
     source = getattr(parts_or_module, "source", "")
     if isinstance(source, str) and source:
         meta["source"] = source

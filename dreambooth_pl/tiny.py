@@ -83,8 +83,9 @@ def build_tokenizer(folder: str | Path, pad_token: str = "<|endoftext|>") -> CLI
 # Random-initialised models in diffusers layout
 
 
-def build_random(name: str, folder: str | Path, seed: int = 0) -> Path:
-    """Build a random-initialised SD of architecture `name`, saved in diffusers layout in `folder`.
+def build_random(name: str, folder: str | Path, seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
+    """Build a random-initialised SD of architecture `name`, saved in diffusers layout in `folder` (weights stored
+    as `dtype`: fp16 halves the public-size models' disk).
 
     `folder` is replaced whole and atomically (a crash never leaves a half-written model behind); a non-empty
     folder that is not a model built here is refused, never deleted.
@@ -98,34 +99,33 @@ def build_random(name: str, folder: str | Path, seed: int = 0) -> Path:
     with atomic_path(folder, folder=True) as tmp, torch.random.fork_rng(devices=[]):
         build_tokenizer(tmp / "tokenizer")
         torch.manual_seed(seed)
-        CLIPTextModel(CLIPTextConfig(**arch["text"])).save_pretrained(tmp / "text_encoder")
+        CLIPTextModel(CLIPTextConfig(**arch["text"])).to(dtype).save_pretrained(tmp / "text_encoder")
         torch.manual_seed(seed + 1)
-        AutoencoderKL(**arch["vae"]).save_pretrained(tmp / "vae")
+        AutoencoderKL(**arch["vae"]).to(dtype).save_pretrained(tmp / "vae")
         torch.manual_seed(seed + 2)
-        UNet2DConditionModel(**arch["unet"]).save_pretrained(tmp / "unet")
+        UNet2DConditionModel(**arch["unet"]).to(dtype).save_pretrained(tmp / "unet")
         if "text_2" in arch:  # SDXL: a second tokenizer and text encoder (with the pooled projection)
             build_tokenizer(tmp / "tokenizer_2", pad_token="!")
             torch.manual_seed(seed + 3)
-            CLIPTextModelWithProjection(CLIPTextConfig(**arch["text_2"])).save_pretrained(tmp / "text_encoder_2")
-        _write_index(name, tmp, arch["scheduler"])
+            CLIPTextModelWithProjection(CLIPTextConfig(**arch["text_2"])).to(dtype).save_pretrained(tmp / "text_encoder_2")
+        _write_index(name, tmp, arch["scheduler"], xl="text_2" in arch)
         (tmp / STAMP).write_text(f"{name} {TINY_VERSION} seed={seed}\n")
     return folder
 
 
-def _write_index(name: str, folder: Path, scheduler: dict) -> None:
+def _write_index(name: str, folder: Path, scheduler: dict, xl: bool = False) -> None:
     """`scheduler/scheduler_config.json` and `model_index.json`, as in the released models."""
     # SD 1.x ships PNDM for sampling and a config that also carries DDPM/DDIM keys (clip_sample...),
     # from which training builds its DDPM; written as JSON like the released file.
     # timbrooks/instruct-pix2pix samples with Euler ancestral, SDXL with Euler.
-    xl = name in (TINY_XL, TINY_XL_IP2P)
     sched_name = "EulerAncestralDiscreteScheduler" if name == TINY_IP2P else "EulerDiscreteScheduler" if xl else "PNDMScheduler"
     (folder / "scheduler").mkdir()
     sched_cfg = {
         "_class_name": sched_name, "_diffusers_version": diffusers.__version__, "skip_prk_steps": True, **scheduler,
     }
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched_cfg, indent=2))
-    pipe_cls = {TINY_IP2P: "StableDiffusionInstructPix2PixPipeline", TINY_XL: "StableDiffusionXLPipeline",
-                TINY_XL_IP2P: "StableDiffusionXLInstructPix2PixPipeline"}.get(name, "StableDiffusionPipeline")
+    pipe_cls = {TINY_IP2P: "StableDiffusionInstructPix2PixPipeline", TINY_XL_IP2P: "StableDiffusionXLInstructPix2PixPipeline"
+                }.get(name, "StableDiffusionXLPipeline" if xl else "StableDiffusionPipeline")
     if xl:
         index = {
             "_class_name": pipe_cls,

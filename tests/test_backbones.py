@@ -29,7 +29,7 @@ def test_sdxl_conditioning_matches_the_diffusers_pipeline(tiny_xl_parts):
     cond = p.backbone.encode([p.tokenizer, p.tokenizer_2], p.text_encoder_modules, ["a sks can", "a can"], "cpu")
     pipe = components.pipeline(p)
     hidden, _, pooled, _ = pipe.encode_prompt(["a sks can", "a can"], device="cpu", do_classifier_free_guidance=False)
-    assert cond.hidden.shape == (2, 77, 64) and cond.pooled.shape == (2, 32)
+    assert cond.hidden.shape == (2, 77, 80) and cond.pooled.shape == (2, 32)
     assert torch.allclose(cond.hidden, hidden, atol=1e-6) and torch.allclose(cond.pooled, pooled, atol=1e-6)
     ids = time_ids(torch.tensor([[80.0, 96]]), torch.tensor([[3.0, 5]]), torch.tensor([[64.0, 64]]))
     expected = pipe._get_add_time_ids((80, 96), (3, 5), (64, 64), torch.float32, text_encoder_projection_dim=32)

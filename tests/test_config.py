@@ -188,3 +188,65 @@ def test_every_memory_preset_fits_with_evaluation_on_exports_and_the_export_samp
     assert image.shape == (1, 64, 64, 3) and image.std() > 0
     if preset == "8gb":
         assert abs(image - before).max() > 0
+
+
+def test_a_subjects_list_in_yaml_fits_through_the_cli_and_a_missing_folder_is_named(photos, tmp_path, in_repo,
+                                                                                    tiny_dir, capsys):
+    """`data.subjects:` from a YAML file: parsed into `Subject`s, each folder checked before any model loads, one
+    fit learning both (the probe per subject)."""
+    extra = make_photos(tmp_path / "mug", 3, seed=7)
+    spec = tmp_path / "two.yaml"
+    spec.write_text(f"data:\n  subjects:\n"
+                    f"    - {{subject: ball, class_noun: toy, instance_dir: {photos['instance']}, identifier: sks,"
+                    f" class_dir: {photos['class']}}}\n"
+                    f"    - {{subject: mug, class_noun: cup, instance_dir: {extra}, identifier: zwx,"
+                    f" class_dir: {photos['class']}}}\n")
+    out = tmp_path / "out"
+    c = config.lightning_cli(fit_args(photos, out, "--config", str(spec), "--trainer.max_steps", "2",
+                                      "--probe.enabled", "true", "--export.enabled", "false"))
+    assert [s.subject for s in c.datamodule.subjects] == ["ball", "mug"]
+    assert {s.instance_prompt for s in c.datamodule.subjects} == {"a sks toy", "a zwx cup"}
+    assert "Denoising MSE on the instance photos of mug" in capsys.readouterr().out
+    spec.write_text(spec.read_text().replace(str(extra), str(tmp_path / "nowhere")))
+    with pytest.raises(Exception, match="nowhere"):
+        config.lightning_cli(fit_args(photos, out, "--config", str(spec), "--trainer.max_steps", "1"))
+
+
+@pytest.mark.parametrize("preset", ["sdxl-12gb", "sdxl-16gb", "sdxl-full"])
+def test_every_sdxl_preset_fits_tiny_xl_with_evaluation_and_its_export_samples(preset, photos, tmp_path, in_repo,
+                                                                               tiny_xl_dir):
+    """sdxl.yaml + each SDXL memory preset on the tiny SDXL model (64 px, buckets on): evaluation before and after,
+    and the export (LoRA or full) loads into a fresh StableDiffusionXLPipeline and samples."""
+    from diffusers import StableDiffusionXLPipeline
+
+    prompts = tmp_path / "prompts"
+    prompts.mkdir()
+    (prompts / "prompts_object.txt").write_text("a {0} {1} in the snow\n")
+    # bitsandbytes' 8-bit AdamW needs CUDA: on CPU the full preset runs with plain AdamW, every other lever as set.
+    cpu_optim = ["--model.optim.optimizer", "adamw"] if preset == "sdxl-full" else []
+    out = tmp_path / "out"
+    c = config.lightning_cli(fit_args(
+        photos, out, "--trainer.max_steps", "2", "--trainer.accumulate_grad_batches", "1", *cpu_optim,
+        "--model.pretrained", "tiny-xl", "--data.resolution", "64", "--data.bucket_step", "16",
+        "--data.min_image_size", "64", "--eval.evaluate_base", "true", "--eval.final", "true",
+        "--eval.prompts_dir", str(prompts), "--eval.encoders", "tiny", "--eval.protocol.images_per_prompt", "1",
+        "--eval.protocol.pres_images", "1", "--eval.protocol.steps", "2",
+        overlays=("experiments/sdxl.yaml", f"experiments/memory/{preset}.yaml")))
+    assert c.trainer.global_step == 2 and c.model.backbone.name == "sdxl" and c.datamodule.use_buckets
+    stages = json.loads((out / "metrics.json").read_text())["stages"]
+    assert set(stages) == {"base", "final"} and "dino" in stages["final"]["metrics"]
+    sample = dict(prompt="a sks can", num_inference_steps=2, height=64, width=64, output_type="np")
+    if preset == "sdxl-full":  # the diffusers folder and the single file are the fine-tuned model
+        pipe = StableDiffusionXLPipeline.from_pretrained(out / "model")
+        assert torch.equal(pipe.unet.conv_out.weight, c.model.unet.conv_out.weight)
+        single = components.load_components(str(out / "toy.safetensors"), single_file_config=str(tiny_xl_dir))
+        assert torch.equal(single.unet.conv_out.weight, c.model.unet.conv_out.weight.half().float())
+    else:  # LoRA: the adapters load into the base pipeline and change its image
+        pipe = StableDiffusionXLPipeline.from_pretrained(tiny_xl_dir)
+        before = pipe(**sample, generator=torch.Generator().manual_seed(0)).images
+        pipe.load_lora_weights(out / "lora")
+        assert (out / "lora" / "toy_lora.safetensors").is_file()
+    image = pipe(**sample, generator=torch.Generator().manual_seed(0)).images
+    assert image.shape == (1, 64, 64, 3) and image.std() > 0
+    if preset != "sdxl-full":
+        assert abs(image - before).max() > 0

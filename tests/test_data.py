@@ -657,7 +657,7 @@ def test_cached_latent_views_follow_the_bucket(tmp_path):
                          cache_latents=True, batch_size=1)
     dm.setup("fit")
     ds, views = dm.dataset, {key: (v, ids) for key, v, ids in dm.cache_views()}
-    for (split, i, b), (v, ids) in views.items():
+    for (_split, _i, b), (v, ids) in views.items():
         w, h = ds.buckets[b]
         assert v.shape == (1, 3, h, w) and ids[0, 4:].tolist() == [h, w]
     # every (photo, bucket) and (class image, bucket) pair an epoch can draw is cached

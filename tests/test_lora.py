@@ -1,5 +1,5 @@
 """Tests for dreambooth_pl.lora: adapter injection, and LoRA export in the diffusers and kohya / A1111
-formats, read back by diffusers' `load_lora_weights`."""
+formats (SD 1.x and SDXL), read back by diffusers' `load_lora_weights`."""
 
 from __future__ import annotations
 
@@ -10,16 +10,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline, UNet2DConditionModel
-from diffusers.utils import convert_state_dict_to_diffusers
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
 from peft import LoraConfig, get_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
-from transformers import CLIPTextModel
+from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from dreambooth_pl import components
+from dreambooth_pl.architectures import architecture
 from dreambooth_pl.lora import (
     TEXT_LORA_TARGETS,
     UNET_LORA_TARGETS,
@@ -28,6 +29,8 @@ from dreambooth_pl.lora import (
     export_lora_diffusers,
     export_lora_kohya,
     has_lora,
+    kohya_unet_namer,
+    lora_kohya_state_dict,
 )
 
 
@@ -290,3 +293,204 @@ def test_add_lora_on_the_text_encoder_and_bad_rank(tiny_dir):
                for n, layer in layers.items())
     with pytest.raises(ValueError, match="rank must be >= 1, got 0"):
         add_lora(text, rank=0)
+
+
+# ------------------------------------------------------------------------------------------------ SDXL
+
+XL_TEXT = ("text_encoder", "text_encoder_2")
+XL_ALPHAS = {"lora_unet_": 4.0, "lora_te1_": 8.0, "lora_te2_": 1.0}  # kohya prefix -> the part's alpha below
+
+
+def fresh_xl_pipeline(tiny_xl_dir) -> StableDiffusionXLPipeline:
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_xl_dir), add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def xl_lora_parts(tiny_xl_dir) -> components.SDComponents:
+    """tiny-xl (its own copy) with LoRA on the UNet (rank 4, alpha 4) and on both text encoders (rank 4, alpha 8;
+    rank 2, alpha 1)."""
+    parts = components.load_components(str(tiny_xl_dir))
+    add_lora(parts.unet, rank=4)
+    add_lora(parts.text_encoder, rank=4, alpha=8)
+    add_lora(parts.text_encoder_2, rank=2, alpha=1)
+    randomise_lora(3, parts.unet, parts.text_encoder, parts.text_encoder_2)
+    return parts
+
+
+@pytest.fixture(scope="module")
+def xl_lora_images(xl_lora_parts, tiny_xl_dir) -> dict[str, np.ndarray]:
+    """The adapted pipeline's image, the same with one text encoder's LoRA off, and the base model's."""
+    pipe = components.pipeline(xl_lora_parts)
+    images = {"lora": sample(pipe)}
+    for name in XL_TEXT:
+        set_text_lora_enabled(getattr(xl_lora_parts, name), False)
+        try:
+            images[f"without_{name}"] = sample(pipe)
+        finally:
+            set_text_lora_enabled(getattr(xl_lora_parts, name), True)
+    images["base"] = sample(fresh_xl_pipeline(tiny_xl_dir))
+    return images
+
+
+@pytest.fixture(scope="module")
+def xl_lora_files(xl_lora_parts, tmp_path_factory) -> dict[str, Path]:
+    files = export_lora(xl_lora_parts, tmp_path_factory.mktemp("xl_lora"))
+    files["kohya32"] = export_lora_kohya(xl_lora_parts.unet, xl_lora_parts.text_encoder,
+                                         text_encoder_2=xl_lora_parts.text_encoder_2, dtype=torch.float32,
+                                         path=tmp_path_factory.mktemp("xl_lora32") / "k.safetensors")
+    return files
+
+
+def test_sdxl_reference_images_depend_on_all_three_adapters(xl_lora_images):
+    assert max_diff(xl_lora_images["lora"], xl_lora_images["base"]) > 1e-2
+    # Each text encoder's LoRA alone moves the image, so matching images below check both encoders' parts.
+    for name in XL_TEXT:
+        assert max_diff(xl_lora_images["lora"], xl_lora_images[f"without_{name}"]) > 1e-3, name
+
+
+def test_sdxl_diffusers_format_keys_and_metadata(xl_lora_parts, xl_lora_files):
+    assert sorted(os.listdir(xl_lora_files["diffusers"].parent)) == ["lora_kohya.safetensors",
+                                                                    "pytorch_lora_weights.safetensors"]
+    written = load_file(xl_lora_files["diffusers"])
+    unet_keys = {f"unet.{k}" for k in convert_state_dict_to_diffusers(get_peft_model_state_dict(xl_lora_parts.unet))}
+    assert {k for k in written if k.startswith("unet.")} == unet_keys and len(unet_keys) == 64
+    per_part = {name: {k for k in written if k.startswith(f"{name}.")} for name in XL_TEXT}
+    assert all(len(keys) == 16 for keys in per_part.values()) and len(written) == 64 + 32
+    assert ("text_encoder_2.text_model.encoder.layers.1.self_attn.out_proj.lora_linear_layer.up.weight"
+            in per_part["text_encoder_2"])
+    q = xl_lora_parts.text_encoder_2.text_model.encoder.layers[0].self_attn.q_proj
+    assert torch.equal(written["text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj.lora_linear_layer.down.weight"],
+                       q.lora_A["default"].weight)
+    with safe_open(str(xl_lora_files["diffusers"]), "pt") as f:
+        meta = json.loads(f.metadata()["lora_adapter_metadata"])
+    assert (meta["unet.r"], meta["text_encoder.r"], meta["text_encoder_2.r"]) == (4, 4, 2)
+    assert (meta["unet.lora_alpha"], meta["text_encoder.lora_alpha"], meta["text_encoder_2.lora_alpha"]) == (4, 8, 1)
+    assert "encoder.layers.0.self_attn.q_proj" in meta["text_encoder_2.target_modules"]
+
+
+def test_sdxl_diffusers_format_loads_into_a_fresh_pipeline(tiny_xl_dir, xl_lora_files, xl_lora_images):
+    pipe = fresh_xl_pipeline(tiny_xl_dir)
+    pipe.load_lora_weights(str(xl_lora_files["diffusers"].parent))
+    assert has_lora(pipe.unet) and has_lora(pipe.text_encoder) and has_lora(pipe.text_encoder_2)
+    image = sample(pipe)
+    assert np.allclose(image, xl_lora_images["lora"], atol=1e-4), max_diff(image, xl_lora_images["lora"])
+    assert max_diff(image, xl_lora_images["base"]) > 1e-2
+
+
+def test_sdxl_kohya_keys_alphas_and_metadata(xl_lora_parts, xl_lora_files):
+    written = load_file(xl_lora_files["kohya"])
+    n_modules = sum(len(lora_layers(getattr(xl_lora_parts, name))) for name in ("unet", *XL_TEXT))
+    assert n_modules == 32 + 8 + 8
+    assert len(written) == 3 * n_modules
+    # kohya's SDXL names: the SGM UNet's paths (tiny XL: input_blocks.3 holds down_blocks.1's attention,
+    # output_blocks.0-1 up_blocks.0's) and lora_te1_ / lora_te2_ with transformers' CLIP paths.
+    for key in (
+        "lora_unet_input_blocks_3_1_transformer_blocks_0_attn1_to_q.lora_down.weight",
+        "lora_unet_middle_block_1_transformer_blocks_0_attn2_to_out_0.lora_up.weight",
+        "lora_unet_output_blocks_1_1_transformer_blocks_0_attn2_to_k.alpha",
+        "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight",
+        "lora_te2_text_model_encoder_layers_1_self_attn_out_proj.alpha",
+    ):
+        assert key in written, key
+    assert all(k.startswith(tuple(XL_ALPHAS)) for k in written)
+    assert not any("down_blocks" in k or "up_blocks" in k or "mid_block_" in k for k in written)
+    for key in (k for k in written if k.endswith(".alpha")):
+        assert float(written[key]) == XL_ALPHAS[next(p for p in XL_ALPHAS if key.startswith(p))], key
+    unet = xl_lora_parts.unet
+    to_q = unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q
+    assert torch.equal(written["lora_unet_input_blocks_3_1_transformer_blocks_0_attn1_to_q.lora_down.weight"],
+                       to_q.lora_A["default"].weight.half())
+    to_k = unet.up_blocks[0].attentions[1].transformer_blocks[0].attn2.to_k
+    assert torch.equal(written["lora_unet_output_blocks_1_1_transformer_blocks_0_attn2_to_k.lora_up.weight"],
+                       to_k.lora_B["default"].weight.half())
+    out_proj = xl_lora_parts.text_encoder_2.text_model.encoder.layers[1].self_attn.out_proj
+    assert torch.equal(written["lora_te2_text_model_encoder_layers_1_self_attn_out_proj.lora_up.weight"],
+                       out_proj.lora_B["default"].weight.half())
+    with safe_open(str(xl_lora_files["kohya"]), "pt") as f:
+        meta = f.metadata()
+    assert (meta["ss_network_dim"], meta["ss_network_alpha"]) == ("Dynamic", "Dynamic")
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0"  # A1111 lists the LoRA for SDXL models
+
+
+def test_sdxl_kohya_file_loads_like_the_diffusers_format(tiny_xl_dir, xl_lora_files, xl_lora_images):
+    images = {}
+    for name in ("kohya32", "kohya"):
+        pipe = fresh_xl_pipeline(tiny_xl_dir)
+        pipe.load_lora_weights(str(xl_lora_files[name]))  # diffusers maps SGM blocks back with the UNet's config
+        assert has_lora(pipe.unet) and has_lora(pipe.text_encoder) and has_lora(pipe.text_encoder_2)
+        images[name] = sample(pipe)
+    want = xl_lora_images["lora"]
+    assert np.allclose(images["kohya32"], want, atol=1e-4), max_diff(images["kohya32"], want)
+    assert np.allclose(images["kohya"], want, atol=1e-3), max_diff(images["kohya"], want)
+    assert max_diff(images["kohya"], xl_lora_images["base"]) > 1e-2
+
+
+@pytest.mark.parametrize("adapted", [("unet",), ("text_encoder_2",), ("text_encoder", "text_encoder_2")])
+def test_sdxl_exports_whichever_parts_have_lora(tiny_xl_dir, tmp_path, adapted):
+    parts = components.load_components(str(tiny_xl_dir))
+    for name in adapted:
+        add_lora(getattr(parts, name), rank=2, alpha=4)
+    randomise_lora(5, *(getattr(parts, name) for name in adapted))
+    want = sample(components.pipeline(parts))
+    files = export_lora(parts, tmp_path)
+    prefixes = {"unet": ("unet.", "lora_unet_"), "text_encoder": ("text_encoder.", "lora_te1_"),
+                "text_encoder_2": ("text_encoder_2.", "lora_te2_")}
+    for kind, column in (("diffusers", 0), ("kohya", 1)):
+        keys = load_file(files[kind])
+        written = {k.split(".")[0] + "." if kind == "diffusers" else "_".join(k.split("_")[:2]) + "_" for k in keys}
+        assert written == {prefixes[name][column] for name in adapted}, kind
+    for kind in ("diffusers", "kohya"):
+        pipe = fresh_xl_pipeline(tiny_xl_dir)
+        pipe.load_lora_weights(str(files[kind].parent if kind == "diffusers" else files[kind]))
+        assert [has_lora(getattr(pipe, name)) for name in prefixes] == [name in adapted for name in prefixes]
+        image = sample(pipe)
+        assert np.allclose(image, want, atol=1e-3), (kind, max_diff(image, want))
+
+
+def test_sdxl_lora_export_errors(tiny_xl_dir, tiny_parts, xl_lora_parts, tmp_path):
+    with pytest.raises(ValueError, match="none of unet, text_encoder, text_encoder_2 has LoRA layers to export"):
+        export_lora(components.load_components(str(tiny_xl_dir)), tmp_path)
+    # A second text encoder belongs to SDXL: with an SD 1.x UNet it is refused, not silently dropped.
+    with pytest.raises(ValueError, match="text_encoder_2 given"):
+        export_lora_diffusers(tiny_parts.unet, folder=tmp_path, text_encoder_2=xl_lora_parts.text_encoder_2)
+    with pytest.raises(ValueError, match="text_encoder_2 given"):
+        lora_kohya_state_dict(tiny_parts.unet, text_encoder_2=xl_lora_parts.text_encoder_2)
+    assert os.listdir(tmp_path) == []
+
+
+def test_full_size_sdxl_kohya_names_read_back_by_diffusers():
+    """kohya names of every linear and convolution layer of the public SDXL UNet (meta device: shapes only) go
+    through diffusers' SDXL kohya reader back to the same modules: the default attention targets, and whatever
+    `lora.targets` (resnets, samplers, embeddings, proj_in/out, feed-forward) a run adapts."""
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**architecture("sdxl")["unet"])
+    names = sorted(n for n, m in unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
+    attention = [n for n in names if n.endswith(tuple(f".{t}" for t in UNET_LORA_TARGETS))]
+    assert len(attention) == 70 * 2 * 4  # 70 transformer layers (2 + 2, 10 + 10, 3 x 10, 3 x 2, 10 mid), 2 attentions
+    assert len(names) == 794
+    namer = kohya_unet_namer(unet)
+    state = {}
+    for name in names:
+        key = "lora_unet_" + namer(name).replace(".", "_")
+        state.update({f"{key}.lora_down.weight": torch.zeros(1, 1), f"{key}.lora_up.weight": torch.zeros(1, 1),
+                      f"{key}.alpha": torch.tensor(1.0)})
+    assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight" in state
+    assert "lora_unet_input_blocks_8_1_transformer_blocks_9_attn2_to_out_0.lora_up.weight" in state
+    assert "lora_unet_output_blocks_5_1_transformer_blocks_1_attn1_to_v.alpha" in state
+    assert "lora_unet_middle_block_1_transformer_blocks_9_attn2_to_k.alpha" in state
+    assert "lora_unet_input_blocks_6_0_op.alpha" in state and "lora_unet_output_blocks_2_2_conv.alpha" in state
+    assert "lora_unet_label_emb_0_0.alpha" in state and "lora_unet_output_blocks_0_0_skip_connection.alpha" in state
+    converted, alphas = StableDiffusionXLPipeline.lora_state_dict(state, unet_config=unet.config)
+    peft_keys = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in converted.items()})
+    assert sorted(k.removesuffix(".lora_A.weight") for k in peft_keys if k.endswith(".lora_A.weight")) == names
+    assert len(alphas) == len(names)
+
+
+def test_add_lora_on_the_projected_text_encoder(tiny_xl_dir):
+    text = CLIPTextModelWithProjection.from_pretrained(tiny_xl_dir / "text_encoder_2")
+    add_lora(text, rank=2)  # TEXT_LORA_TARGETS: the attention projections, not the pooled text_projection
+    layers = lora_layers(text)
+    assert len(layers) == 4 * text.config.num_hidden_layers
+    assert all(n.startswith("text_model.encoder.layers.") and n.endswith(tuple(TEXT_LORA_TARGETS)) for n in layers)

@@ -1,4 +1,5 @@
-"""Tests for dreambooth_pl.single_file: diffusers -> original LDM single-file checkpoint, read back by diffusers."""
+"""Tests for dreambooth_pl.single_file: diffusers -> original LDM / SGM (SDXL) single-file checkpoint, read back by
+diffusers."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from diffusers.loaders import single_file_utils as sfu
 from open_clip.transformer import TextTransformer
 from safetensors import safe_open
 from safetensors.torch import load_file
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from dreambooth_pl import components
 from dreambooth_pl.architectures import architecture
@@ -23,6 +24,10 @@ from dreambooth_pl.module import DreamBoothModule
 from dreambooth_pl.single_file import diffusers_to_ldm_state_dict, export_single_file, text_layout_of
 
 PARTS = ("unet", "vae", "text_encoder")
+XL_PARTS = (*PARTS, "text_encoder_2")
+SGM_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "conditioner.embedders.0.transformer.text_model.",
+                "conditioner.embedders.1.model.")
+IDS = torch.tensor([[49406, 320, 1125, 539, 49407] + [0] * 72])  # "<start> a photo of <end>", padded with "!" (id 0)
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +35,8 @@ def fp32_file(tiny_parts, tmp_path_factory) -> Path:
     return export_single_file(tiny_parts, tmp_path_factory.mktemp("export") / "m.safetensors", dtype=torch.float32)
 
 
-def assert_same_weights(expected, loaded, cast: torch.dtype | None = None) -> None:
-    for name in PARTS:
+def assert_same_weights(expected, loaded, cast: torch.dtype | None = None, parts=PARTS) -> None:
+    for name in parts:
         want, got = getattr(expected, name).state_dict(), getattr(loaded, name).state_dict()
         assert want.keys() == got.keys(), name
         for key, value in want.items():
@@ -39,15 +44,29 @@ def assert_same_weights(expected, loaded, cast: torch.dtype | None = None) -> No
             assert torch.equal(value, got[key]), f"{name}.{key}"
 
 
-def meta_model(name: str) -> tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module]:
-    """Full-size UNet, VAE and text encoder with no storage: shapes and keys only."""
+def meta_model(name: str) -> dict[str, torch.nn.Module]:
+    """Full-size UNet, VAE and text encoder(s) with no storage: shapes and keys only."""
     arch = architecture(name)
     with torch.device("meta"):
-        return (
-            UNet2DConditionModel(**arch["unet"]),
-            AutoencoderKL(**arch["vae"]),
-            CLIPTextModel(CLIPTextConfig(**arch["text"])),
-        )
+        model = {
+            "unet": UNet2DConditionModel(**arch["unet"]),
+            "vae": AutoencoderKL(**arch["vae"]),
+            "text_encoder": CLIPTextModel(CLIPTextConfig(**arch["text"])),
+        }
+        if "text_2" in arch:
+            model["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**arch["text_2"]))
+    return model
+
+
+def to_ldm(model: dict[str, torch.nn.Module], **kw) -> dict[str, torch.Tensor]:
+    return diffusers_to_ldm_state_dict(model["unet"], model["vae"], model["text_encoder"],
+                                       text_encoder_2=model.get("text_encoder_2"), **kw)
+
+
+def sample(parts) -> np.ndarray:
+    gen = torch.Generator().manual_seed(7)
+    pipe = components.pipeline(parts)
+    return pipe("a sks dog", num_inference_steps=2, height=64, width=64, generator=gen, output_type="np").images
 
 
 def test_round_trip_through_load_components(tiny_parts, tiny_dir, fp32_file):
@@ -117,46 +136,69 @@ def test_exports_a_trained_module(tmp_path):
         assert json.loads(f.metadata()["step"]) == 3
 
 
-@pytest.mark.parametrize("name", ["sd15", "sd21"])
+FULL_SIZE_KEYS = {
+    "sd15": ("model.diffusion_model.input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight",
+             "model.diffusion_model.output_blocks.11.0.skip_connection.weight",
+             "cond_stage_model.transformer.text_model.encoder.layers.11.mlp.fc2.weight"),
+    "sd21": ("model.diffusion_model.input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight",
+             "model.diffusion_model.output_blocks.11.0.skip_connection.weight",
+             "cond_stage_model.model.transformer.resblocks.22.attn.in_proj_weight"),
+    # SDXL: three levels (input_blocks 0-8, output_blocks 0-8), no attention on the first, 2 and 10 transformer
+    # layers on the others; the upsamplers follow an attention (output_blocks.2.2, 5.2).
+    "sdxl": ("model.diffusion_model.input_blocks.4.1.transformer_blocks.1.attn1.to_q.weight",
+             "model.diffusion_model.input_blocks.8.1.transformer_blocks.9.attn2.to_k.weight",
+             "model.diffusion_model.middle_block.1.transformer_blocks.9.ff.net.2.weight",
+             "model.diffusion_model.output_blocks.2.2.conv.weight",
+             "model.diffusion_model.output_blocks.5.2.conv.weight",
+             "model.diffusion_model.output_blocks.8.0.skip_connection.weight",
+             "conditioner.embedders.0.transformer.text_model.encoder.layers.11.self_attn.q_proj.weight",
+             "conditioner.embedders.1.model.transformer.resblocks.31.attn.in_proj_weight"),
+}
+
+
+@pytest.mark.parametrize("name", ["sd15", "sd21", "sdxl"])
 def test_full_size_keys_parse_back_with_diffusers(name):
-    unet, vae, text = meta_model(name)
-    state = diffusers_to_ldm_state_dict(unet, vae, text)
-    sizes = {m: len(x.state_dict()) for m, x in zip(PARTS, (unet, vae, text), strict=True)}
+    model = meta_model(name)
+    state = to_ldm(model)
+    sizes = {m: len(x.state_dict()) for m, x in model.items()}
+    # OpenCLIP fuses each layer's q/k/v weight and bias into one `in_proj` pair: 4 keys fewer per layer.
+    open_clip = {"sd15": None, "sd21": "text_encoder", "sdxl": "text_encoder_2"}[name]
+    fused = 4 * model[open_clip].config.num_hidden_layers if open_clip else 0
+    # Nothing dropped or duplicated (the `position_ids` buffer is not in transformers' state dict).
+    assert len(state) == sum(sizes.values()) - fused
     if name == "sd15":
         assert sizes == {"unet": 686, "vae": 248, "text_encoder": 196}
-        # Nothing dropped or duplicated (the `position_ids` buffer is not in transformers' state dict).
-        assert len(state) == sum(sizes.values())
         assert all(k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."))
                    for k in state)
-    else:
-        # OpenCLIP fuses each layer's q/k/v weight and bias into one `in_proj` pair: 4 keys fewer per layer.
-        assert len(state) == sum(sizes.values()) - 4 * text.config.num_hidden_layers
-        assert "cond_stage_model.model.transformer.resblocks.22.attn.in_proj_weight" in state
+    if name == "sdxl":
+        assert sizes == {"unet": 1680, "vae": 248, "text_encoder": 196, "text_encoder_2": 517}
+        assert all(k.startswith(SGM_PREFIXES) for k in state)
+        assert state["model.diffusion_model.label_emb.0.0.weight"].shape == (1280, 2816)
+        assert state["conditioner.embedders.1.model.text_projection"].shape == (1280, 1280)
     unet_keys = [k for k in state if k.startswith("model.diffusion_model.")]
     assert len(unet_keys) == sizes["unet"]
-    for key in (
-        "model.diffusion_model.input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight",
-        "model.diffusion_model.middle_block.1.proj_in.weight",
-        "model.diffusion_model.out.2.weight",
-        "model.diffusion_model.output_blocks.11.0.skip_connection.weight",
-    ):
+    for key in ("model.diffusion_model.middle_block.1.proj_in.weight", "model.diffusion_model.out.2.weight",
+                *FULL_SIZE_KEYS[name]):
         assert key in state, key
     assert state["first_stage_model.encoder.mid.attn_1.q.weight"].shape == (512, 512, 1, 1)
-    assert sfu.infer_diffusers_model_type(state) == ("v1" if name == "sd15" else "v2")
+    # With these keys diffusers recognises the model (and would fetch the matching configs without `config=`).
+    assert sfu.infer_diffusers_model_type(state) == {"sd15": "v1", "sd21": "v2", "sdxl": "xl_base"}[name]
     # diffusers' own reverse converters must give back every weight with its shape.
     back = {
-        "unet": sfu.convert_ldm_unet_checkpoint(state, dict(unet.config)),
-        "vae": sfu.convert_ldm_vae_checkpoint(state, dict(vae.config)),
-        "text_encoder": sfu.convert_ldm_clip_checkpoint(state)
-        if name == "sd15"
-        else sfu.convert_open_clip_checkpoint(text, state, prefix="cond_stage_model.model."),
+        "unet": sfu.convert_ldm_unet_checkpoint(state, dict(model["unet"].config)),
+        "vae": sfu.convert_ldm_vae_checkpoint(state, dict(model["vae"].config)),
+        "text_encoder": sfu.convert_ldm_clip_checkpoint(state) if name != "sd21"
+        else sfu.convert_open_clip_checkpoint(model["text_encoder"], state, prefix="cond_stage_model.model."),
     }
-    back["text_encoder"] = {k.removeprefix("text_model."): v for k, v in back["text_encoder"].items()}
-    for part, module in zip(PARTS, (unet, vae, text), strict=True):
-        ref = module.state_dict()
-        ref = {k.removeprefix("text_model."): v for k, v in ref.items()}
-        assert ref.keys() == back[part].keys(), part
-        assert all(ref[k].shape == back[part][k].shape for k in ref), part
+    if name == "sdxl":
+        back["text_encoder_2"] = sfu.convert_open_clip_checkpoint(model["text_encoder_2"], state,
+                                                                  prefix="conditioner.embedders.1.model.")
+    assert back.keys() == model.keys()
+    for part, module in model.items():
+        ref = {k.removeprefix("text_model."): v for k, v in module.state_dict().items()}
+        got = {k.removeprefix("text_model."): v for k, v in back[part].items()}
+        assert ref.keys() == got.keys(), part
+        assert all(ref[k].shape == got[k].shape for k in ref), part
 
 
 @pytest.fixture
@@ -182,10 +224,9 @@ def test_open_clip_layout_round_trips(tiny_open_clip_dir, tmp_path):
 
 def test_open_clip_layout_matches_open_clip_text_tower(tiny_open_clip_dir):
     text = CLIPTextModel.from_pretrained(tiny_open_clip_dir / "text_encoder")
-    unet, vae, _ = meta_model("sd15")  # only the text part is used here
+    model = {**meta_model("sd15"), "text_encoder": text}  # only the text part is used here
     prefix = "cond_stage_model.model."
-    state = {k.removeprefix(prefix): v for k, v in diffusers_to_ldm_state_dict(unet, vae, text).items()
-             if k.startswith(prefix)}
+    state = {k.removeprefix(prefix): v for k, v in to_ldm(model).items() if k.startswith(prefix)}
     cfg = text.config
     tower = TextTransformer(width=cfg.hidden_size, heads=cfg.num_attention_heads, layers=cfg.num_hidden_layers,
                             mlp_ratio=cfg.intermediate_size / cfg.hidden_size, output_dim=32, output_tokens=True)
@@ -228,3 +269,104 @@ def test_write_is_atomic_and_leaves_no_temp_files(tiny_parts, tmp_path, monkeypa
     with pytest.raises(OSError, match="disk full"):
         export_single_file(tiny_parts, target)
     assert os.listdir(tmp_path) == ["m.safetensors"] and target.read_bytes() == before
+
+
+# ------------------------------------------------------------------------------------------ SDXL (SGM layout)
+
+
+@pytest.fixture(scope="module")
+def xl_fp32_file(tiny_xl_parts, tmp_path_factory) -> Path:
+    return export_single_file(tiny_xl_parts, tmp_path_factory.mktemp("xl") / "xl.safetensors", dtype=torch.float32)
+
+
+def test_sdxl_file_is_sgm_layout(tiny_xl_parts, xl_fp32_file):
+    written = load_file(xl_fp32_file)
+    with safe_open(str(xl_fp32_file), "pt") as f:
+        meta = f.metadata()
+    assert meta["dreambooth_pl"] == "sdxl-sgm-single-file" and meta["dtype"] == "float32"
+    assert all(k.startswith(SGM_PREFIXES) for k in written)
+    sizes = {name: len(getattr(tiny_xl_parts, name).state_dict()) for name in XL_PARTS}
+    layers = tiny_xl_parts.text_encoder_2.config.num_hidden_layers
+    assert len(written) == sum(sizes.values()) - 4 * layers  # the second encoder's q/k/v fused per layer
+    unet, text_2 = tiny_xl_parts.unet, tiny_xl_parts.text_encoder_2
+    # Tiny XL: input_blocks 0 conv_in, 1 resnet, 2 downsampler, 3 resnet + attention; output_blocks 0-1 with
+    # attention (upsampler after row 1's attention), 2-3 resnets only.
+    for key in (
+        "model.diffusion_model.input_blocks.2.0.op.weight",
+        "model.diffusion_model.input_blocks.3.1.transformer_blocks.0.attn2.to_k.weight",
+        "model.diffusion_model.output_blocks.1.2.conv.weight",
+        "model.diffusion_model.output_blocks.3.0.in_layers.2.weight",
+        "first_stage_model.decoder.mid.attn_1.proj_out.weight",
+        "conditioner.embedders.0.transformer.text_model.encoder.layers.1.self_attn.q_proj.weight",
+        "conditioner.embedders.1.model.ln_final.weight",
+        "conditioner.embedders.1.model.positional_embedding",
+    ):
+        assert key in written, key
+    # SDXL's added (text + size/crop) embedding is the original UNet's `label_emb`.
+    assert torch.equal(written["model.diffusion_model.label_emb.0.0.weight"], unet.add_embedding.linear_1.weight)
+    assert torch.equal(written["model.diffusion_model.label_emb.0.2.bias"], unet.add_embedding.linear_2.bias)
+    # OpenCLIP: stacked q/k/v, and the pooled projection as a (width, output) matrix.
+    attn = text_2.text_model.encoder.layers[0].self_attn
+    assert torch.equal(written["conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight"],
+                       torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))
+    assert torch.equal(written["conditioner.embedders.1.model.text_projection"], text_2.text_projection.weight.T)
+
+
+def test_sdxl_file_converts_back_with_diffusers(tiny_xl_parts, xl_fp32_file):
+    """diffusers' own converters read every weight of all four parts back unchanged."""
+    state = load_file(xl_fp32_file)
+    back = {
+        "unet": sfu.convert_ldm_unet_checkpoint(state, dict(tiny_xl_parts.unet.config)),
+        "vae": sfu.convert_ldm_vae_checkpoint(state, dict(tiny_xl_parts.vae.config)),
+        "text_encoder": sfu.convert_ldm_clip_checkpoint(state),
+        "text_encoder_2": sfu.convert_open_clip_checkpoint(tiny_xl_parts.text_encoder_2, state,
+                                                           prefix="conditioner.embedders.1.model."),
+    }
+    for name in XL_PARTS:
+        ref = {k.removeprefix("text_model."): v for k, v in getattr(tiny_xl_parts, name).state_dict().items()}
+        got = {k.removeprefix("text_model."): v for k, v in back[name].items()}
+        assert ref.keys() == got.keys(), name
+        assert all(torch.equal(ref[k], got[k]) for k in ref), name
+
+
+def test_sdxl_second_encoder_matches_open_clip_text_tower(tiny_xl_parts, xl_fp32_file):
+    """The `conditioner.embedders.1.model.` weights load strictly into open_clip's own text tower (what SGM, A1111
+    and ComfyUI run) and give the encoder's hidden states and pooled, projected embedding."""
+    prefix = "conditioner.embedders.1.model."
+    state = {k.removeprefix(prefix): v for k, v in load_file(xl_fp32_file).items() if k.startswith(prefix)}
+    text_2 = tiny_xl_parts.text_encoder_2
+    cfg = text_2.config
+    tower = TextTransformer(width=cfg.hidden_size, heads=cfg.num_attention_heads, layers=cfg.num_hidden_layers,
+                            mlp_ratio=cfg.intermediate_size / cfg.hidden_size, output_dim=cfg.projection_dim,
+                            output_tokens=True)
+    tower.load_state_dict(state, strict=True)
+    with torch.no_grad():
+        pooled, tokens = tower.eval()(IDS)
+        ref = text_2(IDS)
+    assert torch.allclose(tokens, ref.last_hidden_state, atol=1e-5)
+    assert torch.allclose(pooled, ref.text_embeds, atol=1e-5)
+
+
+def test_sdxl_round_trip_through_load_components(tiny_xl_dir, tmp_path):
+    parts = components.load_components(str(tiny_xl_dir))
+    path = export_single_file(parts, tmp_path / "xl.safetensors", dtype=torch.float32)
+    loaded = components.load_components(str(path), single_file_config=str(tiny_xl_dir))
+    assert isinstance(loaded.text_encoder_2, CLIPTextModelWithProjection) and loaded.backbone.name == "sdxl"
+    assert_same_weights(parts, loaded, parts=XL_PARTS)
+    want, got = sample(parts), sample(loaded)
+    assert want.shape == (1, 64, 64, 3)
+    assert np.allclose(want, got, atol=1e-5), float(np.abs(want - got).max())
+
+
+def test_sdxl_layout_errors(tiny_xl_parts, tiny_parts):
+    xl = {name: getattr(tiny_xl_parts, name) for name in XL_PARTS}
+    with pytest.raises(ValueError, match="text_encoder_2"):
+        to_ldm({**xl, "text_encoder_2": None})
+    with pytest.raises(ValueError, match="text_layout"):
+        to_ldm(xl, text_layout="open_clip")
+    sd = {name: getattr(tiny_parts, name) for name in PARTS}
+    with pytest.raises(ValueError, match="not an SDXL UNet"):
+        to_ldm({**sd, "text_encoder_2": tiny_xl_parts.text_encoder_2})
+    # The SD 1.x layout has no place for a projection: the second encoder as SD's text encoder is refused.
+    with pytest.raises(ValueError, match="text_projection"):
+        to_ldm({**sd, "text_encoder": tiny_xl_parts.text_encoder_2}, text_layout="clip")
