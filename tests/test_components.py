@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 
@@ -117,6 +118,17 @@ def test_folder_without_model_index(tmp_path):
     with pytest.raises(ModelLoadError, match="model_index.json") as err:
         components.load_components(str(tmp_path))
     assert str(tmp_path) in str(err.value)
+
+
+def test_sdxl_folder_without_its_second_text_encoder_is_refused(tiny_xl_dir, tmp_path):
+    """An SDXL UNet in a folder whose model_index.json lists no text_encoder_2 is one clear error, not a crash later."""
+    broken = shutil.copytree(tiny_xl_dir, tmp_path / "xl")
+    index = json.loads((broken / "model_index.json").read_text())
+    index.pop("text_encoder_2"), index.pop("tokenizer_2")
+    (broken / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ModelLoadError, match="text_encoder_2") as err:
+        components.load_components(str(broken))
+    assert "SDXL" in str(err.value)
 
 
 def test_broken_diffusers_folder_names_it(tiny_dir, tmp_path):

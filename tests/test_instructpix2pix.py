@@ -14,8 +14,10 @@ from dreambooth_pl import components
 from dreambooth_pl.config import parse_run_config
 from dreambooth_pl.evaluation import EvalPrompt, protocol_prompts
 from dreambooth_pl.instructpix2pix import (
+    DEFAULT_MODEL,
     INSTRUCTIONS,
     compare,
+    default_model,
     instruction_for,
     load,
     plan,
@@ -68,6 +70,20 @@ def test_baseline_makes_the_stated_images_and_reruns_identically(ip2p_pipe, tmp_
         assert (tmp_path / "a" / n).read_bytes() == (tmp_path / "b" / n).read_bytes()
     assert run(ip2p_pipe, edits, photos, tmp_path / "a", resolution=64, steps=3).images == 0  # resumable
     assert Image.open(tmp_path / "a" / names[0]).size == (64, 64)
+
+
+def test_an_sdxl_run_is_compared_with_the_sdxl_instructpix2pix(tiny_dir, tiny_xl_dir, tmp_path):
+    """The default baseline follows the run's backbone; the SDXL pipeline edits the photos like the SD one."""
+    assert default_model(str(tiny_dir)) == DEFAULT_MODEL == "timbrooks/instruct-pix2pix"
+    assert default_model(str(tiny_xl_dir)) == default_model("tiny-xl") == "diffusers/sdxl-instructpix2pix-768"
+    pipe = load("tiny-xl-ip2p")
+    assert type(pipe).__name__ == "StableDiffusionXLInstructPix2PixPipeline"
+    (tmp_path / "prompts_object.txt").write_text(TEMPLATES)
+    photos = [Image.open(p).convert("RGB") for p in sorted(make_photos(tmp_path / "photos", 2).iterdir())]
+    edits = plan(protocol_prompts(tmp_path, "object", "sks", "can"), len(photos), images_per_prompt=1, seed=0)
+    assert run(pipe, edits, photos, tmp_path / "out", resolution=64, steps=2).images == 2
+    edited = np.asarray(Image.open(tmp_path / "out" / "00_0.png"))
+    assert edited.shape == (64, 64, 3) and edited.std() > 0
 
 
 def test_loading_a_plain_sd_model_as_instructpix2pix_is_refused(tiny_dir):
