@@ -304,9 +304,9 @@ def test_interrupted_fit_records_and_exports_nothing(tiny_dir, photos, tmp_path)
 class CountingScore(SampleAndScore):
     """SampleAndScore that records the stages it ran."""
 
-    def _run_stage(self, trainer, pl_module, stage, prompts, full):
+    def _run_stage(self, trainer, pl_module, stage, target, prompts, full):
         self.stages = [*getattr(self, "stages", []), stage]
-        return super()._run_stage(trainer, pl_module, stage, prompts, full)
+        return super()._run_stage(trainer, pl_module, stage, target, prompts, full)
 
 
 def test_evaluation_runs_once_per_optimizer_step_with_gradient_accumulation(tiny_dir, photos, prompts_dir, tmp_path):
