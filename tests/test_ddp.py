@@ -50,7 +50,9 @@ def replay(config: dict, steps: dict[int, list[dict]]) -> dict[str, torch.Tensor
     return {f"unet.{n}": p.detach() for n, p in m.unet.named_parameters() if p.requires_grad}
 
 
-def test_ddp_two_gloo_ranks_train_identically_and_merge_metrics(photos, tmp_path, tiny_dir):
+@pytest.mark.parametrize("buckets", [False, True], ids=["square", "buckets"])
+def test_ddp_two_gloo_ranks_train_identically_and_merge_metrics(photos, tmp_path, tiny_dir, buckets):
+    """With buckets the loader's items are whole one-bucket batches, which Lightning's distributed sampler shards."""
     ranks = tmp_path / "ranks"
     cmd = [
         sys.executable, "-m", "dreambooth_pl", "fit",
@@ -63,6 +65,7 @@ def test_ddp_two_gloo_ranks_train_identically_and_merge_metrics(photos, tmp_path
         "--eval.every_n_steps", "0", "--eval.evaluate_base", "false", "--eval.final", "false",
         "--probe.enabled", "false", "--export.enabled", "false", "--trainer.enable_progress_bar", "false",
         "--trainer.callbacks+=tests.ddp_probe.DumpRankState", f"--trainer.callbacks.out_dir={ranks}",
+        "--data.buckets", str(buckets).lower(),
     ]
     # DREAMBOOTH_PL_CACHE (the session's tiny model, built by `tiny_dir`) is inherited from os.environ.
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1",
@@ -95,6 +98,8 @@ def test_ddp_two_gloo_ranks_train_identically_and_merge_metrics(photos, tmp_path
     steps = {r: torch.load(ranks / f"rank{r}_steps.pt", weights_only=True) for r in (0, 1)}
     assert len(steps[0]) == len(steps[1]) == STEPS
     assert not torch.equal(steps[0][0]["batch"]["pixel_values"], steps[1][0]["batch"]["pixel_values"])  # own shards
+    for r in (0, 1):
+        assert all((s["batch"]["bucket"] >= 0).all() == buckets for s in steps[r])
     config = yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())
     expected = replay(config, steps)
     assert expected.keys() == params[0].keys()
