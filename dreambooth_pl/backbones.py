@@ -69,6 +69,11 @@ class Backbone:
         """The UNet's conditioning keyword arguments beside (noisy latents, timesteps)."""
         return {"encoder_hidden_states": cond.hidden}
 
+    def unused_text_modules(self, encoders: Sequence[nn.Module]) -> list[nn.Module]:
+        """Text-encoder parts `encode` never reads: kept frozen when the encoders train (DDP refuses parameters
+        that get no gradient, and training them would do nothing)."""
+        return []
+
     def pipeline_parts(self, parts: Any) -> dict[str, Any]:
         """Constructor arguments of this backbone's pipelines, sharing `parts`' modules."""
         return dict(vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=parts.unet,
@@ -105,6 +110,11 @@ class StableDiffusionXL(Backbone):
             pooled = out[0]  # the last encoder's: CLIPTextModelWithProjection's text_embeds, (N, P)
         dtype = hidden[-1].dtype
         return Conditioning(torch.cat([h.to(dtype) for h in hidden], dim=-1), pooled)
+
+    def unused_text_modules(self, encoders):
+        # The first encoder's penultimate hidden states are read: its last layer and final norm never are.
+        text = getattr(encoders[0], "text_model", encoders[0])  # transformers 5 dropped the `text_model` level
+        return [text.encoder.layers[-1], text.final_layer_norm]
 
     def unet_kwargs(self, cond, time_ids):
         if time_ids is None:

@@ -6,7 +6,7 @@ import json
 import re
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -79,6 +79,17 @@ def describe_subject(subject: str, class_noun: str, identifier: str) -> dict[str
     """Who a run is about: subject, class noun, identifier and both prompts (for exports and reports)."""
     return dict(subject=subject, class_noun=class_noun, identifier=identifier,
                 instance_prompt=instance_prompt(identifier, class_noun), class_prompt=class_prompt(class_noun))
+
+
+def describe_subjects(run: str, subjects: list[Subject]) -> dict[str, str]:
+    """`describe_subject` of a run named `run`; a run of several subjects lists each one's identifier, class noun
+    and prompts (joined by ", "), so its exports name every trigger phrase."""
+    if len(subjects) == 1:
+        s = subjects[0]
+        return describe_subject(run, s.class_noun, s.identifier)
+    parts = [describe_subject(s.subject, s.class_noun, s.identifier) for s in subjects]
+    joined = {k: ", ".join(dict.fromkeys(p[k] for p in parts)) for k in parts[0] if k != "subject"}
+    return {"subject": run, **joined}
 
 
 def benchmark_prompts(template_file: str | Path, identifier: str, class_noun: str) -> list[str]:
@@ -196,7 +207,8 @@ def list_images(folder: str | Path, min_size: int = 0, what: str = "instance") -
 class DreamBoothDataset(Dataset):
     """Instance photos (repeated) paired with prior-preservation class images, loaded lazily.
 
-    Several subjects: `subject_of[j]` is photo j's subject, `class_subject[c]` class image c's, and every photo is
+    Several subjects: `subject_of[j]` is photo j's subject, `class_groups[s]` subject s's class images (subjects of
+    one class noun may share them), and every photo is
     paired with a class image of its own subject (whose prompt is `class_prompts[subject]`). With `buckets`, each
     photo goes to the bucket nearest its aspect ratio and its class image is fitted to the same bucket, so a batch
     of examples from one bucket stacks into one tensor.
@@ -216,7 +228,7 @@ class DreamBoothDataset(Dataset):
         load_pixels: bool = True,
         instance_prompts: list[str] | None = None,
         subject_of: list[int] | None = None,
-        class_subject: list[int] | None = None,
+        class_groups: list[list[int]] | None = None,
         class_prompts: list[str] | None = None,
         buckets: list[tuple[int, int]] | None = None,
     ) -> None:
@@ -254,9 +266,8 @@ class DreamBoothDataset(Dataset):
         self.rank = {j: r for group in self.members for r, j in enumerate(group)}
         self.class_members: list[list[int]] = [[] for _ in range(n_subjects)]
         if self.class_images is not None:
-            owners = list(class_subject) if class_subject is not None else [0] * len(self.class_images)
-            for c, s in enumerate(owners):
-                self.class_members[s].append(c)
+            self.class_members = ([list(g) for g in class_groups] if class_groups is not None
+                                  else [list(range(len(self.class_images)))])
             empty = [s for s in range(n_subjects) if self.members[s] and not self.class_members[s]]
             if empty:
                 raise DataError(f"subject {empty[0]} has photos but no class images: give every subject class images")
@@ -284,10 +295,6 @@ class DreamBoothDataset(Dataset):
         group = self.class_members[s]
         return j, group[occurrence % len(group)]
 
-    def class_subject_of(self, c: int) -> int:
-        """The subject class image c belongs to."""
-        return next(s for s, group in enumerate(self.class_members) if c in group)
-
     def bucket(self, i: int) -> int:
         """Item i's bucket index (its photo's); -1 without buckets."""
         return self.bucket_of_photo[i % len(self.instance_images)] if self.buckets else -1
@@ -296,18 +303,16 @@ class DreamBoothDataset(Dataset):
                   center: bool | None = None) -> tuple[torch.Tensor, bool, torch.Tensor]:
         """Maybe flip, resize and crop (to the square `resolution`, or to `buckets[bucket]`); returns ((3, h, w) in
         [-1, 1], flipped, (6,) size/crop ids: original (H, W), crop (top, left) in resized pixels, target (h, w))."""
-        x = TF.pil_to_tensor(img)  # (3, H, W) uint8
-        # Flip first, so the crop's offsets are those of the image the model sees (SDXL's crop conditioning).
-        flipped = bool(self.random_flip and torch.rand(()).item() < 0.5)
-        if flipped:
-            x = x.flip(-1)
         size = self.buckets[bucket] if bucket >= 0 else None
-        x, ids = crop_image(x, self.resolution, size, self.center_crop if center is None else center)
-        return x, flipped, ids
+        return crop_image(TF.pil_to_tensor(img), self.resolution, size, self.center_crop if center is None else center,
+                          self._draw_flip)
+
+    def _draw_flip(self) -> bool:
+        return bool(self.random_flip and torch.rand(()).item() < 0.5)
 
     def _load(self, path: Path, bucket: int) -> tuple[torch.Tensor | None, bool, torch.Tensor | None]:
         if not self.load_pixels:  # the cache holds latents and size/crop ids per (image, bucket, flip)
-            return None, bool(self.random_flip and torch.rand(()).item() < 0.5), None  # same draw as transform()
+            return None, self._draw_flip(), None  # the same draw as transform() (center crops draw no offsets)
         with load_image(path, min_size=self.min_image_size) as img:
             return self.transform(img, bucket)
 
@@ -338,12 +343,17 @@ class DreamBoothDataset(Dataset):
         return example
 
 
-def crop_image(x: torch.Tensor, resolution: int, bucket: tuple[int, int] | None,
-               center: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(3, H, W) uint8 -> ((3, h, w) in [-1, 1], (6,) size/crop ids: original (H, W), crop (top, left) in resized
-    pixels, target (h, w)): resized and cropped to the square `resolution`, or to `bucket` (width, height)."""
+def crop_image(x: torch.Tensor, resolution: int, bucket: tuple[int, int] | None, center: bool,
+               flip: Callable[[], bool] = bool) -> tuple[torch.Tensor, bool, torch.Tensor]:
+    """(3, H, W) uint8 -> ((3, h, w) in [-1, 1], flipped, (6,) size/crop ids: original (H, W), crop (top, left) in
+    resized pixels, target (h, w)): resized and cropped to the square `resolution`, or to `bucket` (width, height).
+
+    `flip()` decides the mirror image: asked before a bucket's crop, after the square's random offsets (the draw
+    order of runs made before buckets existed); either way the crop's left offset counts in the mirrored image.
+    """
     if bucket is not None:
-        x, original, (top, left) = fit_to_bucket(x, bucket, center=center)
+        flipped = flip()
+        x, original, (top, left) = fit_to_bucket(x.flip(-1) if flipped else x, bucket, center=center)
     else:
         r, original = resolution, tuple(x.shape[-2:])
         x = TF.resize(x, r, interpolation=InterpolationMode.BILINEAR, antialias=True)  # shorter side = R
@@ -355,8 +365,11 @@ def crop_image(x: torch.Tensor, resolution: int, bucket: tuple[int, int] | None,
             top = int(torch.randint(0, h - r + 1, (1,)).item())
             left = int(torch.randint(0, w - r + 1, (1,)).item())
         x = x[:, top : top + r, left : left + r]
+        flipped = flip()
+        if flipped:
+            x, left = x.flip(-1), w - left - r
     ids = torch.tensor([*original, top, left, *x.shape[-2:]], dtype=torch.float32)
-    return x.to(torch.float32).div_(127.5).sub_(1.0).contiguous(), ids  # (3, h, w) in [-1, 1]
+    return x.to(torch.float32).div_(127.5).sub_(1.0).contiguous(), flipped, ids  # (3, h, w) in [-1, 1]
 
 
 def collate(examples: list[dict]) -> dict[str, Any]:
@@ -482,6 +495,7 @@ class DreamBoothDataModule(pl.LightningDataModule):
         self.instance_images: list[Path] = []
         self.class_images: list[Path] = []
         self.images_of: dict[str, list[Path]] = {}  # subject name -> its photos
+        self.class_images_of: dict[str, list[Path]] = {}  # subject name -> its class images
         self.dataset: DreamBoothDataset | None = None
 
     @property
@@ -513,9 +527,9 @@ class DreamBoothDataModule(pl.LightningDataModule):
 
     def describe(self, subject: Subject | None = None) -> dict[str, str]:
         """Who the run (or one of its subjects) is about: subject, class noun, identifier and both prompts."""
-        s = subject or self.subjects[0]
-        name = s.subject if subject is not None or len(self.subjects) > 1 else self.hparams.subject
-        return describe_subject(name, s.class_noun, s.identifier)
+        if subject is not None:
+            return describe_subject(subject.subject, subject.class_noun, subject.identifier)
+        return describe_subjects(self.hparams.subject, self.subjects)
 
     def prior_settings(self, subject: Subject | None = None) -> PriorSettings:
         """What the generated class images (of `subject`, default the first) depend on (their cache key)."""
@@ -565,7 +579,7 @@ class DreamBoothDataModule(pl.LightningDataModule):
         hp = self.hparams
         prior = hp.with_prior_preservation
         self.instance_images, self.instance_captions, self.class_images = [], [], []
-        subject_of, class_subject = [], []
+        subject_of, class_groups, listed = [], [], {}
         for k, s in enumerate(self.subjects):
             photos = list_images(s.instance_dir, min_size=hp.min_image_size, what="instance")
             self.images_of[s.subject] = photos
@@ -573,10 +587,14 @@ class DreamBoothDataModule(pl.LightningDataModule):
             self.instance_captions += read_captions(photos, s.identifier, s.instance_prompt)
             subject_of += [k] * len(photos)
             if prior:
-                # Subjects of one class noun share a generated folder: list it once, pair it with each of them.
-                classes = self._list_class_images(s)
-                class_subject += [k] * len(classes)
-                self.class_images += classes
+                # Subjects of one class noun share a generated folder: list (and cache) it once, pair it with each.
+                folder = self.class_folder(s).resolve()
+                if folder not in listed:
+                    classes = self._list_class_images(s)
+                    listed[folder] = list(range(len(self.class_images), len(self.class_images) + len(classes)))
+                    self.class_images += classes
+                class_groups.append(listed[folder])
+                self.class_images_of[s.subject] = [self.class_images[c] for c in listed[folder]]
         self._log_class_grid()
         self.dataset = DreamBoothDataset(
             instance_images=self.instance_images,
@@ -591,7 +609,7 @@ class DreamBoothDataModule(pl.LightningDataModule):
             min_image_size=hp.min_image_size,
             load_pixels=not hp.cache_latents,
             subject_of=subject_of,
-            class_subject=class_subject if prior else None,
+            class_groups=class_groups if prior else None,
             class_prompts=[s.class_prompt for s in self.subjects],
             buckets=self.bucket_sizes(),
         )
@@ -625,15 +643,15 @@ class DreamBoothDataModule(pl.LightningDataModule):
         probe scores (and, without buckets, what the latent cache encodes), so neither depends on a step's crop.
         `subject`: that subject's photos only.
         """
-        if subject is not None:  # one subject's photos (several-subject runs)
-            paths = self.images_of[subject][:limit]
+        if subject is not None:  # one subject's photos or class images (several-subject runs)
+            paths = (self.images_of if split == "instance" else self.class_images_of)[subject][:limit]
         else:
             paths = (self.instance_images if split == "instance" else self.class_images)[:limit]
         r, flips = self.hparams.resolution, [False, True] if self.hparams.random_flip else [False]
         for path in paths:
             with load_image(path) as img:
                 x = TF.pil_to_tensor(img)  # (3, H, W) uint8
-            yield torch.stack([crop_image(x.flip(-1) if f else x, r, None, center=True)[0] for f in flips])
+            yield torch.stack([crop_image(x, r, None, center=True, flip=lambda f=f: f)[0] for f in flips])
 
     def _log_class_grid(self) -> None:
         trainer = getattr(self, "trainer", None)
@@ -671,8 +689,9 @@ def _identity(batch: dict) -> dict:
 
 def _fixed_view(ds: DreamBoothDataset, img: Image.Image, bucket: int, flip: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """One unaugmented, center-cropped view of an image in `bucket` (-1: the square), flipped or not, with its ids."""
-    x = TF.pil_to_tensor(img)  # (3, H, W) uint8
-    return crop_image(x.flip(-1) if flip else x, ds.resolution, ds.buckets[bucket] if bucket >= 0 else None, center=True)
+    size = ds.buckets[bucket] if bucket >= 0 else None
+    x, _, ids = crop_image(TF.pil_to_tensor(img), ds.resolution, size, center=True, flip=lambda: flip)
+    return x, ids
 
 
 def _subjects(c: dict) -> list[Subject]:
@@ -680,9 +699,13 @@ def _subjects(c: dict) -> list[Subject]:
     if not c.get("subjects"):
         return [Subject(c["subject"], c["class_noun"], c["instance_dir"], c["identifier"], c["subject_type"],
                         c["class_dir"])]
+    if c.get("class_dir") is not None:
+        raise DataError(f"data.class_dir ({c['class_dir']}) is set with data.subjects, where each subject has its own: "
+                        f"move it into the subjects (class_dir: ...) that use it")
     subjects = [s if isinstance(s, Subject) else Subject(**s) for s in c["subjects"]]
     for key in ("identifier", "subject"):
-        values = [getattr(s, key) for s in subjects]
+        # CLIP's tokenizer lowercases: "sks" and "SKS" are one token, so identifiers differ only if lowercased ones do.
+        values = [getattr(s, key).strip().lower() if key == "identifier" else getattr(s, key) for s in subjects]
         dup = next((v for v in values if values.count(v) > 1), None)
         if dup is not None:
             raise DataError(f"data.subjects: two subjects have the {key} {dup!r}: give each subject its own {key} "

@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 from . import components
-from .data import describe_subject
+from .data import Subject, describe_subject, describe_subjects
 from .files import atomic_path, image_grid, write_image, write_text
 from .loggers import git_sha
 from .lora import export_lora, has_lora
@@ -86,6 +86,8 @@ def checkpoint_metadata(ckpt: dict, path: Path) -> dict:
     """Who and what a checkpoint is (subject, prompts, step), from the hyperparameters it carries."""
     d = ckpt.get("datamodule_hyper_parameters", {})
     who = describe_subject(d.get("subject"), d["class_noun"], d.get("identifier", "sks")) if "class_noun" in d else {}
+    if d.get("subjects"):  # a run of several subjects: every trigger phrase
+        who = describe_subjects(d.get("subject"), [Subject(**s) for s in d["subjects"]])
     return {**who, "resolution": d.get("resolution"), "steps": ckpt.get("global_step"), "checkpoint": str(path),
             "git_sha": git_sha()}
 

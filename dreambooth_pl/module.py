@@ -222,6 +222,9 @@ class DreamBoothModule(pl.LightningModule):
                 encoder.requires_grad_(True)
             else:
                 frozen.append(encoder)
+        if self.text_encoder_trains:
+            for part in self.backbone.unused_text_modules(self.text_encoders):
+                part.requires_grad_(False)
         # Half-precision frozen weights halve their memory; trainable weights (and adapters) stay fp32, since fp16
         # trainable weights are what make GradScaler fail with "unscale FP16 gradients".
         for module in frozen if dtype != torch.float32 else []:

@@ -100,13 +100,30 @@ def test_sdxl_lora_adapts_the_unet_and_both_text_encoders_only(tiny_xl_dir):
     opt = m.make_optimizer()
     in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
     assert in_opt == {id(p) for p in m.parameters() if p.requires_grad}
-    # Full text-encoder training unfreezes both encoders, and nothing else but the UNet.
+    # Full text-encoder training unfreezes both encoders (but the first one's last layer and final norm, which SDXL
+    # never reads), and nothing else but the UNet.
     full = DreamBoothModule(pretrained="tiny-xl", train_text_encoder=True)
-    frozen = {n.split(".")[0] for n, p in full.named_parameters() if not p.requires_grad}
-    assert frozen == {"vae"}
-    n_te2 = sum(p.numel() for p in full.text_encoder_2.parameters())
+    parts = full.backbone.unused_text_modules(full.text_encoders)
+    assert parts[0] is full.text_encoder.encoder.layers[-1] and parts[1] is full.text_encoder.final_layer_norm
+    unused_ids = {id(p) for m in parts for p in m.parameters()}
+    frozen = [n for n, p in full.named_parameters() if not p.requires_grad and not n.startswith("vae.")]
+    assert frozen and {id(p) for n, p in full.named_parameters() if n in frozen} == unused_ids
+    unused = sum(p.numel() for m in parts for p in m.parameters())
     assert sum(p.numel() for p in full.trainable_parameters()) == (
-        sum(p.numel() for p in full.unet.parameters()) + sum(p.numel() for p in full.text_encoder.parameters()) + n_te2)
+        sum(p.numel() for p in full.unet.parameters()) + sum(p.numel() for p in full.text_encoder.parameters())
+        + sum(p.numel() for p in full.text_encoder_2.parameters()) - unused)
+
+
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_every_trainable_sdxl_parameter_gets_a_gradient(tiny_xl_dir, kind):
+    """DDP (find_unused_parameters=False, Lightning's default) fails on a trainable parameter without a gradient:
+    with the text encoders training, every trainable weight (or adapter) must be used by the loss."""
+    kw = dict(train_text_encoder=True) if kind == "full" else dict(lora=LoraSettings(rank=2, text_encoder_rank=2))
+    m = DreamBoothModule(pretrained="tiny-xl", **kw)
+    batch = {"pixel_values": torch.rand(2, 3, 64, 64) * 2 - 1, "prompts": ["a sks can", "a can"], "num_instance": 1}
+    m.compute_loss(batch)[0].backward()
+    unused = [n for n, p in m.named_parameters() if p.requires_grad and p.grad is None]
+    assert not unused, unused[:5]
 
 
 def test_conditioning_rows_and_cat():

@@ -327,7 +327,8 @@ def test_a_two_subject_run_learns_both_and_scores_each(tiny_dir, prompts_dir, tm
                      identifier="sks", class_dir=str(make_photos(tmp_path / "ca", 4, seed=3, kind="noise"))),
                 dict(subject="mug", class_noun="cup", instance_dir=str(make_photos(tmp_path / "b", 3, seed=7)),
                      identifier="zwx", class_dir=str(make_photos(tmp_path / "cb", 4, seed=4, kind="noise")))]
-    dm = make_datamodule({"instance": tmp_path / "a", "class": tmp_path / "ca"}, subject="pair", subjects=subjects)
+    dm = make_datamodule({"instance": tmp_path / "a", "class": tmp_path / "ca"}, subject="pair", subjects=subjects,
+                         class_dir=None)
     out, logger = tmp_path / "run", MemoryLogger()
     probe = LearningProbe(enabled=True)
     evaluation = SampleAndScore(protocol=Protocol(images_per_prompt=1, steps=2, pres_images=1), every_n_steps=0,

@@ -203,13 +203,14 @@ def test_a_subjects_list_in_yaml_fits_through_the_cli_and_a_missing_folder_is_na
                     f" class_dir: {photos['class']}}}\n")
     out = tmp_path / "out"
     c = config.lightning_cli(fit_args(photos, out, "--config", str(spec), "--trainer.max_steps", "2",
-                                      "--probe.enabled", "true", "--export.enabled", "false"))
+                                      "--probe.enabled", "true", "--export.enabled", "false", "--data.class_dir", "null"))
     assert [s.subject for s in c.datamodule.subjects] == ["ball", "mug"]
     assert {s.instance_prompt for s in c.datamodule.subjects} == {"a sks toy", "a zwx cup"}
     assert "Denoising MSE on the instance photos of mug" in capsys.readouterr().out
     spec.write_text(spec.read_text().replace(str(extra), str(tmp_path / "nowhere")))
     with pytest.raises(Exception, match="nowhere"):
-        config.lightning_cli(fit_args(photos, out, "--config", str(spec), "--trainer.max_steps", "1"))
+        config.lightning_cli(fit_args(photos, out, "--config", str(spec), "--trainer.max_steps", "1",
+                                      "--data.class_dir", "null"))
 
 
 @pytest.mark.parametrize("preset", ["sdxl-12gb", "sdxl-16gb", "sdxl-full"])

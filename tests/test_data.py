@@ -487,8 +487,7 @@ def test_fixed_views_with_random_flip(photos, split):
         assert v.shape == (2, 3, 64, 64) and v.dtype == torch.float32
         assert v.min() >= -1.0 and v.max() <= 1.0
         assert torch.equal(v[0], _center_crop(path, 64))  # as is
-        # then the mirrored photo's crop (the loader flips before it resizes): the mirror image up to resampling
-        assert torch.allclose(v[1], v[0].flip(-1), atol=0.1) and not torch.equal(v[1], v[0])
+        assert torch.equal(v[1], v[0].flip(-1))  # then mirrored
     limited = list(dm.fixed_views(split, limit=2))
     assert len(limited) == 2
     assert all(torch.equal(a, b) for a, b in zip(limited, views[:2], strict=True))
@@ -673,7 +672,7 @@ def _two_subjects(root):
 
 
 def test_several_subjects_keep_their_instance_class_pairing(tmp_path, photos):
-    dm = make_datamodule(photos, subject="pair", subjects=_two_subjects(tmp_path), batch_size=1)
+    dm = make_datamodule(photos, subject="pair", subjects=_two_subjects(tmp_path), batch_size=1, class_dir=None)
     dm.setup("fit")
     ds = dm.dataset
     assert [s.subject for s in dm.subjects] == ["ball", "mug"] and len(ds.instance_images) == 5
@@ -681,18 +680,59 @@ def test_several_subjects_keep_their_instance_class_pairing(tmp_path, photos):
     for k in range(len(ds)):
         e = ds[k]
         s = ds.subject_of[e["instance_index"]]
-        assert ds.class_subject_of(e["class_index"]) == s  # each photo with a class image of its own subject
+        assert e["class_index"] in ds.class_members[s]  # each photo with a class image of its own subject
         assert e["instance_prompt"] == ["a sks toy", "a zwx cup"][s] and e["class_prompt"] == ["a toy", "a cup"][s]
     used = {ds[k]["class_index"] for k in range(len(ds))}
     assert used == set(range(len(ds.class_images)))  # an epoch covers every class image of every subject
     assert dm.describe(dm.subjects[1])["instance_prompt"] == "a zwx cup"
+    # The run's own description (its exports' metadata and model card) names every trigger phrase.
+    assert dm.describe() == {"subject": "pair", "class_noun": "toy, cup", "identifier": "sks, zwx",
+                             "instance_prompt": "a sks toy, a zwx cup", "class_prompt": "a toy, a cup"}
+
+
+def test_subjects_of_one_class_share_their_class_images_once(tmp_path, photos):
+    subjects = _two_subjects(tmp_path)
+    subjects[1].update(class_noun="toy", class_dir=subjects[0]["class_dir"])
+    dm = make_datamodule(photos, subjects=subjects, class_dir=None)
+    dm.setup("fit")
+    ds = dm.dataset
+    assert len(ds.class_images) == 4 and ds.class_members == [[0, 1, 2, 3], [0, 1, 2, 3]]  # listed (and cached) once
+    assert [len(v) for v in dm.fixed_views("class", subject="mug")] == [1] * 4
 
 
 def test_several_subjects_need_distinct_identifiers(tmp_path, photos):
     subjects = _two_subjects(tmp_path)
-    subjects[1]["identifier"] = "sks"
+    subjects[1]["identifier"] = "SKS"  # CLIP lowercases: the same token
     with pytest.raises(DataError, match="identifier 'sks'.*its own identifier"):
-        make_datamodule(photos, subjects=subjects)
-    subjects[1].update(identifier="zwx", subject="ball")
+        make_datamodule(photos, subjects=subjects, class_dir=None)
+    subjects[1]["identifier"] = "zwx"
+    with pytest.raises(DataError, match="data.class_dir .* each subject has its own"):
+        make_datamodule(photos, subjects=subjects)  # the flat class_dir would be ignored: refused instead
+    subjects[1].update(subject="ball")
     with pytest.raises(DataError, match="subject 'ball'"):
-        make_datamodule(photos, subjects=subjects)
+        make_datamodule(photos, subjects=subjects, class_dir=None)
+
+
+def test_a_flipped_crop_is_the_mirror_and_its_left_offset_counts_in_the_mirrored_photo():
+    """SDXL's crop conditioning must describe the pixels the model sees: after a flip, the crop's left offset is
+    measured in the mirrored (resized) photo; the square path draws its offsets before the flip, as it always did."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+
+    from dreambooth_pl.data import crop_image
+
+    x = torch.randint(0, 256, (3, 72, 120), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(3)
+    a, fa, ida = crop_image(x, 64, None, center=False, flip=lambda: False)
+    torch.manual_seed(3)
+    b, fb, idb = crop_image(x, 64, None, center=False, flip=lambda: True)
+    assert (fa, fb) == (False, True) and torch.equal(b, a.flip(-1))
+    resized = TF.resize(x, 64, interpolation=InterpolationMode.BILINEAR, antialias=True)  # (3, 64, 106)
+    top, left = int(idb[2]), int(idb[3])
+    assert left == resized.shape[-1] - 64 - int(ida[3]) and left != int(ida[3])
+    mirrored_crop = resized.flip(-1)[:, top : top + 64, left : left + 64].float() / 127.5 - 1
+    assert torch.allclose(b, mirrored_crop)
+    # A bucket's crop is taken from the mirrored photo itself.
+    c, fc, idc = crop_image(x, 64, (80, 48), center=True, flip=lambda: True)
+    d, _, idd = crop_image(x.flip(-1), 64, (80, 48), center=True)
+    assert fc and torch.equal(c, d) and torch.equal(idc, idd)
