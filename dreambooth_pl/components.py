@@ -243,14 +243,26 @@ def load_components(
     )
 
 
+def _index_class(model: str) -> str | None:
+    """model_index.json's `_class_name` of a local diffusers folder or a hub id already in the cache; None if
+    neither can be read here (no network is touched)."""
+    path = Path(resolve(model)).expanduser()
+    index = path / "model_index.json"
+    if not index.is_file() and not _is_pathlike(model):
+        cached = huggingface_hub.try_to_load_from_cache(model, "model_index.json")
+        index = Path(cached) if isinstance(cached, str) else index
+    try:
+        return json.loads(index.read_text()).get("_class_name", "")
+    except (OSError, ValueError):
+        return None
+
+
 def single_file_backbone(path: Path, config: str | None) -> Backbone:
-    """SD or SDXL for a single-file checkpoint: from its config's pipeline class, else from its keys (SDXL files
-    hold `conditioner.embedders.*`, SD ones `cond_stage_model.*`)."""
-    if config is not None:
-        folder = Path(config)
-        index = folder / "model_index.json"
-        if index.is_file():
-            return backbone_of_pipeline(json.loads(index.read_text()).get("_class_name", ""))
+    """SD or SDXL for a single-file checkpoint: from its config's pipeline class (a local folder or a cached hub id),
+    else from its keys (SDXL files hold `conditioner.embedders.*`, SD ones `cond_stage_model.*`)."""
+    name = _index_class(config) if config is not None else None
+    if name is not None:
+        return backbone_of_pipeline(name)
     if path.suffix == ".safetensors":
         with safe_open(str(path), framework="pt") as f:
             if any(k.startswith("conditioner.embedders.") for k in f.keys()):
@@ -258,20 +270,13 @@ def single_file_backbone(path: Path, config: str | None) -> Backbone:
     return BACKBONES["sd"]
 
 
-def backbone_of_model(pretrained: str) -> Backbone:
-    """The backbone of a model from its model_index.json alone (no weights loaded); a model whose index cannot be
-    read here (a single file, an uncached hub id offline) counts as SD 1.x/2.x."""
+def backbone_of_model(pretrained: str, single_file_config: str | None = None) -> Backbone:
+    """The backbone of a model from its model_index.json (or a single file's keys) alone, no weights loaded; a
+    model that cannot be read here (an uncached hub id offline) counts as SD 1.x/2.x."""
     path = Path(resolve(pretrained)).expanduser()
     if path.is_file():
-        return single_file_backbone(path, None)
-    index = path / "model_index.json"
-    if not index.is_file() and not _is_pathlike(pretrained):  # a hub id: its cached index, if any
-        cached = huggingface_hub.try_to_load_from_cache(pretrained, "model_index.json")
-        index = Path(cached) if isinstance(cached, str) else index
-    try:
-        return backbone_of_pipeline(json.loads(index.read_text()).get("_class_name", ""))
-    except (OSError, ValueError):
-        return BACKBONES["sd"]
+        return single_file_backbone(path, single_file_config)
+    return backbone_of_pipeline(_index_class(pretrained) or "")
 
 
 def _load_single_file(path: Path, pretrained: str, config: str | None, dtype: torch.dtype) -> SDComponents:

@@ -513,7 +513,7 @@ class DreamBoothDataModule(pl.LightningDataModule):
         """`buckets` as set, or on for an SDXL base model (read from its model_index.json)."""
         if self.hparams.buckets is not None:
             return self.hparams.buckets
-        return backbone_of_model(self.model_source.pretrained).name == "sdxl"
+        return backbone_of_model(self.model_source.pretrained, self.model_source.single_file_config).name == "sdxl"
 
     def bucket_sizes(self) -> list[tuple[int, int]] | None:
         """The (width, height) buckets, or None for square crops."""

@@ -7,7 +7,10 @@ import torch
 
 from dreambooth_pl import components
 from dreambooth_pl.backbones import BACKBONES, Conditioning, backbone_of, time_ids
+from dreambooth_pl.components import ModelSource
+from dreambooth_pl.data import DreamBoothDataModule
 from dreambooth_pl.module import DreamBoothModule, LoraSettings
+from dreambooth_pl.single_file import export_single_file
 
 from .conftest import make_datamodule, make_photos
 
@@ -132,3 +135,14 @@ def test_conditioning_rows_and_cat():
     both = Conditioning.cat([a, b])
     assert both.hidden.shape == (3, 77, 8) and torch.equal(both.rows(slice(2, 3)).pooled, b.pooled)
     assert Conditioning.cat([Conditioning(torch.randn(1, 77, 8))]).pooled is None
+
+
+def test_single_files_are_told_apart_by_their_keys_or_config(tiny_xl_parts, tiny_parts, tiny_xl_dir, tmp_path):
+    xl = export_single_file(tiny_xl_parts, tmp_path / "xl.safetensors")
+    sd = export_single_file(tiny_parts, tmp_path / "sd.safetensors")
+    assert components.backbone_of_model(str(xl)).name == "sdxl"  # conditioner.embedders.* keys
+    assert components.backbone_of_model(str(xl), single_file_config=str(tiny_xl_dir)).name == "sdxl"
+    assert components.backbone_of_model(str(sd)).name == "sd"
+    # ... and the data module's default for buckets follows (on for SDXL).
+    assert DreamBoothDataModule(model=ModelSource(str(xl), single_file_config=str(tiny_xl_dir))).use_buckets
+    assert not DreamBoothDataModule(model=ModelSource(str(sd))).use_buckets
