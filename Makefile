@@ -47,7 +47,7 @@ demo: install world-data ## offline demo on CPU: DreamBooth on a toy-world subje
 test: install ## run the test suite (fast tests; no GPU, no network)
 	$(PY) -m pytest -q
 
-test-slow: install ## run the slow tests too (SD 1.5/2.1-size random components on CPU)
+test-slow: install ## run the slow tests too (SD 1.5 / 2.1 / SDXL-size random components on CPU, ~20 GB RAM)
 	$(PY) -m pytest -q -m "slow or not slow"
 
 lint: install ## ruff

@@ -99,6 +99,27 @@ def test_priors_makes_the_class_images_fit_reuses(monkeypatch, tmp_path, tiny_di
     assert c.datamodule.class_folder() == folder
 
 
+def test_priors_makes_each_subjects_class_images_for_a_several_subject_config(monkeypatch, tmp_path, tiny_dir, capsys,
+                                                                              photos):
+    """`make experiment` on a `data.subjects` config: priors makes one class folder per class noun, the ones fit
+    then pairs each subject with."""
+    monkeypatch.chdir(REPO)
+    spec = tmp_path / "two.yaml"
+    spec.write_text(f"data:\n  subject: pair\n  subjects:\n"
+                    f"    - {{subject: ball, class_noun: toy, instance_dir: {photos['instance']}, identifier: sks}}\n"
+                    f"    - {{subject: mug, class_noun: cup, instance_dir: {photos['instance']}, identifier: zwx}}\n")
+    cli.main(["priors", "--config", "experiments/base.yaml", "--config", "experiments/tiny.yaml", "--config", str(spec),
+              "--num-images", "1", "--steps", "2", "--accelerator", "cpu"])
+    out = capsys.readouterr().out
+    c = config.lightning_cli(["--config", "experiments/base.yaml", "--config", "experiments/tiny.yaml", "--config",
+                              str(spec), "--data.num_class_images", "1", "--data.prior.steps", "2",
+                              "--output_dir", str(tmp_path / "run")], run=False)
+    folders = [c.datamodule.class_folder(s) for s in c.datamodule.subjects]
+    assert len(set(folders)) == 2
+    for f in folders:
+        assert f"1 class images in {f} (0 reused, 1 made)" in out and (f / "00000.png").is_file()
+
+
 # ------------------------------------------------------------------------------------------ report
 
 
