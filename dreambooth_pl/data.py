@@ -552,14 +552,16 @@ class DreamBoothDataModule(pl.LightningDataModule):
         """Make the missing class images (once, on local rank zero) before fitting."""
         if not self.hparams.with_prior_preservation:
             return
+        trainer = getattr(self, "trainer", None)
+        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        done: set[Path] = set()  # subjects of one class noun share a folder: it is made (or checked) once
         for s in self.subjects:
             folder = self.class_folder(s)
-            if self._user_photos(folder):
-                continue  # validated like instance photos in setup()
-            trainer = getattr(self, "trainer", None)
-            device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+            if folder in done or self._user_photos(folder):
+                continue  # a user's folder is validated like instance photos in setup()
+            done.add(folder)
             result = generate(self.prior_settings(s), self.hparams.num_class_images, folder=folder, device=device)
-            print(f"Class images ({s.subject}): {result}", file=sys.stderr)
+            print(f"Class images ({s.class_prompt}): {result}", file=sys.stderr)
 
     def _list_class_images(self, subject: Subject | None = None) -> list[Path]:
         s = subject or self.subjects[0]
@@ -631,9 +633,9 @@ class DreamBoothDataModule(pl.LightningDataModule):
                     continue
                 seen.add(key)
                 with load_image(path) as img:
-                    flips = [False, True] if self.hparams.random_flip else [False]
-                    views = [_fixed_view(ds, img, b, f) for f in flips]
-                yield key, torch.stack([v for v, _ in views]), torch.stack([t for _, t in views])
+                    views, ids = _fixed_views(img, ds.resolution, ds.buckets[b] if b >= 0 else None,
+                                              self.hparams.random_flip)
+                yield key, views, ids
 
     def fixed_views(self, split: Literal["instance", "class"], limit: int | None = None,
                     subject: str | None = None) -> Iterator[torch.Tensor]:
@@ -647,11 +649,9 @@ class DreamBoothDataModule(pl.LightningDataModule):
             paths = (self.images_of if split == "instance" else self.class_images_of)[subject][:limit]
         else:
             paths = (self.instance_images if split == "instance" else self.class_images)[:limit]
-        r, flips = self.hparams.resolution, [False, True] if self.hparams.random_flip else [False]
         for path in paths:
             with load_image(path) as img:
-                x = TF.pil_to_tensor(img)  # (3, H, W) uint8
-            yield torch.stack([crop_image(x, r, None, center=True, flip=lambda f=f: f)[0] for f in flips])
+                yield _fixed_views(img, self.hparams.resolution, None, self.hparams.random_flip)[0]
 
     def _log_class_grid(self) -> None:
         trainer = getattr(self, "trainer", None)
@@ -687,11 +687,14 @@ def _identity(batch: dict) -> dict:
     return batch
 
 
-def _fixed_view(ds: DreamBoothDataset, img: Image.Image, bucket: int, flip: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """One unaugmented, center-cropped view of an image in `bucket` (-1: the square), flipped or not, with its ids."""
-    size = ds.buckets[bucket] if bucket >= 0 else None
-    x, _, ids = crop_image(TF.pil_to_tensor(img), ds.resolution, size, center=True, flip=lambda: flip)
-    return x, ids
+def _fixed_views(img: Image.Image, resolution: int, bucket: tuple[int, int] | None,
+                 random_flip: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The unaugmented, center-cropped views of an image the loader can show (as is, and mirrored with
+    `random_flip`) in `bucket` (None: the square): ((F, 3, h, w) in [-1, 1], (F, 6) size/crop ids)."""
+    x = TF.pil_to_tensor(img)  # (3, H, W) uint8
+    views = [crop_image(x, resolution, bucket, center=True, flip=lambda f=f: f) for f in
+             ([False, True] if random_flip else [False])]
+    return torch.stack([v for v, _, _ in views]), torch.stack([ids for _, _, ids in views])
 
 
 def _subjects(c: dict) -> list[Subject]:

@@ -192,9 +192,9 @@ def _cost(run_dir: Path, out: Path, stats: RunStats, steps: int) -> dict:
     }
 
 
-def default_model(pretrained: str) -> str:
+def default_model(pretrained: str, single_file_config: str | None = None) -> str:
     """The InstructPix2Pix baseline for a DreamBooth run on `pretrained`: the SDXL one for an SDXL base model."""
-    return components.backbone_of_model(pretrained).default_ip2p
+    return components.backbone_of_model(pretrained, single_file_config).default_ip2p
 
 
 def compare(run_dir: str | Path, config, model: str | None = None, encoders: str | None = None, steps: int = 100,
@@ -204,7 +204,7 @@ def compare(run_dir: str | Path, config, model: str | None = None, encoders: str
 
     `config` is the run's parsed config.yaml (`config.parse_run_config`); `model` None: `default_model` of its base.
     """
-    model = model or default_model(config.model.pretrained)
+    model = model or default_model(config.model.pretrained, config.model.single_file_config)
     run_dir, d, ev = Path(run_dir), config.data, config.eval
     k, seed, res = ev.protocol.images_per_prompt, ev.protocol.seed, d.resolution
     prompts = protocol_prompts(ev.prompts_dir, d.subject_type, d.identifier, d.class_noun)

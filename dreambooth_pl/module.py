@@ -417,7 +417,7 @@ class DreamBoothModule(pl.LightningModule):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Noise the images' latents at random timesteps; return (UNet prediction, target), each (N, 4, h, w)."""
         latents = self.encode_images(pixel_values, generator, sample=sample_latents)
-        pred, target, _ = self.denoise(latents, prompts, generator, timesteps, self.default_time_ids(latents))
+        pred, target, _ = self.denoise(latents, prompts, generator, timesteps)
         return pred, target
 
     def noised(self, latents: torch.Tensor, generator: torch.Generator | None = None,
