@@ -26,7 +26,7 @@ WORLD_SUBJECT ?= purple_star
 # A toy-world subject (subject_type: world in its YAML) needs the world's photos (made offline), not the DreamBench download.
 SUBJECT_DATA = $(if $(shell grep -s "subject_type: world" experiments/subjects/$(SUBJECT).yaml),world-data,data)
 
-.PHONY: help install demo test test-slow lint data priors fit experiment dreambench compare compare-bench sweep tiny-model world world-data world-claims clean
+.PHONY: help install demo test test-unit test-slow lint data priors fit experiment dreambench compare compare-bench sweep tiny-model world world-data world-claims clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -40,12 +40,14 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 install: $(VENV)/.installed ## create .venv and install the project (torch pinned by constraints.txt)
 
 demo: install world-data ## offline demo on CPU: DreamBooth on a toy-world subject (WORLD_SUBJECT), report, InstructPix2Pix contrast
-	$(MAKE) --no-print-directory fit MODEL=world SUBJECT=$(WORLD_SUBJECT)
-	$(PY) -m dreambooth_pl report outputs/$(WORLD_SUBJECT)
+	$(MAKE) --no-print-directory experiment MODEL=world SUBJECT=$(WORLD_SUBJECT)
 	HF_HUB_OFFLINE=1 $(PY) -m dreambooth_pl compare outputs/$(WORLD_SUBJECT) --model world-ip2p --steps 25 --guidance 5
 
-test: install ## run the test suite (fast tests; no GPU, no network)
+test: install ## run the test suite (unit + integration tests; no GPU, no network; < 10 min)
 	$(PY) -m pytest -q
+
+test-unit: install ## run the unit tests alone (~1.5 min on 2 cores): no fit, no CLI run, no subprocess, no world claims
+	$(PY) -m pytest -q -m "not slow and not gpu and not integration"
 
 test-slow: install ## run the slow tests too (SD 1.5 / 2.1 / SDXL-size random components on CPU, ~20 GB RAM)
 	$(PY) -m pytest -q -m "slow or not slow"
@@ -62,13 +64,11 @@ data: ## get the DreamBooth dataset into data/dreambooth (links ../shared/data/d
 fit: install ## fine-tune SUBJECT (MODEL=tiny / tiny-xl offline on CPU, MODEL=sdxl for SDXL; ARGS=... for overrides)
 	$(OFFLINE) $(PY) -m dreambooth_pl fit $(CONFIGS) $(ARGS)
 
-priors: install ## make SUBJECT's class-prior images once (content-keyed cache/priors/); fit reuses them
-	$(OFFLINE) $(PY) -m dreambooth_pl priors $(subst --model.pretrained,--model,$(CONFIGS)) $(ARGS)
+priors: install ## make SUBJECT's class-prior images once (content-keyed cache/priors/; ARGS as for fit); fit reuses them
+	$(OFFLINE) $(PY) -m dreambooth_pl priors $(CONFIGS) $(ARGS)
 
-experiment: install $(SUBJECT_DATA) ## the whole study for SUBJECT: priors -> fit (+ scores before/after) -> export -> report
-	$(OFFLINE) $(PY) -m dreambooth_pl priors $(subst --model.pretrained,--model,$(CONFIGS))
-	$(OFFLINE) $(PY) -m dreambooth_pl fit $(CONFIGS) $(ARGS)
-	$(PY) -m dreambooth_pl report outputs/$(SUBJECT)
+experiment: install $(SUBJECT_DATA) ## the whole study for SUBJECT in one command: priors -> fit (+ scores before/after, export) -> report
+	$(OFFLINE) $(PY) -m dreambooth_pl experiment $(CONFIGS) $(ARGS)
 
 SUBJECTS ?= can dog backpack
 dreambench: install data ## experiment over SUBJECTS="a b c", then one mean ± 95% CI table (outputs/dreambench.md)

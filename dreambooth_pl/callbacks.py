@@ -125,7 +125,7 @@ class SampleAndScore(pl.Callback):
             pres_images=p.pres_images if p.pres_images is not None else p.images_per_prompt * len(self.prompts))
         if hp.with_prior_preservation and any(s.class_dir is None for s in dm.subjects):  # seeds prior.seed + i
             rp = self.run_protocol
-            check_seeds_apart(rp, max(rp.images_per_prompt, rp.pres_images), dm.prior.seed, hp.num_class_images)
+            check_seeds_apart(rp, max(rp.images_per_prompt, rp.pres_images), dm.prior.seed, dm.num_generated)
         for t in self.targets:
             f = t.out / "metrics.json"
             if f.is_file():  # resumed run: keep the base-model scores made before
@@ -240,14 +240,18 @@ class SampleAndScore(pl.Callback):
             print("metrics.json: scores from random tiny encoders are UNCALIBRATED smoke numbers", file=sys.stderr)
 
     def _log_media(self, trainer, stage: str, scored: Scored, groups) -> None:
+        """A row per image with its scores (W&B's table) and a grid per prompt (W&B, TensorBoard)."""
+        grids = None
         for logger in trainer.loggers:
-            if not hasattr(logger, "log_table"):
-                continue
-            rows = [[r["prompt"], r["seed"], wandb.Image(img), r["dino"], r["clip_i"], r["clip_t"]]
-                    for r, img in zip(scored.rows, [im for _, _, ims in groups for im in ims], strict=True)]
-            logger.log_table(f"samples/{stage}", columns=["prompt", "seed", "image", "dino", "clip_i", "clip_t"], data=rows)
-            grids = [image_grid(ims, cols=len(ims), size=128) for _, _, ims in groups]
-            logger.log_image(f"grids/{stage}", grids, caption=[ep.prompt for ep, _, _ in groups])
+            if hasattr(logger, "log_table"):
+                rows = [[r["prompt"], r["seed"], wandb.Image(img), r["dino"], r["clip_i"], r["clip_t"]]
+                        for r, img in zip(scored.rows, [im for _, _, ims in groups for im in ims], strict=True)]
+                logger.log_table(f"samples/{stage}", columns=["prompt", "seed", "image", "dino", "clip_i", "clip_t"],
+                                 data=rows)
+            if hasattr(logger, "log_image"):
+                grids = grids or [image_grid(ims, cols=len(ims), size=128) for _, _, ims in groups]
+                logger.log_image(f"grids/{stage}", grids, step=trainer.global_step,
+                                 caption=[ep.prompt for ep, _, _ in groups])
 
 
 def _seed() -> int | None:
@@ -364,9 +368,12 @@ class LearningProbe(pl.Callback):
             # (N, 3, R, R): center-cropped, unflipped views, so the probe does not depend on augmentation.
             pixels = torch.stack([v[0] for v in dm.fixed_views("instance", limit=self.max_images, subject=s.subject)])
             prompts = [s.instance_prompt] * len(pixels)
-            with pl_module.averaged():
-                tuned = pl_module.denoising_mse(pixels, prompts, seed=self.seed)
-            base = base_model.denoising_mse(pixels, prompts, seed=self.seed)
+            # Both models in the training precision (Lightning's autocast, as in the steps): a memory preset's
+            # half-precision frozen UNet under fp32 adapters needs it, and the two numbers stay comparable.
+            with trainer.precision_plugin.forward_context():
+                with pl_module.averaged():
+                    tuned = pl_module.denoising_mse(pixels, prompts, seed=self.seed)
+                base = base_model.denoising_mse(pixels, prompts, seed=self.seed)
             self.results[s.subject] = (base, tuned)
             print(f"Denoising MSE on the instance photos{f' of {s.subject}' if several else ''} (fixed noise): "
                   f"base {base:.4f} -> fine-tuned {tuned:.4f} ({100 * (tuned - base) / base:+.1f}%)")

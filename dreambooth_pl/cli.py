@@ -12,13 +12,15 @@ import warnings
 
 PROG = "python -m dreambooth_pl"
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+CONFIG_COMMANDS = ("experiment", "priors")  # the project's commands that take fit's arguments (experiment.py)
 # The program's --help, one line per command, in this order.
 HELP = {
     "fit": "fine-tune on a subject: class images, two-term loss, evaluation, exports (--config experiments/...)",
-    "validate": "LightningCLI validate with the same config",
+    "validate": "LightningCLI validate with the same config (val/loss_* of the base model or --ckpt_path)",
     "test": "LightningCLI test with the same config",
     "predict": "LightningCLI predict with the same config",
-    "priors": "make the class-prior images once (content-keyed cache); fit reuses them",
+    "experiment": "the whole study from one parse of fit's arguments: class images -> fit -> report",
+    "priors": "make the run's class-prior images once (fit's arguments; content-keyed cache); fit reuses them",
     "evaluate": "score a folder of generated images with the DreamBench protocol",
     "report": "write report.md + figures for run folders, or a DreamBench table",
     "compare": "InstructPix2Pix on a run's subject, prompts and metrics; compare report",
@@ -80,6 +82,11 @@ def run(argv: list[str]) -> None:
 
         lightning_cli(argv)
         return
+    if argv[0] in CONFIG_COMMANDS:
+        from .experiment import COMMANDS as WITH_FIT_ARGS  # noqa: PLC0415 - heavy, as above
+
+        WITH_FIT_ARGS[argv[0]](argv[1:])
+        return
     from .commands import COMMANDS  # noqa: PLC0415 - heavy: every command's dependencies
 
     args = build_parser(COMMANDS).parse_args(argv)
@@ -92,7 +99,7 @@ def is_user_error(err: BaseException) -> bool:
     from .components import ModelLoadError  # noqa: PLC0415 - loaded already by whatever raised
     from .encoders import EncoderLoadError  # noqa: PLC0415
     from .judge import JudgeLoadError  # noqa: PLC0415
-    from .module import NonFiniteLossError  # noqa: PLC0415
+    from .module import MissingPackageError, NonFiniteLossError  # noqa: PLC0415
 
-    return isinstance(err, (ModelLoadError, EncoderLoadError, JudgeLoadError, NonFiniteLossError, ValueError,
-                            FileNotFoundError))
+    return isinstance(err, (ModelLoadError, EncoderLoadError, JudgeLoadError, NonFiniteLossError, MissingPackageError,
+                            ValueError, FileNotFoundError))

@@ -1,5 +1,5 @@
-"""The project's own commands beside fit: priors, evaluate, report, compare, export, tiny-model, dreambench-files and the
-toy world's world-data, world-build and world-claims.
+"""The project's own commands beside fit (and experiment.py's experiment and priors): evaluate, report, compare, export,
+tiny-model, dreambench-files and the toy world's world-data, world-build and world-claims.
 
 Each command is an `add_<name>_args(parser)` that declares its options and a `<name>(args)` that runs it;
 `cli.py` puts them under one program.
@@ -9,20 +9,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import json
 import sys
 from pathlib import Path
 
 import torch
 
-from . import priors as prior_images
 from . import world
 from . import world_models as world_model_recipes
 from .backbones import BACKBONES
-from .components import SAMPLERS, ModelSource
-from .config import parse_config, parse_run_config, subject_folders
-from .data import DreamBoothDataModule, class_prompt, list_images, load_image, write_benchmark_files
+from .config import parse_run_config
+from .data import list_images, load_image, write_benchmark_files
 from .encoders import KINDS as ENCODER_KINDS
 from .encoders import load_encoders
 from .evaluation import FILE_RE, PAPER_ROWS, encoder_info, protocol_prompts, real_vs_real, score
@@ -30,61 +27,12 @@ from .export import export_checkpoint
 from .files import write_json
 from .instructpix2pix import DEFAULT_MODEL as IP2P_MODEL
 from .instructpix2pix import compare as compare_run
-from .report import aggregate, aggregate_compare, write_report
+from .report import aggregate, aggregate_compare, report_run
 from .sharing import push_to_hub
 from .tiny import TINY, TINY_MODELS, build_random
 from .world_claims import ClaimsSettings, run_claims
 
-# ------------------------------------------------------------------------------------------------ priors
-
 XL_IP2P_MODEL = BACKBONES["sdxl"].default_ip2p
-DEFAULT_INSTANCE_DIR = inspect.signature(DreamBoothDataModule).parameters["instance_dir"].default
-
-
-def add_priors_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", action="append", default=[], help="fit config files (base.yaml, subject, tiny.yaml)")
-    p.add_argument("--model", help="hub id, diffusers folder, .safetensors file or tiny (default: model.pretrained)")
-    p.add_argument("--class-prompt", help="default: 'a <data.class_noun>'")
-    p.add_argument("--num-images", type=int, help="default: data.num_class_images")
-    p.add_argument("--out", help="folder; default cache/priors/<key of the settings>")
-    p.add_argument("--negative-prompt", help="default: data.prior.negative_prompt")
-    p.add_argument("--sampler", choices=SAMPLERS, help="default: data.prior.sampler")
-    p.add_argument("--steps", type=int, help="default: data.prior.steps")
-    p.add_argument("--guidance", type=float, help="default: data.prior.guidance_scale")
-    p.add_argument("--resolution", type=int, help="default: data.resolution")
-    p.add_argument("--seed", type=int, help="image i uses seed + i (default: data.prior.seed)")
-    p.add_argument("--batch-size", type=int, help="default: as large as GPU memory allows (4 on CPU)")
-    p.add_argument("--accelerator", default="auto", help="Lightning accelerator")
-    p.add_argument("--devices", default="auto", help="GPUs to shard over (Lightning DDP)")
-    p.add_argument("--precision", default=None, help="Lightning precision; default bf16-mixed on GPU, 32-true on CPU")
-
-
-def _given(**flags) -> dict:
-    return {k: v for k, v in flags.items() if v is not None}
-
-
-def priors(a: argparse.Namespace) -> None:
-    """Make the class images that `fit` with the same configs would make (and then reuses)."""
-    if not a.config and (a.model is None or a.class_prompt is None):
-        sys.exit("priors: give --config files, or both --model and --class-prompt")
-    cfg = parse_config([x for c in a.config for x in ("--config", c)])  # no files: the defaults
-    d = cfg.data
-    if d.instance_dir != DEFAULT_INSTANCE_DIR or d.get("subjects"):  # the configs name subjects: check their photos
-        for folder in subject_folders(d):  # before any model loads, so a wrong folder fails fast
-            list_images(folder, min_size=d.min_image_size)
-    source = ModelSource(**d.model.as_dict()) if a.model is None else ModelSource(a.model)
-    sampling = dataclasses.replace(prior_images.PriorSampling(**d.prior.as_dict()), **_given(
-        negative_prompt=a.negative_prompt, sampler=a.sampler, steps=a.steps, guidance_scale=a.guidance, seed=a.seed,
-        batch_size=a.batch_size))
-    trainer_kwargs = {"accelerator": a.accelerator, "devices": a.devices, **_given(precision=a.precision)}
-    num_images = d.num_class_images if a.num_images is None else a.num_images
-    # One class (prompt, folder) per subject of a several-subject run, subjects of one class noun sharing it.
-    classes = {(s["class_noun"], s.get("class_dir")) for s in d.get("subjects") or []} or {(d.class_noun, d.class_dir)}
-    for noun, folder in sorted(classes, key=str):
-        settings = prior_images.PriorSettings(model=source, prompt=a.class_prompt or class_prompt(noun),
-                                              resolution=d.resolution if a.resolution is None else a.resolution,
-                                              sampling=sampling)
-        print(prior_images.generate(settings, num_images, folder=a.out or folder, trainer_kwargs=trainer_kwargs))
 
 
 # ------------------------------------------------------------------------------------------------ evaluate
@@ -155,13 +103,8 @@ def report(a: argparse.Namespace) -> None:
         print(f"wrote {aggregate([Path(r) / 'metrics.json' for r in a.runs], a.aggregate)}")
         return
     for r in a.runs:
-        subjects = sorted(Path(r).glob("subjects/*/metrics.json"))
-        if subjects and not (Path(r) / "metrics.json").is_file():
-            for f in subjects:
-                print(f"wrote {write_report(f.parent)}")
-            print(f"wrote {aggregate(subjects, Path(r) / 'report.md')}")
-        else:
-            print(f"wrote {write_report(r)}")
+        for path in report_run(r):
+            print(f"wrote {path}")
 
 
 def add_compare_args(p: argparse.ArgumentParser) -> None:
@@ -277,7 +220,6 @@ def world_claims(a: argparse.Namespace) -> None:
 
 # name -> (declare options, run); the one-line help of each is cli.HELP's (the program's --help imports nothing heavy)
 COMMANDS = {
-    "priors": (add_priors_args, priors),
     "evaluate": (add_evaluate_args, evaluate),
     "report": (add_report_args, report),
     "compare": (add_compare_args, compare),

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import warnings
 from pathlib import Path
 
+import pytorch_lightning as pl
+from jsonargparse import ArgumentParser, Namespace
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
+from pytorch_lightning.loggers import CSVLogger
 
 from .callbacks import ExportModel, LearningProbe, SampleAndScore
 from .cli import PROG
@@ -19,16 +23,22 @@ from .module import DreamBoothModule
 PARSER_KWARGS = {"prog": PROG, "default_env": False, "allow_abbrev": False}
 # The model's source settings that the class images are made with: one setting, read by both.
 SOURCE_KEYS = ("pretrained", "revision", "variant", "single_file_config")
+# A config that names no subject (priors for a model and class noun alone) keeps this photo folder.
+DEFAULT_INSTANCE_DIR = inspect.signature(DreamBoothDataModule).parameters["instance_dir"].default
 
 
 class LogConfigCallback(SaveConfigCallback):
-    """Writes config.yaml into the run folder and makes the parsed config the W&B run config."""
+    """Writes config.yaml into the run folder (whichever logger comes first) and gives every logger the parsed config
+    (the W&B run config, TensorBoard's hparams)."""
 
     def save_config(self, trainer, pl_module, stage) -> None:
-        if trainer.logger is not None:
-            cfg = self.config.as_dict()
-            cfg.pop("config", None)  # the list of YAML paths; the merged values are what count
-            trainer.logger.log_hyperparams({"config": cfg, "git_sha": git_sha(), "method": "dreambooth"})
+        Path(trainer.default_root_dir).mkdir(parents=True, exist_ok=True)
+        self.parser.save(self.config, Path(trainer.default_root_dir) / self.config_filename, skip_unset=False,
+                         overwrite=True, multifile=False)
+        cfg = self.config.as_dict()
+        cfg.pop("config", None)  # the list of YAML paths; the merged values are what count
+        for logger in trainer.loggers:
+            logger.log_hyperparams({"config": cfg, "git_sha": git_sha(), "method": "dreambooth"})
 
 
 class DreamBoothCLI(LightningCLI):
@@ -65,6 +75,15 @@ class DreamBoothCLI(LightningCLI):
             cfg.checkpoint.dirpath = str(out / "checkpoints")
 
 
+    def _instantiate_trainer(self, config: dict, callbacks: list) -> pl.Trainer:
+        """The trainer, with the run's CSV log (<run>/csv/metrics.csv, which the local report reads) beside whichever
+        loggers the config chose."""
+        loggers = _as_list(config.get("logger"))
+        if not any(isinstance(x, CSVLogger) for x in loggers):
+            config["logger"] = [*loggers, CSVLogger(config["default_root_dir"], name="", version="csv")]
+        return super()._instantiate_trainer(config, callbacks)
+
+
 def subject_folders(data) -> list[str]:
     """The photo folders of a parsed `data:` section: each of `data.subjects`, or `data.instance_dir`."""
     return [s["instance_dir"] for s in data.get("subjects") or []] or [data.instance_dir]
@@ -96,7 +115,7 @@ def _as_list(x) -> list:
     return x if isinstance(x, list) else [] if x in (None, True, False) else [x]
 
 
-def _make_cli(cls: type[DreamBoothCLI], args: list[str], **kwargs) -> DreamBoothCLI:
+def _make_cli(cls: type[DreamBoothCLI], args: list[str] | Namespace, **kwargs) -> DreamBoothCLI:
     with warnings.catch_warnings():
         # The args list *is* the command line here (main passes argv on): nothing is mixed up.
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
@@ -106,11 +125,12 @@ def _make_cli(cls: type[DreamBoothCLI], args: list[str], **kwargs) -> DreamBooth
                    seed_everything_default=0, auto_configure_optimizers=False, **kwargs)
 
 
-def lightning_cli(args: list[str], run: bool = True) -> DreamBoothCLI:
-    """fit / validate / test / predict with the project's config; the W&B run is closed afterwards, also on failure."""
+def lightning_cli(args: list[str] | Namespace, run: bool = True) -> DreamBoothCLI:
+    """fit / validate / test / predict with the project's config (arguments, or a config `parse_fit_args` parsed);
+    the W&B run is closed afterwards, also on failure."""
     try:
         return _make_cli(DreamBoothCLI, args, run=run, save_config_callback=LogConfigCallback,
-                         save_config_kwargs={"overwrite": True})
+                         save_config_kwargs={"overwrite": True, "save_to_log_dir": False})
     finally:
         finish_wandb()
 
@@ -135,10 +155,23 @@ def parse_config(args: list[str]):
     return _make_cli(_ParseOnlyCLI, args, run=False, save_config_callback=None).config
 
 
+def parse_fit_args(args: list[str]) -> Namespace:
+    """fit's arguments (YAML files + overrides), parsed and checked once: {"subcommand": "fit", "fit": config}, which
+    `lightning_cli` runs as is."""
+    return _make_cli(_ParseOnlyCLI, ["fit", *args], run=True, save_config_callback=None).config
+
+
+def data_module(fit: Namespace) -> DreamBoothDataModule:
+    """The data module of a parsed fit config, built alone (no model loads): its photos and class images."""
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(DreamBoothDataModule, "data")
+    return parser.instantiate(parser.parse_object({"data": fit.data})).data
+
+
 def parse_run_config(run_dir: str | Path):
     """A run's settings: its config.yaml, parsed (and checked) by the same parser as `fit`."""
     f = Path(run_dir) / "config.yaml"
     if not f.is_file():
         raise FileNotFoundError(f"{f} not found: run `make experiment SUBJECT=...` first (this command reads its run)")
     # Through the `fit` subcommand's parser: config.yaml also holds fit's own arguments (ckpt_path, weights_only).
-    return _make_cli(_ParseOnlyCLI, ["fit", "--config", str(f)], run=True, save_config_callback=None).config.fit
+    return parse_fit_args(["--config", str(f)]).fit

@@ -22,7 +22,7 @@ from torchvision.transforms import functional as TF
 from .buckets import BucketBatchSampler, fit_to_bucket, make_buckets, nearest_bucket
 from .components import ModelSource, backbone_of_model
 from .files import as_record, image_grid
-from .priors import MANIFEST, SETTINGS, PriorSampling, PriorSettings, default_folder, generate
+from .priors import MANIFEST, SETTINGS, PriorResult, PriorSampling, PriorSettings, default_folder, generate
 
 # Phone photos come as .heic (pillow-heif reads them); GIFs give their first frame.
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".heif"}
@@ -421,6 +421,9 @@ def _check_config(c: dict) -> None:
     for name in ("resolution", "repeats", "batch_size"):
         if c[name] < 1:
             raise DataError(f"data.{name} must be >= 1, got {c[name]}: fix it in the config")
+    for name in ("val_class_images", "val_photos"):
+        if c[name] < 0:
+            raise DataError(f"data.{name} must be >= 0, got {c[name]}: fix it in the config (0 = none)")
     if c["cache_latents"] and not c["center_crop"]:
         raise DataError("cached VAE latents (model.speed.cache_latents) need data.center_crop: true, since a "
                         "random crop changes the image every step; set data.center_crop: true or turn the cache off")
@@ -454,6 +457,8 @@ class DreamBoothDataModule(pl.LightningDataModule):
         buckets: bool | None = None,
         bucket_step: int = 64,
         max_aspect_ratio: float = 2.0,
+        val_class_images: int = 8,
+        val_photos: int = 0,
     ) -> None:
         """The photos, the class images and how batches are made (the `data:` section).
 
@@ -485,6 +490,10 @@ class DreamBoothDataModule(pl.LightningDataModule):
                 buckets; class images are fitted to their photo's bucket); null = on for SDXL, off for SD 1.x/2.x
             bucket_step: bucket sides are multiples of this (px; a multiple of 8)
             max_aspect_ratio: the most elongated bucket (longer / shorter side)
+            val_class_images: generated class images held out of training (the class folder's images after the
+                num_class_images trained on, same settings and cache) for val/loss_prior; 0 = none
+            val_photos: photos of each subject held out of training (its last ones by name) for val/loss_instance;
+                0 = val/loss_instance scores the training photos (how well they are fitted, not generalisation)
         """
         config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
@@ -496,6 +505,9 @@ class DreamBoothDataModule(pl.LightningDataModule):
         self.class_images: list[Path] = []
         self.images_of: dict[str, list[Path]] = {}  # subject name -> its photos
         self.class_images_of: dict[str, list[Path]] = {}  # subject name -> its class images
+        self.val_photos_of: dict[str, list[tuple[Path, str]]] = {}  # subject -> (photo, caption) to validate on
+        # subject name -> held-out class images (listed for the first subject of a shared class folder only)
+        self.val_class_of: dict[str, list[Path]] = {}
         self.dataset: DreamBoothDataset | None = None
 
     @property
@@ -554,14 +566,29 @@ class DreamBoothDataModule(pl.LightningDataModule):
             return
         trainer = getattr(self, "trainer", None)
         device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
-        done: set[Path] = set()  # subjects of one class noun share a folder: it is made (or checked) once
+        for prompt, result in self.make_class_images(device=device):
+            print(f"Class images ({prompt}): {result}", file=sys.stderr)
+
+    def make_class_images(self, device: torch.device | None = None,
+                          trainer_kwargs: dict | None = None) -> list[tuple[str, PriorResult]]:
+        """Make every generated class folder's missing images (training ones, then held-out ones), each folder once
+        (subjects of one class noun share it): a plain loop on `device` (inside fit), else Lightning prediction with
+        `trainer_kwargs` (the priors and experiment commands). A user's folder of real class photos is left as is.
+        Returns (class prompt, what was made) per folder."""
+        results, done = [], set()
         for s in self.subjects:
             folder = self.class_folder(s)
             if folder in done or self._user_photos(folder):
                 continue  # a user's folder is validated like instance photos in setup()
             done.add(folder)
-            result = generate(self.prior_settings(s), self.hparams.num_class_images, folder=folder, device=device)
-            print(f"Class images ({s.class_prompt}): {result}", file=sys.stderr)
+            results.append((s.class_prompt, generate(self.prior_settings(s), self.num_generated, folder=folder,
+                                                     trainer_kwargs=trainer_kwargs, device=device)))
+        return results
+
+    @property
+    def num_generated(self) -> int:
+        """Class images a generated folder holds: the ones trained on, then the held-out validation ones."""
+        return self.hparams.num_class_images + self.hparams.val_class_images
 
     def _list_class_images(self, subject: Subject | None = None) -> list[Path]:
         s = subject or self.subjects[0]
@@ -573,8 +600,13 @@ class DreamBoothDataModule(pl.LightningDataModule):
                 f"data.class_dir at a folder of '{s.class_prompt}' photos, or set data.with_prior_preservation: false"
             )
         images = list_images(folder, min_size=self.hparams.min_image_size, what="class")
-        # Generated folders can hold more images than asked for (an earlier, larger run): use 0..N-1.
-        return images if self._user_photos(folder) else images[: self.hparams.num_class_images]
+        # Generated folders can hold more images than asked for (an earlier, larger run): train on 0..N-1 and
+        # validate on the next val_class_images; a user's folder of real class photos is all trained on.
+        if self._user_photos(folder):
+            return images
+        n = self.hparams.num_class_images
+        self.val_class_of[s.subject] = images[n : n + self.hparams.val_class_images]
+        return images[:n]
 
     def setup(self, stage: str | None = None) -> None:
         """List and validate every subject's image folders, then build `self.dataset`."""
@@ -584,10 +616,17 @@ class DreamBoothDataModule(pl.LightningDataModule):
         subject_of, class_groups, listed = [], [], {}
         for k, s in enumerate(self.subjects):
             photos = list_images(s.instance_dir, min_size=hp.min_image_size, what="instance")
-            self.images_of[s.subject] = photos
-            self.instance_images += photos
-            self.instance_captions += read_captions(photos, s.identifier, s.instance_prompt)
-            subject_of += [k] * len(photos)
+            if hp.val_photos and len(photos) <= hp.val_photos:
+                raise DataError(f"data.val_photos={hp.val_photos} holds out every photo of {s.subject!r} "
+                                f"({len(photos)} in {s.instance_dir}): hold out fewer (0 = none) or add photos")
+            self.images_of[s.subject] = photos  # all of them: evaluation compares with every photo
+            captions = list(zip(photos, read_captions(photos, s.identifier, s.instance_prompt), strict=True))
+            keep = len(photos) - hp.val_photos
+            # Held-out photos, or the training ones: (photo, caption) pairs val/loss_instance scores.
+            self.val_photos_of[s.subject] = captions[keep:] or captions
+            self.instance_images += photos[:keep]
+            self.instance_captions += [c for _, c in captions[:keep]]
+            subject_of += [k] * keep
             if prior:
                 # Subjects of one class noun share a generated folder: list (and cache) it once, pair it with each.
                 folder = self.class_folder(s).resolve()
@@ -680,6 +719,51 @@ class DreamBoothDataModule(pl.LightningDataModule):
             persistent_workers=hp.num_workers > 0,
             pin_memory=False,
         )
+
+
+    def validation_items(self) -> list[tuple[str, Path, str]]:
+        """(split, image, prompt) of every validation image: each subject's held-out class images ("prior", with its
+        class prompt; subjects sharing a class folder share them) and its held-out photos, or with data.val_photos
+        0 its training photos ("instance", with its caption)."""
+        if self.dataset is None:
+            self.setup("fit")
+        prior = [("prior", path, s.class_prompt) for s in self.subjects for path in self.val_class_of.get(s.subject, [])]
+        return prior + [("instance", path, c) for s in self.subjects for path, c in self.val_photos_of[s.subject]]
+
+    def val_dataloader(self) -> DataLoader:
+        """Fixed batches of one split each (square center crops, no flip), in a fixed order; see `validation_items`."""
+        hp = self.hparams
+        return DataLoader(ValidationBatches(self.validation_items(), hp.resolution, 2 * hp.batch_size, hp.min_image_size),
+                          batch_size=None, shuffle=False, num_workers=hp.num_workers,
+                          # Its own generator: iterating this loader draws nothing from the training random stream.
+                          generator=torch.Generator().manual_seed(0))
+
+
+class ValidationBatches(Dataset):
+    """The validation set as whole batches of one split each: {"pixel_values": (n, 3, R, R), "prompts",
+    "split", "seeds": (n,)}; an image's seed (its place in the list) fixes its noise and timesteps."""
+
+    def __init__(self, items: list[tuple[str, Path, str]], resolution: int, batch_size: int, min_image_size: int = 0):
+        self.items, self.resolution, self.min_image_size = items, resolution, min_image_size
+        # Consecutive runs of one split, cut into batches: a batch never mixes the splits' losses.
+        self.batches: list[list[int]] = []
+        for i, (split, _, _) in enumerate(items):
+            last = self.batches[-1] if self.batches else None
+            if last is None or items[last[0]][0] != split or len(last) == batch_size:
+                self.batches.append([])
+            self.batches[-1].append(i)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, b: int) -> dict[str, Any]:
+        rows = self.batches[b]
+        pixels = []
+        for i in rows:
+            with load_image(self.items[i][1], self.min_image_size) as img:
+                pixels.append(_fixed_views(img, self.resolution, None, random_flip=False)[0][0])
+        return {"pixel_values": torch.stack(pixels), "prompts": [self.items[i][2] for i in rows],
+                "split": self.items[rows[0]][0], "seeds": torch.tensor(rows)}
 
 
 def _identity(batch: dict) -> dict:

@@ -1,17 +1,21 @@
-"""Run provenance and the W&B logger: online with credentials, offline otherwise, never waiting on a network."""
+"""Run provenance and the loggers: W&B (online with credentials, offline otherwise, never waiting on a network) and
+TensorBoard, each with the evaluation's images."""
 
 from __future__ import annotations
 
 import functools
 import netrc
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import numpy as np
 import wandb
-from pytorch_lightning.loggers import WandbLogger
+from PIL import Image
+from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
 
 
 @functools.cache
@@ -85,6 +89,32 @@ class AutoWandbLogger(WandbLogger):
         # Lightning always passes `anonymous`, which wandb deprecates with a warning on every run.
         if self._wandb_init.get("anonymous") is None:
             self._wandb_init.pop("anonymous", None)
+
+
+class TensorBoard(TensorBoardLogger):
+    """TensorBoard with the run's defaults: scalars, the config and the evaluation's image grids in <run>/tensorboard
+    (`tensorboard --logdir outputs`). `--trainer.logger TensorBoard` instead of W&B, `--trainer.logger+=TensorBoard`
+    beside it."""
+
+    def __init__(self, save_dir: str = ".", name: str = "", version: str = "tensorboard", log_graph: bool = False,
+                 **kwargs):
+        """TensorBoard logger settings (`trainer.logger` init_args).
+
+        Args:
+            save_dir: folder above the log (default: the run folder)
+            name: subfolder of save_dir ("" = none)
+            version: the log's folder under save_dir/name
+            log_graph: also write the model graph
+        """
+        super().__init__(save_dir, name=name, version=version, log_graph=log_graph, default_hp_metric=False, **kwargs)
+
+    def log_image(self, key: str, images: list[Image.Image], step: int | None = None,
+                  caption: list[str] | None = None) -> None:
+        """Images under `key/<caption>` (WandbLogger's signature, so the callbacks log to either)."""
+        for i, img in enumerate(images):
+            tag = re.sub(r"[^\w.-]+", "_", caption[i]) if caption else f"{i:02d}"
+            self.experiment.add_image(f"{key}/{tag}", np.asarray(img.convert("RGB")), global_step=step,
+                                      dataformats="HWC")  # (H, W, 3) uint8
 
 
 def last_run_id(save_dir: str | Path) -> str | None:

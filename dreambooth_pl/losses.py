@@ -75,6 +75,20 @@ def min_snr_weights(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, gamma
     raise ValueError(f"min-SNR weighting supports epsilon and v_prediction, not {prediction_type!r}")
 
 
+def fixed_draws(seeds: list[int], shape: tuple[int, ...], draws: int, num_train_timesteps: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise and timesteps that depend only on each row's seed: ((K, N, *shape) noise, (K, N) timesteps).
+
+    Row i's K draws come from its own CPU generator seeded with seeds[i], so a validation loss sees the same noise
+    every time, whatever the batch a row lands in, the rank that scores it or the run's seed."""
+    noise, timesteps = [], []
+    for seed in seeds:
+        g = torch.Generator("cpu").manual_seed(int(seed))
+        noise.append(torch.stack([torch.randn(shape, generator=g) for _ in range(draws)]))  # (K, *shape)
+        timesteps.append(torch.randint(0, num_train_timesteps, (draws,), generator=g))  # (K,)
+    return torch.stack(noise, dim=1), torch.stack(timesteps, dim=1)
+
+
 def offset_noise(noise: torch.Tensor, offset: float, extra: torch.Tensor) -> torch.Tensor:
     """Offset noise: eps + offset * per-(sample, channel) constant, `extra` (B, C, 1, 1) standard normal."""
     return noise + offset * extra

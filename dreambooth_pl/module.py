@@ -26,6 +26,7 @@ from .files import as_record
 from .lora import add_lora
 from .losses import (
     diffusion_target,
+    fixed_draws,
     min_snr_weights,
     offset_noise,
     prior_preservation_loss,
@@ -33,10 +34,15 @@ from .losses import (
 )
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+VAL_DRAWS = 4  # (noise, timestep) draws per validation image: the same draws at every validation
 
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite."""
+
+
+class MissingPackageError(ImportError):
+    """An option needs an optional package that is not installed; the message says how to install it."""
 
 
 @dataclass(frozen=True)
@@ -119,6 +125,19 @@ class SpeedSettings:
     allow_tf32: bool = True
 
 
+def optional_optimizer_package(name: str):
+    """The optional package an optimizer needs (bitsandbytes for adamw_8bit; None for the others), or one clear
+    MissingPackageError: checked before a run starts (the experiment command) and when the optimizer is made."""
+    if name != "adamw_8bit":
+        return None
+    try:
+        import bitsandbytes  # optional, CUDA only: imported where used
+    except ImportError as e:
+        raise MissingPackageError("model.optim.optimizer: adamw_8bit needs bitsandbytes (CUDA): pip install -c "
+                                  "constraints.txt -e '.[gpu]', or use adamw / adamw_fused") from e
+    return bitsandbytes
+
+
 def make_optimizer(name: str, groups: list[dict], **kw) -> torch.optim.Optimizer:
     """AdamW: plain, fused (one CUDA kernel for all parameters) or 8-bit (bitsandbytes, ~75% less state)."""
     if name == "adamw":
@@ -126,12 +145,7 @@ def make_optimizer(name: str, groups: list[dict], **kw) -> torch.optim.Optimizer
     if name == "adamw_fused":
         return torch.optim.AdamW(groups, fused=True, **kw)
     if name == "adamw_8bit":
-        try:
-            import bitsandbytes as bnb  # optional, CUDA only: imported where used
-        except ImportError as e:
-            raise ImportError("model.optim.optimizer: adamw_8bit needs bitsandbytes (CUDA): pip install -c "
-                              "constraints.txt bitsandbytes, or use adamw / adamw_fused") from e
-        return bnb.optim.AdamW8bit(groups, **kw)
+        return optional_optimizer_package(name).optim.AdamW8bit(groups, **kw)
     raise ValueError(f"unknown model.optim.optimizer {name!r}: choose adamw, adamw_fused or adamw_8bit")
 
 
@@ -353,7 +367,7 @@ class DreamBoothModule(pl.LightningModule):
         """N prompts -> their conditioning: (N, 77, D) hidden states (+ (N, P) pooled for SDXL), with grad only
         when a text encoder trains."""
         trains = self.text_encoder_trains and self.training
-        if not trains and self.speed.cache_text_embeddings:
+        if not self.text_encoder_trains and self.speed.cache_text_embeddings:
             # A frozen text encoder maps the two prompts of a run to the same states every step: encode once.
             missing = sorted({p for p in prompts if p not in self._text_cache})
             if missing:
@@ -421,12 +435,18 @@ class DreamBoothModule(pl.LightningModule):
         return pred, target
 
     def noised(self, latents: torch.Tensor, generator: torch.Generator | None = None,
-               timesteps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(N, 4, h, w) clean latents -> (noisy latents, noise, (N,) timesteps) at random or given timesteps."""
-        noise = randn_tensor(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
-        if self.hparams.noise_offset:
-            extra = randn_tensor((*latents.shape[:2], 1, 1), generator=generator, device=latents.device, dtype=latents.dtype)
-            noise = offset_noise(noise, self.hparams.noise_offset, extra)
+               timesteps: torch.Tensor | None = None,
+               noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(N, 4, h, w) clean latents -> (noisy latents, noise, (N,) timesteps) at random or given timesteps; given
+        `noise` is used as is (no offset noise)."""
+        if noise is not None:
+            noise = noise.to(latents.device, latents.dtype)
+        else:
+            noise = randn_tensor(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+            if self.hparams.noise_offset:
+                extra = randn_tensor((*latents.shape[:2], 1, 1), generator=generator, device=latents.device,
+                                     dtype=latents.dtype)
+                noise = offset_noise(noise, self.hparams.noise_offset, extra)
         if timesteps is None:
             t_max = self.noise_scheduler.config.num_train_timesteps
             timesteps = torch.randint(0, t_max, (latents.shape[0],), generator=generator,
@@ -442,12 +462,12 @@ class DreamBoothModule(pl.LightningModule):
         return diffusion_target(self.noise_scheduler.config.prediction_type, latents, noise, timesteps, self.alphas_cumprod)
 
     def denoise(self, latents: torch.Tensor, prompts: list[str], generator: torch.Generator | None = None,
-                timesteps: torch.Tensor | None = None,
-                time_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(N, 4, h, w) clean latents -> (UNet prediction, target, timesteps) at random or given timesteps;
+                timesteps: torch.Tensor | None = None, time_ids: torch.Tensor | None = None,
+                noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(N, 4, h, w) clean latents -> (UNet prediction, target, timesteps) at random or given timesteps and noise;
         `time_ids` (N, 6): SDXL's size/crop ids (None: `default_time_ids`)."""
         cond = self.encode_prompts(prompts)
-        noisy, noise, timesteps = self.noised(latents, generator, timesteps)
+        noisy, noise, timesteps = self.noised(latents, generator, timesteps, noise)
         ids = self.default_time_ids(latents) if time_ids is None else time_ids.to(latents.device)
         pred = self.unet_forward(self.unet, noisy, timesteps, cond, ids)
         return pred, self.target(latents, noise, timesteps), timesteps
@@ -509,6 +529,30 @@ class DreamBoothModule(pl.LightningModule):
             prog_bar=True, batch_size=batch["num_instance"],
         )
         return loss
+
+    @torch.no_grad()
+    def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        """val/loss_<split>: the unweighted denoising MSE of one split's images (held-out class images, or the
+        photos) with noise and timesteps fixed by each image's seed, so every validation measures the same thing."""
+        latents = self.encode_images(batch["pixel_values"], sample=False)  # (n, 4, h, w) posterior means
+        t_max = self.noise_scheduler.config.num_train_timesteps
+        noise, timesteps = fixed_draws(batch["seeds"].tolist(), tuple(latents.shape[1:]), VAL_DRAWS, t_max)
+        losses = []
+        for k in range(VAL_DRAWS):  # (n, 4, h, w) noise and (n,) timesteps of draw k
+            pred, target, _ = self.denoise(latents, batch["prompts"], timesteps=timesteps[k], noise=noise[k])
+            losses.append(torch.nn.functional.mse_loss(pred.float(), target.float()))
+        loss = torch.stack(losses).mean()
+        self.log(f"val/loss_{batch['split']}", loss, batch_size=len(latents), sync_dist=True)
+        return loss
+
+    def on_validation_start(self) -> None:
+        if self.ema is not None:  # validate the weights that evaluation and the exports use
+            self.ema.store(self.trainable_parameters())
+            self.ema.copy_to(self.trainable_parameters())
+
+    def on_validation_end(self) -> None:
+        if self.ema is not None:
+            self.ema.restore(self.trainable_parameters())
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)

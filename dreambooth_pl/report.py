@@ -148,10 +148,12 @@ def write_report(run_dir: str | Path) -> Path:
              "DIV: mean LPIPS within a prompt (higher = more diverse). Paper rows: DreamBooth Table 1, for reference.\n\n"]
     series = read_csv_metrics(run_dir)
     loss = plot_series(series, ["train/loss", "train/loss_instance", "train/loss_prior"], fig / "loss.png", "training loss")
+    val_loss = plot_series(series, ["val/loss_instance", "val/loss_prior"], fig / "val_loss.png",
+                           "validation loss (fixed noise; prior: held-out class images)")
     val = plot_series(series, [f"val/{k}" for k in METRIC_KEYS], fig / "metrics.png", "scores during training")
-    if loss or val:
+    if loss or val_loss or val:
         lines.append("## Curves\n\n")
-        lines += [f"![{p.stem}](figures/{p.name})\n\n" for p in (loss, val) if p]
+        lines += [f"![{p.stem}](figures/{p.name})\n\n" for p in (loss, val_loss, val) if p]
     per_prompt = {p["index"]: p for p in stages.get("final", stages.get("base", {})).get("per_prompt", [])}
     if per_prompt:
         lines.append("## Per prompt\n\n")
@@ -164,6 +166,16 @@ def write_report(run_dir: str | Path) -> Path:
                 lines.append(f"![prompt {idx}](figures/{g.name})\n\n")
     out = run_dir / "report.md"
     return write_text(out, "".join(lines))
+
+
+def report_run(run_dir: str | Path) -> list[Path]:
+    """The reports of one run folder: report.md, or for a run of several subjects one per subject and a table over
+    them (<run>/report.md)."""
+    run_dir = Path(run_dir)
+    subjects = sorted(run_dir.glob("subjects/*/metrics.json"))
+    if subjects and not (run_dir / "metrics.json").is_file():
+        return [*(write_report(f.parent) for f in subjects), aggregate(subjects, run_dir / "report.md")]
+    return [write_report(run_dir)]
 
 
 def aggregate(metric_files: list[str | Path], out: str | Path, stage: str = "final") -> Path:

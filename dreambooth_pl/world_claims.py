@@ -128,7 +128,7 @@ def finetune(subject: str, variant: Variant, seed: int, s: ClaimsSettings) -> tu
                               model=components.ModelSource(s.model), resolution=world.SIZE, batch_size=s.batch_size,
                               min_image_size=world.SIZE, random_flip=False, seed=seed)
     trainer = pl.Trainer(accelerator="cpu", max_steps=s.steps, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False)
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode")  # the frozen parts, on purpose

@@ -104,9 +104,10 @@ def make_datamodule(photos: dict[str, Path], **kw):
 
 
 def make_trainer(root: Path, steps: int, callbacks=(), **kw):
-    """The tests' CPU Trainer: `steps` optimizer steps, no logger, checkpoints, progress bar or summary; `kw` overrides."""
+    """The tests' CPU Trainer: `steps` optimizer steps, no logger, checkpoints, progress bar, summary or validation;
+    `kw` overrides."""
     args = dict(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
-                enable_progress_bar=False, enable_model_summary=False, default_root_dir=root)
+                enable_progress_bar=False, enable_model_summary=False, default_root_dir=root, limit_val_batches=0)
     return pl.Trainer(callbacks=list(callbacks), **{**args, **kw})
 
 

@@ -39,6 +39,7 @@ def prompts_dir(tmp_path) -> Path:
     return d
 
 
+@pytest.mark.integration
 def test_tiny_fit_samples_scores_logs_and_checkpoints_on_val_dino(tiny_dir, photos, prompts_dir, tmp_path, wandb_run):
     from dreambooth_pl.report import write_report
 
@@ -163,6 +164,7 @@ def after_fit(tiny_dir, tmp_path_factory):
     return SimpleNamespace(module=module, dm=dm, run=run, logger=logger, logged=parts.logged, stdout=stdout.getvalue())
 
 
+@pytest.mark.integration
 def test_fit_logs_the_loss_parts_and_the_learning_rate(after_fit):
     logged = after_fit.logged
     assert len(logged) == STEPS
@@ -176,6 +178,7 @@ def test_fit_logs_the_loss_parts_and_the_learning_rate(after_fit):
     assert all(lr == pytest.approx(LR * min(1.0, step / WARMUP), rel=1e-9) for step, lr in lrs.items())  # diffusers
 
 
+@pytest.mark.integration
 def test_run_record_writes_run_json(after_fit):
     record = json.loads((after_fit.run / "run.json").read_text())
     assert set(record) == {"fit_seconds", "peak_gpu_memory_gb", "steps", "git_sha", "seed"}
@@ -183,6 +186,7 @@ def test_run_record_writes_run_json(after_fit):
     assert record["peak_gpu_memory_gb"] is None and record["fit_seconds"] > 0  # CPU run
 
 
+@pytest.mark.integration
 def test_export_model_writes_the_pipeline_and_the_single_file(after_fit):
     from diffusers import StableDiffusionPipeline
 
@@ -209,6 +213,7 @@ def test_export_model_writes_the_pipeline_and_the_single_file(after_fit):
     assert f"Exported single file: {run / 't.safetensors'}" in after_fit.stdout
 
 
+@pytest.mark.integration
 def test_learning_probe_logs_base_and_tuned_denoising_mse(after_fit):
     (step, probe), = [(s, r) for s, r in after_fit.logger.rows if "probe/denoising_mse_base" in r]
     assert step == STEPS and set(probe) == {"probe/denoising_mse_base", "probe/denoising_mse_tuned"}
@@ -233,6 +238,7 @@ class PeakAtStep(Callback):
         pl_module.log("val/fake", float(trainer.global_step == self.peak))
 
 
+@pytest.mark.integration
 def test_export_model_exports_the_best_checkpoint_and_every_n_steps(tiny_dir, photos, tmp_path):
     run = tmp_path / "run"
     best = ModelCheckpoint(dirpath=run / "checkpoints", monitor="val/fake", mode="max", save_top_k=1,
@@ -252,6 +258,7 @@ def test_export_model_exports_the_best_checkpoint_and_every_n_steps(tiny_dir, ph
     assert "Exporting the best checkpoint: step 2, val/fake = 1.0000" in stdout.getvalue()
 
 
+@pytest.mark.integration
 def test_ema_weights_are_exported_and_checkpointed_and_the_trained_ones_kept(tiny_dir, photos, tmp_path):
     run = tmp_path / "run"
     saved = ModelCheckpoint(dirpath=run / "checkpoints", save_last=True, save_top_k=0, every_n_train_steps=4)
@@ -270,6 +277,7 @@ def test_ema_weights_are_exported_and_checkpointed_and_the_trained_ones_kept(tin
     assert all(torch.equal(p, shadow[n]) for n, p in rebuilt.named_parameters() if p.requires_grad)
 
 
+@pytest.mark.integration
 def test_export_model_disabled_writes_nothing(tiny_dir, photos, tmp_path):
     run = tmp_path / "run"
     stdout = io.StringIO()
@@ -309,6 +317,7 @@ class CountingScore(SampleAndScore):
         return super()._run_stage(trainer, pl_module, stage, target, prompts, full)
 
 
+@pytest.mark.integration
 def test_evaluation_runs_once_per_optimizer_step_with_gradient_accumulation(tiny_dir, photos, prompts_dir, tmp_path):
     cb = CountingScore(protocol=Protocol(images_per_prompt=1, steps=2, pres_images=1), every_n_steps=1, subset_prompts=1,
                        encoders="tiny", prompts_dir=str(prompts_dir), evaluate_base=False, final=False)
@@ -318,6 +327,7 @@ def test_evaluation_runs_once_per_optimizer_step_with_gradient_accumulation(tiny
     assert trainer.global_step == 3 and cb.stages == ["step000001", "step000002"]
 
 
+@pytest.mark.integration
 def test_a_two_subject_run_learns_both_and_scores_each(tiny_dir, prompts_dir, tmp_path):
     """`data.subjects`: one model learns two subjects (the probe improves for each), evaluation and the report are
     per subject (subjects/<name>/), val/<name>/* per subject and val/* their mean."""

@@ -14,15 +14,17 @@ import pytest
 from dreambooth_pl import cli, components
 from dreambooth_pl.commands import COMMANDS as IMPLEMENTED
 from dreambooth_pl.data import DataError
+from dreambooth_pl.experiment import COMMANDS as WITH_FIT_ARGS
 
 from .conftest import REPO
 
-COMMANDS = ("fit", "validate", "test", "predict", "priors", "evaluate", "report", "compare", "export", "tiny-model",
-            "dreambench-files", "world-data", "world-build", "world-claims")
+COMMANDS = ("fit", "validate", "test", "predict", "experiment", "priors", "evaluate", "report", "compare", "export",
+            "tiny-model", "dreambench-files", "world-data", "world-build", "world-claims")
 GROUPS = ("--model.", "--data.", "--eval.", "--export.", "--probe.")
 PACKAGE = Path(cli.__file__).resolve().parent  # dreambooth_pl/, wherever it is imported from
 
 
+@pytest.mark.integration
 def test_program_help_lists_every_command():
     r = subprocess.run([sys.executable, "-m", "dreambooth_pl", "--help"], cwd=REPO, capture_output=True, text=True,
                        timeout=120)
@@ -66,6 +68,7 @@ def test_unknown_command_exits_naming_the_choices(capsys):
     assert "'trian'" in err and all(f"'{c}'" in err for c in COMMANDS)
 
 
+@pytest.mark.integration
 def test_fit_through_main_warns_nothing_of_its_own(photos, tmp_path, monkeypatch, tiny_dir):
     monkeypatch.chdir(REPO)
     out = tmp_path / "out"
@@ -81,17 +84,15 @@ def test_fit_through_main_warns_nothing_of_its_own(photos, tmp_path, monkeypatch
     assert [f"{w.filename}:{w.lineno}: {w.message}" for w in seen if Path(w.filename).resolve().is_relative_to(PACKAGE)] == []
 
 
-@pytest.mark.parametrize("command", ["fit", "priors"])
+@pytest.mark.integration
+@pytest.mark.parametrize("command", ["fit", "experiment", "priors"])
 def test_missing_photos_end_in_one_message_before_any_model_loads(command, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(REPO)
     monkeypatch.setattr(components, "load_components", lambda *a, **k: pytest.fail("a model was loaded"))
     empty = tmp_path / "photos"
     empty.mkdir()
     args = [command, "--config", "experiments/base.yaml", "--config", "experiments/subjects/can.yaml"]
-    override = ["--data.instance_dir", str(empty)] if command == "fit" else []
-    if command == "priors":  # priors reads the subject from its config files
-        (tmp_path / "subject.yaml").write_text(f"data:\n  instance_dir: {empty}\n")
-        args += ["--config", str(tmp_path / "subject.yaml")]
+    override = ["--data.instance_dir", str(empty)]
     with pytest.raises(SystemExit) as e:
         cli.main(args + override)
     assert e.value.code == 1
@@ -101,6 +102,7 @@ def test_missing_photos_end_in_one_message_before_any_model_loads(command, tmp_p
         cli.main(args + override + ["--debug"])
 
 
+@pytest.mark.integration
 def test_program_help_imports_nothing_heavy():
     code = ("import sys, contextlib, io\nfrom dreambooth_pl import cli\n"
             "with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n    cli.main(['--help'])\n"
@@ -111,13 +113,15 @@ def test_program_help_imports_nothing_heavy():
 
 
 def test_every_listed_command_is_implemented():
-    assert list(cli.HELP) == [*cli.LIGHTNING_COMMANDS, *IMPLEMENTED]
+    assert list(cli.HELP) == [*cli.LIGHTNING_COMMANDS, *cli.CONFIG_COMMANDS, *IMPLEMENTED]
+    assert tuple(WITH_FIT_ARGS) == cli.CONFIG_COMMANDS
 
 
-def test_make_experiments_first_step_without_photos_fails_fast_and_writes_nothing(tmp_path):
-    # `make experiment SUBJECT=water_bottle MODEL=tiny` starts with exactly this priors call.
-    cmd = [sys.executable, "-m", "dreambooth_pl", "priors", "--config", "experiments/base.yaml", "--config",
-           "experiments/subjects/water_bottle.yaml", "--config", "experiments/tiny.yaml", "--model", "tiny"]
+@pytest.mark.integration
+def test_make_experiment_without_photos_fails_fast_and_writes_nothing(tmp_path):
+    # `make experiment SUBJECT=water_bottle MODEL=tiny` runs exactly this command.
+    cmd = [sys.executable, "-m", "dreambooth_pl", "experiment", "--config", "experiments/base.yaml", "--config",
+           "experiments/subjects/water_bottle.yaml", "--config", "experiments/tiny.yaml", "--model.pretrained", "tiny"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "DREAMBOOTH_PL_CACHE": str(tmp_path / "cache")}
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     if (REPO / "data" / "subjects" / "water_bottle").is_dir():
@@ -125,3 +129,22 @@ def test_make_experiments_first_step_without_photos_fails_fast_and_writes_nothin
     assert r.returncode == 1
     assert r.stderr.startswith("error: instance folder data/subjects/water_bottle does not exist")
     assert "Traceback" not in r.stderr and not (tmp_path / "cache").exists()  # no class image was made
+
+
+def test_an_optional_package_missing_is_said_before_any_class_image_is_made(tmp_path, monkeypatch, capsys, photos):
+    """The 12gb preset's 8-bit AdamW without bitsandbytes: one message with the install command, exit 1, no work."""
+    try:
+        import bitsandbytes  # noqa: F401
+
+        pytest.skip("bitsandbytes installed")
+    except ImportError:
+        pass
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("DREAMBOOTH_PL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(components, "load_components", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(SystemExit) as e:
+        cli.main(["experiment", "--config", "experiments/base.yaml", "--config", "experiments/tiny.yaml", "--config",
+                  "experiments/memory/12gb.yaml", "--data.instance_dir", str(photos["instance"])])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.startswith("error: model.optim.optimizer: adamw_8bit needs bitsandbytes")
+    assert "pip install" in err and "Traceback" not in err and not (tmp_path / "cache").exists()

@@ -1,4 +1,4 @@
-"""dreambooth_pl.commands through `cli.main`: evaluate, priors, report, compare, tiny-model."""
+"""dreambooth_pl.commands and the priors command through `cli.main`: evaluate, priors, report, compare, tiny-model."""
 
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ def mean_cosine_of_distinct_pairs(encoder, images) -> float:
     return float((sim.sum() - sim.diagonal().sum()) / (n * (n - 1)))
 
 
+@pytest.mark.integration
 def test_evaluate_real_vs_real_and_self_is_one(tmp_path):
     photos = SHARED_DATA / "dataset" / "can"
     if not photos.is_dir():
@@ -78,27 +79,34 @@ def test_evaluate_scores_a_folder_of_generated_images(tmp_path):
 # ------------------------------------------------------------------------------------------ priors
 
 
-def test_priors_makes_the_class_images_fit_reuses(monkeypatch, tmp_path, tiny_dir, capsys, photos):
+@pytest.mark.integration
+def test_priors_takes_fits_arguments_and_makes_the_class_images_fit_reuses(monkeypatch, tmp_path, tiny_dir, capsys,
+                                                                           photos):
+    """priors reads the class-image settings from fit's own arguments (overrides included) through the data module,
+    so it makes exactly the folder (training images, then the held-out ones) that fit then reads."""
     monkeypatch.chdir(REPO)
-    argv = ["priors", "--config", "experiments/base.yaml", "--config", "experiments/tiny.yaml",
-            "--class-prompt", "a can", "--num-images", "2", "--steps", "2", "--accelerator", "cpu"]
-    cli.main(argv)
-    # base.yaml + tiny.yaml: the tiny model at 64 px, DPM++ with guidance 7.5, seeds 0 and 1 -- fit's cache folder.
+    args = ["--config", "experiments/base.yaml", "--config", "experiments/tiny.yaml", "--data.class_noun", "can",
+            "--data.num_class_images", "2", "--data.val_class_images", "1", "--data.prior.steps", "2",
+            "--trainer.accelerator", "cpu"]
+    cli.main(["priors", *args])
+    # base.yaml + tiny.yaml: the tiny model at 64 px, DPM++ with guidance 7.5, seeds 0..2 -- fit's cache folder.
     settings = PriorSettings(model=ModelSource("tiny"), prompt="a can", resolution=64,
                              sampling=PriorSampling(sampler="dpm++", steps=2, guidance_scale=7.5, seed=0))
     folder = default_folder(settings)
-    assert capsys.readouterr().out.splitlines()[-1] == f"2 class images in {folder} (0 reused, 2 made)"  # after the bar
-    assert [Image.open(folder / f"{i:05d}.png").size for i in range(2)] == [(64, 64), (64, 64)]
-    cli.main(argv)
-    assert capsys.readouterr().out.splitlines()[-1] == f"2 class images in {folder} (2 reused, 0 made)"
-    # The data module of a fit with the same configs reads its class images from that folder.
-    c = config.lightning_cli(["--config", "experiments/base.yaml", "--config", "experiments/tiny.yaml",
-                              "--data.class_noun", "can", "--data.prior.steps", "2", "--output_dir", str(tmp_path),
-                              "--data.instance_dir", str(photos["instance"])],
+    assert capsys.readouterr().out.splitlines()[-1] == f"3 class images in {folder} (0 reused, 3 made)"  # after the bar
+    assert [Image.open(folder / f"{i:05d}.png").size for i in range(3)] == [(64, 64)] * 3
+    cli.main(["priors", *args])
+    assert capsys.readouterr().out.splitlines()[-1] == f"3 class images in {folder} (3 reused, 0 made)"
+    # The data module of a fit with the same arguments trains on the first two and validates on the third.
+    c = config.lightning_cli([*args, "--output_dir", str(tmp_path), "--data.instance_dir", str(photos["instance"])],
                              run=False)
+    c.datamodule.setup("fit")
     assert c.datamodule.class_folder() == folder
+    assert [p.name for p in c.datamodule.class_images] == ["00000.png", "00001.png"]
+    assert [(split, p.name) for split, p, _ in c.datamodule.validation_items()][0] == ("prior", "00002.png")
 
 
+@pytest.mark.integration
 def test_priors_makes_each_subjects_class_images_for_a_several_subject_config(monkeypatch, tmp_path, tiny_dir, capsys,
                                                                               photos):
     """`make experiment` on a `data.subjects` config: priors makes one class folder per class noun, the ones fit
@@ -108,16 +116,23 @@ def test_priors_makes_each_subjects_class_images_for_a_several_subject_config(mo
     spec.write_text(f"data:\n  subject: pair\n  subjects:\n"
                     f"    - {{subject: ball, class_noun: toy, instance_dir: {photos['instance']}, identifier: sks}}\n"
                     f"    - {{subject: mug, class_noun: cup, instance_dir: {photos['instance']}, identifier: zwx}}\n")
-    cli.main(["priors", "--config", "experiments/base.yaml", "--config", "experiments/tiny.yaml", "--config", str(spec),
-              "--num-images", "1", "--steps", "2", "--accelerator", "cpu"])
+    args = ["--config", "experiments/base.yaml", "--config", "experiments/tiny.yaml", "--config", str(spec),
+            "--data.num_class_images", "1", "--data.val_class_images", "0", "--data.prior.steps", "2"]
+    cli.main(["priors", *args, "--trainer.accelerator", "cpu"])
     out = capsys.readouterr().out
-    c = config.lightning_cli(["--config", "experiments/base.yaml", "--config", "experiments/tiny.yaml", "--config",
-                              str(spec), "--data.num_class_images", "1", "--data.prior.steps", "2",
-                              "--output_dir", str(tmp_path / "run")], run=False)
+    c = config.lightning_cli([*args, "--output_dir", str(tmp_path / "run")], run=False)
     folders = [c.datamodule.class_folder(s) for s in c.datamodule.subjects]
     assert len(set(folders)) == 2
     for f in folders:
         assert f"1 class images in {f} (0 reused, 1 made)" in out and (f / "00000.png").is_file()
+
+
+def test_priors_help_says_what_it_does_and_lists_fits_options(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["priors", "--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and out.startswith("priors: make the run's class-prior images")
+    assert "--data.num_class_images" in out and "--trainer.devices" in out
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -158,6 +173,7 @@ def test_report_command_without_metrics_says_why(tmp_path, capsys):
 # ------------------------------------------------------------------------------------------ compare
 
 
+@pytest.mark.integration
 def test_compare_command_uses_the_runs_config(tmp_path, capsys, model_cache):
     run_dir = make_run(tmp_path)
     cli.main(["compare", str(run_dir), "--model", "tiny-ip2p", "--steps", "2"])

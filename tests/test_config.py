@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from dreambooth_pl import components, config, loggers
+from dreambooth_pl.callbacks import LearningProbe
 
 from .conftest import REPO, make_photos
 
@@ -46,6 +48,7 @@ def fitted(tmp_path_factory, tiny_dir):
     return c, root / "out"
 
 
+@pytest.mark.integration
 def test_fit_runs_the_steps_and_writes_the_run_folder(fitted):
     c, out = fitted
     assert c.trainer.global_step == 6
@@ -60,6 +63,7 @@ def test_fit_runs_the_steps_and_writes_the_run_folder(fitted):
     assert 0 < run["fit_seconds"] < c.wall_seconds  # Trainer.fit alone, inside the whole CLI call
 
 
+@pytest.mark.integration
 def test_fit_exports_pipeline_and_single_file(fitted):
     c, out = fitted
     from diffusers import StableDiffusionPipeline
@@ -72,6 +76,7 @@ def test_fit_exports_pipeline_and_single_file(fitted):
     assert meta["instance_prompt"] == "a sks can" and meta["steps"] == 6
 
 
+@pytest.mark.integration
 def test_fit_logs_offline_wandb_history_and_config(fitted, wandb_run):
     _, out = fitted
     runs = list((out / "wandb").glob("offline-run-*"))
@@ -87,6 +92,7 @@ def test_fit_logs_offline_wandb_history_and_config(fitted, wandb_run):
     assert json.loads(run["config"]["git_sha"]) == loggers.git_sha()
 
 
+@pytest.mark.integration
 def test_parse_run_config_reads_the_run_back(fitted):
     c, out = fitted
     back = config.parse_run_config(out).as_dict()
@@ -101,6 +107,7 @@ def test_parse_run_config_without_a_run_says_what_to_do(tmp_path):
         config.parse_run_config(tmp_path)
 
 
+@pytest.mark.integration
 def test_resume_from_last_checkpoint_continues(photos, tmp_path, in_repo, tiny_dir):
     out = tmp_path / "out"
     config.lightning_cli(fit_args(photos, out, "--trainer.max_steps", "4", "--export.enabled", "false",
@@ -142,6 +149,7 @@ def test_misspelt_key_in_yaml_fails(tmp_path, in_repo, capsys):
     assert "prior_los_weight" in capsys.readouterr().err
 
 
+@pytest.mark.integration
 def test_8gb_preset_fits_lora_and_exports_lora_files(photos, tmp_path, in_repo, tiny_dir):
     out = tmp_path / "out"
     args = fit_args(photos, out, "--trainer.max_steps", "2", "--trainer.precision", "bf16-mixed",
@@ -155,41 +163,7 @@ def test_8gb_preset_fits_lora_and_exports_lora_files(photos, tmp_path, in_repo, 
         config.lightning_cli([*args, "--trainer.max_steps", "1", "--trainer.precision", "32-true"])
 
 
-@pytest.mark.parametrize("preset", ["8gb", "12gb", "16gb", "24gb"])
-def test_every_memory_preset_fits_with_evaluation_on_exports_and_the_export_samples(preset, photos, tmp_path, in_repo,
-                                                                                   tiny_dir):
-    prompts = tmp_path / "prompts"
-    prompts.mkdir()
-    (prompts / "prompts_object.txt").write_text("a {0} {1} in the snow\n")  # one prompt, one image: evaluation on
-    # bitsandbytes' 8-bit AdamW needs CUDA: on CPU the 12gb/16gb presets run with plain AdamW, every other lever as set.
-    cpu_optim = ["--model.optim.optimizer", "adamw"] if preset in ("12gb", "16gb") else []
-    out = tmp_path / "out"
-    c = config.lightning_cli(fit_args(
-        photos, out, "--trainer.max_steps", "2", "--trainer.precision", "bf16-mixed", *cpu_optim,
-        "--eval.evaluate_base", "true", "--eval.final", "true", "--eval.prompts_dir", str(prompts),
-        "--eval.protocol.images_per_prompt", "1", "--eval.protocol.pres_images", "1", "--eval.protocol.steps", "2",
-        overlays=(f"experiments/memory/{preset}.yaml",)))
-    assert c.trainer.global_step == 2 and c.model.speed.frozen_dtype == "bf16"
-    stages = json.loads((out / "metrics.json").read_text())["stages"]
-    assert set(stages) == {"base", "final"} and "dino" in stages["final"]["metrics"]
-    if preset == "8gb":  # LoRA: the adapters load into the base pipeline and change its image
-        pipe = StableDiffusionPipeline.from_pretrained(tiny_dir)
-        before = pipe("a sks can", num_inference_steps=2, height=64, width=64, output_type="np",
-                      generator=torch.Generator().manual_seed(0)).images
-        pipe.load_lora_weights(out / "lora")
-    else:  # a full fine-tune: one fp32 pipeline, its frozen parts the base model's own weights, not bf16 copies
-        pipe = StableDiffusionPipeline.from_pretrained(out / "model")
-        assert {pipe.unet.dtype, pipe.vae.dtype, pipe.text_encoder.dtype} == {torch.float32}
-        base = components.load_components(str(tiny_dir))
-        assert torch.equal(pipe.vae.decoder.conv_out.weight, base.vae.decoder.conv_out.weight)
-        assert torch.equal(pipe.unet.conv_out.weight, c.model.unet.conv_out.weight)
-    image = pipe("a sks can", num_inference_steps=2, height=64, width=64, output_type="np",
-                 generator=torch.Generator().manual_seed(0)).images
-    assert image.shape == (1, 64, 64, 3) and image.std() > 0
-    if preset == "8gb":
-        assert abs(image - before).max() > 0
-
-
+@pytest.mark.integration
 def test_a_subjects_list_in_yaml_fits_through_the_cli_and_a_missing_folder_is_named(photos, tmp_path, in_repo,
                                                                                     tiny_dir, capsys):
     """`data.subjects:` from a YAML file: parsed into `Subject`s, each folder checked before any model loads, one
@@ -213,41 +187,55 @@ def test_a_subjects_list_in_yaml_fits_through_the_cli_and_a_missing_folder_is_na
                                       "--data.class_dir", "null"))
 
 
-@pytest.mark.parametrize("preset", ["sdxl-12gb", "sdxl-16gb", "sdxl-full"])
-def test_every_sdxl_preset_fits_tiny_xl_with_evaluation_and_its_export_samples(preset, photos, tmp_path, in_repo,
-                                                                               tiny_xl_dir):
-    """sdxl.yaml + each SDXL memory preset on the tiny SDXL model (64 px, buckets on): evaluation before and after,
-    and the export (LoRA or full) loads into a fresh StableDiffusionXLPipeline and samples."""
+PRESETS = sorted(p.stem for p in (REPO / "experiments" / "memory").glob("*.yaml"))
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_memory_preset_runs_on_its_backbone_with_every_default_callback(preset, photos, tmp_path, in_repo,
+                                                                              tiny_dir, tiny_xl_dir):
+    """What `make experiment SUBJECT=... MODEL=tiny|tiny-xl ARGS="--config experiments/memory/<preset>.yaml"` runs,
+    with every callback the configs turn on (evaluation before/after, the probe, validation, the export): 2 steps,
+    then the export loads into a fresh pipeline and samples. Only the sizes of evaluation are cut, and bitsandbytes'
+    8-bit AdamW (CUDA only) becomes plain AdamW on CPU."""
     from diffusers import StableDiffusionXLPipeline
 
+    xl = preset.startswith("sdxl")
     prompts = tmp_path / "prompts"
     prompts.mkdir()
     (prompts / "prompts_object.txt").write_text("a {0} {1} in the snow\n")
-    # bitsandbytes' 8-bit AdamW needs CUDA: on CPU the full preset runs with plain AdamW, every other lever as set.
-    cpu_optim = ["--model.optim.optimizer", "adamw"] if preset == "sdxl-full" else []
     out = tmp_path / "out"
-    c = config.lightning_cli(fit_args(
-        photos, out, "--trainer.max_steps", "2", "--trainer.accumulate_grad_batches", "1", *cpu_optim,
-        "--model.pretrained", "tiny-xl", "--data.resolution", "64", "--data.bucket_step", "16",
-        "--data.min_image_size", "64", "--eval.evaluate_base", "true", "--eval.final", "true",
-        "--eval.prompts_dir", str(prompts), "--eval.encoders", "tiny", "--eval.protocol.images_per_prompt", "1",
-        "--eval.protocol.pres_images", "1", "--eval.protocol.steps", "2",
-        overlays=("experiments/sdxl.yaml", f"experiments/memory/{preset}.yaml")))
-    assert c.trainer.global_step == 2 and c.model.backbone.name == "sdxl" and c.datamodule.use_buckets
+    cfg = config.parse_config([*BASE, "--config", f"experiments/memory/{preset}.yaml"])
+    cpu_optim = ["--model.optim.optimizer", "adamw"] if cfg.model.optim.optimizer == "adamw_8bit" else []
+    c = config.lightning_cli([
+        "fit", *BASE, "--model.pretrained", "tiny-xl" if xl else "tiny", "--config", f"experiments/memory/{preset}.yaml",
+        "--data.subject", "toy", "--data.class_noun", "can", "--data.instance_dir", str(photos["instance"]),
+        "--data.class_dir", str(photos["class"]), "--output_dir", str(out), "--trainer.enable_progress_bar", "false",
+        "--trainer.max_steps", "2", "--trainer.val_check_interval", "1", "--eval.prompts_dir", str(prompts),
+        "--eval.protocol.images_per_prompt", "1", "--eval.protocol.pres_images", "1", "--eval.protocol.steps", "2",
+        *cpu_optim])
+    assert c.trainer.global_step == 2 and c.model.backbone.name == ("sdxl" if xl else "sd")
+    assert c.model.speed.frozen_dtype == "bf16" and c.trainer.precision == "bf16-mixed"
     stages = json.loads((out / "metrics.json").read_text())["stages"]
     assert set(stages) == {"base", "final"} and "dino" in stages["final"]["metrics"]
+    base, tuned = next(cb for cb in c.trainer.callbacks if isinstance(cb, LearningProbe)).results["toy"]
+    assert math.isfinite(base) and math.isfinite(tuned)
+    logged = (out / "csv" / "metrics.csv").read_text()
+    assert "probe/denoising_mse_tuned" in logged and "val/loss_instance" in logged
+    pipe_class = StableDiffusionXLPipeline if xl else StableDiffusionPipeline
     sample = dict(prompt="a sks can", num_inference_steps=2, height=64, width=64, output_type="np")
-    if preset == "sdxl-full":  # the diffusers folder and the single file are the fine-tuned model
-        pipe = StableDiffusionXLPipeline.from_pretrained(out / "model")
-        assert torch.equal(pipe.unet.conv_out.weight, c.model.unet.conv_out.weight)
-        single = components.load_components(str(out / "toy.safetensors"), single_file_config=str(tiny_xl_dir))
-        assert torch.equal(single.unet.conv_out.weight, c.model.unet.conv_out.weight.half().float())
-    else:  # LoRA: the adapters load into the base pipeline and change its image
-        pipe = StableDiffusionXLPipeline.from_pretrained(tiny_xl_dir)
+    if c.model.lora.rank:  # LoRA: the adapters load into the base pipeline and change its image
+        pipe = pipe_class.from_pretrained(tiny_xl_dir if xl else tiny_dir)
         before = pipe(**sample, generator=torch.Generator().manual_seed(0)).images
         pipe.load_lora_weights(out / "lora")
-        assert (out / "lora" / "toy_lora.safetensors").is_file()
+        assert (out / "lora" / "toy_lora.safetensors").is_file() and not (out / "model").exists()
+    else:  # a full fine-tune: one fp32 pipeline, its frozen parts the base model's own weights, not bf16 copies
+        pipe = pipe_class.from_pretrained(out / "model")
+        assert {pipe.unet.dtype, pipe.vae.dtype, pipe.text_encoder.dtype} == {torch.float32}
+        assert torch.equal(pipe.unet.conv_out.weight, c.model.unet.conv_out.weight)
+        single = components.load_components(str(out / "toy.safetensors"), single_file_config=str(out / "model"))
+        assert torch.equal(single.unet.conv_out.weight, c.model.unet.conv_out.weight.half().float())
     image = pipe(**sample, generator=torch.Generator().manual_seed(0)).images
     assert image.shape == (1, 64, 64, 3) and image.std() > 0
-    if preset != "sdxl-full":
+    if c.model.lora.rank:
         assert abs(image - before).max() > 0

@@ -19,6 +19,7 @@ from torchvision.transforms import functional as TF
 from dreambooth_pl.components import ModelSource
 from dreambooth_pl.data import (
     IMAGE_EXTENSIONS,
+    SETTINGS,
     DataError,
     DreamBoothDataModule,
     DreamBoothDataset,
@@ -736,3 +737,52 @@ def test_a_flipped_crop_is_the_mirror_and_its_left_offset_counts_in_the_mirrored
     c, fc, idc = crop_image(x, 64, (80, 48), center=True, flip=lambda: True)
     d, _, idd = crop_image(x.flip(-1), 64, (80, 48), center=True)
     assert fc and torch.equal(c, d) and torch.equal(idc, idd)
+
+
+def _generated(root: Path, n: int) -> Path:
+    """A class folder as the generator leaves it: images 00.jpg.. and its settings file."""
+    _folder(root, n, seed=50)
+    (root / SETTINGS).write_text("{}")
+    return root
+
+
+def test_held_out_class_images_follow_the_trained_ones_and_never_train(photos, tmp_path):
+    gen = _generated(tmp_path / "gen", 7)
+    dm = make_datamodule(photos, class_dir=str(gen), num_class_images=4, val_class_images=2)
+    dm.setup("fit")
+    assert [p.name for p in dm.class_images] == ["00.jpg", "01.jpg", "02.jpg", "03.jpg"]
+    items = dm.validation_items()
+    assert [(s, p.name, c) for s, p, c in items if s == "prior"] == [("prior", "04.jpg", "a can"), ("prior", "05.jpg", "a can")]
+    # Without held-out photos, val/loss_instance scores the training photos with their prompts.
+    assert [(s, p, c) for s, p, c in items if s == "instance"] == [("instance", p, "a sks can") for p in dm.instance_images]
+    assert dm.num_generated == 6  # what prepare_data makes: the trained ones, then the held-out ones
+    # A user's folder of real class photos (no settings file) is trained on whole: nothing held out of it.
+    user = make_datamodule(photos, val_class_images=2)
+    user.setup("fit")
+    assert len(user.class_images) == 6 and all(s == "instance" for s, _, _ in user.validation_items())
+
+
+def test_val_photos_holds_out_each_subjects_last_photos(photos):
+    dm = make_datamodule(photos, val_photos=1)
+    dm.setup("fit")
+    every = list_images(photos["instance"])
+    assert dm.instance_images == every[:3] and dm.images_of["t"] == every  # evaluation still compares with all
+    assert [(s, p) for s, p, _ in dm.validation_items() if s == "instance"] == [("instance", every[3])]
+    assert all(dm.dataset.instance_images[dm.dataset.pair(i)[0]] != every[3] for i in range(len(dm.dataset)))
+    with pytest.raises(DataError, match=r"data.val_photos=4 holds out every photo of 't' \(4 in "):
+        make_datamodule(photos, val_photos=4).setup("fit")
+    with pytest.raises(DataError, match="data.val_class_images must be >= 0"):
+        make_datamodule(photos, val_class_images=-1)
+
+
+def test_validation_batches_hold_one_split_each_and_repeat_exactly(photos, tmp_path):
+    gen = _generated(tmp_path / "gen", 6)
+    dm = make_datamodule(photos, class_dir=str(gen), num_class_images=3, val_class_images=3, batch_size=1)
+    rng = torch.get_rng_state()
+    first, again = list(dm.val_dataloader()), list(dm.val_dataloader())
+    assert torch.equal(torch.get_rng_state(), rng)  # validation draws nothing from the training random stream
+    # 3 held-out class images then 4 photos, at most 2 rows (one training step's worth) a batch, one split each.
+    assert [(b["split"], b["seeds"].tolist()) for b in first] == [("prior", [0, 1]), ("prior", [2]),
+                                                                  ("instance", [3, 4]), ("instance", [5, 6])]
+    assert first[0]["pixel_values"].shape == (2, 3, 64, 64) and first[0]["prompts"] == ["a can", "a can"]
+    assert all(torch.equal(a["pixel_values"], b["pixel_values"]) for a, b in zip(first, again, strict=True))

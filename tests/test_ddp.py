@@ -22,6 +22,8 @@ from dreambooth_pl.metrics import PairwiseCosine
 from dreambooth_pl.module import DreamBoothModule, LoraSettings, Optimization, SpeedSettings
 from tests.ddp_probe import RANK_ROWS, embeddings
 
+pytestmark = pytest.mark.integration  # two processes train (gloo)
+
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 3
 

@@ -114,6 +114,7 @@ def test_export_run_lora_module_gets_lora_folder_only(tiny_dir, tmp_path, lora):
     assert any(k.startswith("text_encoder.") for k in keys) == bool(lora.text_encoder_rank)
 
 
+@pytest.mark.integration
 def test_lora_fit_exports_both_formats_that_change_the_output(tiny_dir, photos, tmp_path):
     m = DreamBoothModule(pretrained="tiny", lora=LoraSettings(rank=4), optim=Optimization(learning_rate=1e-2))
     make_trainer(tmp_path, 3).fit(m, datamodule=make_datamodule(photos))
@@ -138,6 +139,7 @@ def test_lora_fit_exports_both_formats_that_change_the_output(tiny_dir, photos, 
     assert np.abs(kohya_fmt - diffusers_fmt).max() < 1e-2  # kohya file is fp16
 
 
+@pytest.mark.integration
 def test_export_command_on_a_mid_run_checkpoint_gives_that_checkpoints_weights(tiny_dir, photos, tmp_path, capsys):
     run = tmp_path / "run"
     saved = ModelCheckpoint(dirpath=run / "checkpoints", save_top_k=-1, every_n_train_steps=2)

@@ -72,6 +72,7 @@ def test_baseline_makes_the_stated_images_and_reruns_identically(ip2p_pipe, tmp_
     assert Image.open(tmp_path / "a" / names[0]).size == (64, 64)
 
 
+@pytest.mark.integration
 def test_an_sdxl_run_is_compared_with_the_sdxl_instructpix2pix(tiny_dir, tiny_xl_dir, tmp_path):
     """The default baseline follows the run's backbone; the SDXL pipeline edits the photos like the SD one."""
     assert default_model(str(tiny_dir)) == DEFAULT_MODEL == "timbrooks/instruct-pix2pix"
@@ -149,6 +150,7 @@ def make_run(tmp_path):
     return run_dir
 
 
+@pytest.mark.integration
 def test_compare_writes_report_for_all_methods(ip2p_pipe, tmp_path):
     run_dir = make_run(tmp_path)
     report = compare(run_dir, parse_run_config(run_dir), model="tiny-ip2p", steps=2).read_text()

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import subprocess
 
-from dreambooth_pl import loggers
+import pytest
+
+from dreambooth_pl import config, loggers
+
+from .conftest import REPO
 
 
 def test_wandb_logger_online_only_with_key(monkeypatch, tmp_path):
@@ -53,3 +57,39 @@ def test_wandb_login_netrc_counts_as_credentials(monkeypatch, tmp_path):
     assert loggers.wandb_credentials() == "WANDB_API_KEY"
     monkeypatch.setenv("WANDB_MODE", "offline")  # the user's word wins
     assert not loggers.wandb_online()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("logger", ["TensorBoard", "+=TensorBoard"])
+def test_tensorboard_instead_of_or_beside_wandb_gets_scalars_config_and_grids(logger, photos, tmp_path, monkeypatch,
+                                                                              tiny_dir):
+    """`--trainer.logger TensorBoard` (instead of W&B) or `--trainer.logger+=TensorBoard` (beside it): the losses,
+    validation and evaluation scores and the per-prompt grids in <run>/tensorboard; config.yaml and the CSV log the
+    report reads stay in the run folder either way."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.chdir(REPO)
+    prompts = tmp_path / "prompts"
+    prompts.mkdir()
+    (prompts / "prompts_object.txt").write_text("a {0} {1} in the snow\n")
+    out = tmp_path / "out"
+    flag = ["--trainer.logger+=TensorBoard"] if logger.startswith("+=") else ["--trainer.logger", logger]
+    c = config.lightning_cli([
+        "fit", "--config", "experiments/base.yaml", "--config", "experiments/tiny.yaml", *flag, "--data.subject", "toy",
+        "--data.class_noun", "can", "--data.instance_dir", str(photos["instance"]), "--data.class_dir",
+        str(photos["class"]), "--output_dir", str(out), "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
+        "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "false", "--eval.prompts_dir", str(prompts),
+        "--eval.protocol.images_per_prompt", "1", "--eval.protocol.pres_images", "1", "--eval.protocol.steps", "2",
+        "--export.enabled", "false"])
+    kinds = [type(x).__name__ for x in c.trainer.loggers]
+    assert kinds == (["TensorBoard", "CSVLogger"] if logger == "TensorBoard" else
+                     ["AutoWandbLogger", "TensorBoard", "CSVLogger"])
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/loss_prior", "val/loss_instance", "val/dino",
+            "probe/denoising_mse_tuned"} <= scalars
+    grids = [t for t in events.Tags()["images"] if t.startswith("grids/")]
+    assert sorted(grids) == ["grids/base/a_sks_can_in_the_snow", "grids/final/a_sks_can_in_the_snow"]
+    assert (out / "config.yaml").is_file() and "val/loss_instance" in (out / "csv" / "metrics.csv").read_text()
+    assert config.parse_run_config(out).data.subject == "toy"

@@ -343,6 +343,7 @@ def xl_lora_files(xl_lora_parts, tmp_path_factory) -> dict[str, Path]:
     return files
 
 
+@pytest.mark.integration
 def test_sdxl_reference_images_depend_on_all_three_adapters(xl_lora_images):
     assert max_diff(xl_lora_images["lora"], xl_lora_images["base"]) > 1e-2
     # Each text encoder's LoRA alone moves the image, so matching images below check both encoders' parts.
@@ -414,6 +415,7 @@ def test_sdxl_kohya_keys_alphas_and_metadata(xl_lora_parts, xl_lora_files):
     assert meta["ss_base_model_version"] == "sdxl_base_v1-0"  # A1111 lists the LoRA for SDXL models
 
 
+@pytest.mark.integration
 def test_sdxl_kohya_file_loads_like_the_diffusers_format(tiny_xl_dir, xl_lora_files, xl_lora_images):
     images = {}
     for name in ("kohya32", "kohya"):
@@ -427,6 +429,7 @@ def test_sdxl_kohya_file_loads_like_the_diffusers_format(tiny_xl_dir, xl_lora_fi
     assert max_diff(images["kohya"], xl_lora_images["base"]) > 1e-2
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("adapted", [("unet",), ("text_encoder_2",), ("text_encoder", "text_encoder_2")])
 def test_sdxl_exports_whichever_parts_have_lora(tiny_xl_dir, tmp_path, adapted):
     parts = components.load_components(str(tiny_xl_dir))

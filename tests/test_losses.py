@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from dreambooth_pl.losses import diffusion_target, prior_preservation_loss, q_sample
+from dreambooth_pl.losses import diffusion_target, fixed_draws, prior_preservation_loss, q_sample
 
 SD_SCHEDULE = dict(
     num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012
@@ -162,3 +162,15 @@ def test_prior_loss_reduces_half_precision_in_float32():
     assert total.item() == ref.item()
     # The bf16 values themselves, reduced in float64: instance rows [0, 2) plus class rows [2, 4).
     assert total.item() == pytest.approx(mse(pred[:2], target[:2]) + mse(pred[2:], target[2:]), rel=1e-5)
+
+
+def test_fixed_draws_depend_only_on_each_rows_seed():
+    """A validation image's noise and timesteps come from its own seed: the same in any batch, row order or run."""
+    noise, t = fixed_draws([3, 7], (4, 2, 2), draws=3, num_train_timesteps=1000)
+    assert noise.shape == (3, 2, 4, 2, 2) and t.shape == (3, 2) and t.dtype == torch.int64
+    alone, t_alone = fixed_draws([7], (4, 2, 2), draws=3, num_train_timesteps=1000)
+    assert torch.equal(alone[:, 0], noise[:, 1]) and torch.equal(t_alone[:, 0], t[:, 1])
+    g = torch.Generator().manual_seed(3)  # row 0 by hand: K noise draws, then K timesteps, from seed 3
+    by_hand = torch.stack([torch.randn((4, 2, 2), generator=g) for _ in range(3)])
+    assert torch.equal(noise[:, 0], by_hand) and torch.equal(t[:, 0], torch.randint(0, 1000, (3,), generator=g))
+    assert not torch.equal(noise[0, 0], noise[1, 0]) and 0 <= t.min() and t.max() < 1000

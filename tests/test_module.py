@@ -11,15 +11,19 @@ import torch
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.strategies import FSDPStrategy
 
-from dreambooth_pl.components import load_components
+from dreambooth_pl.components import ModelSource, load_components
 from dreambooth_pl.data import DreamBoothDataset
+from dreambooth_pl.losses import fixed_draws
 from dreambooth_pl.module import (
+    VAL_DRAWS,
     DreamBoothModule,
     LoraSettings,
+    MissingPackageError,
     NonFiniteLossError,
     Optimization,
     SpeedSettings,
 )
+from dreambooth_pl.priors import PriorSampling
 
 from .conftest import make_datamodule, make_photos, make_trainer
 
@@ -155,6 +159,7 @@ def reference_loss(m: DreamBoothModule, step: dict, snr_gamma: float | None = No
     return float(per_row[:n].mean() + prior_loss_weight * per_row[n:].mean())
 
 
+@pytest.mark.integration
 def test_compute_loss_equals_the_logged_training_loss(tiny_dir, photos, tmp_path):
     pl.seed_everything(0)
     tape = Tape()
@@ -169,6 +174,7 @@ def test_compute_loss_equals_the_logged_training_loss(tiny_dir, photos, tmp_path
     assert step["logged"]["train/loss"] == pytest.approx(reference_loss(fresh, step), rel=1e-5)
 
 
+@pytest.mark.integration
 def test_steps_change_unet_only(tiny_dir, photos, tmp_path):
     m = DreamBoothModule(pretrained="tiny", optim=Optimization(learning_rate=1e-3))
     vae0, te0, unet0 = state(m.vae), state(m.text_encoder), state(m.unet)
@@ -191,6 +197,7 @@ def test_steps_change_unet_only(tiny_dir, photos, tmp_path):
     assert all(torch.allclose(v, after[k], rtol=0, atol=1e-7) for k, v in m.unet.state_dict().items())
 
 
+@pytest.mark.integration
 def test_checkpoint_holds_trainable_weights_and_optimizer_only(tiny_dir, photos, tmp_path):
     m = DreamBoothModule(pretrained="tiny", optim=Optimization(learning_rate=1e-4), lora=LoraSettings(),
                          speed=SpeedSettings(channels_last=True))
@@ -213,6 +220,7 @@ def test_checkpoint_holds_trainable_weights_and_optimizer_only(tiny_dir, photos,
     assert path.stat().st_size < all_bytes + 2 * trainable_bytes
 
 
+@pytest.mark.integration
 def test_resume_continues_step_count_and_weights(tiny_dir, photos, tmp_path):
     m = DreamBoothModule(pretrained="tiny", optim=Optimization(learning_rate=1e-3))
     ckpt_cb = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0, every_n_train_steps=1)
@@ -233,6 +241,7 @@ def test_resume_continues_step_count_and_weights(tiny_dir, photos, tmp_path):
     assert t2.global_step == 5
 
 
+@pytest.mark.integration
 def test_checkpoint_from_other_trainable_set_is_refused(tiny_dir, photos, tmp_path):
     m = DreamBoothModule(pretrained="tiny")
     ckpt_cb = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0, every_n_train_steps=1)
@@ -250,6 +259,7 @@ def run_losses(photos, tmp_path, seed: int, steps: int = 4) -> list[float]:
     return tape.losses
 
 
+@pytest.mark.integration
 def test_same_seed_same_losses(tiny_dir, photos, tmp_path):
     a = run_losses(photos, tmp_path, seed=0)
     b = run_losses(photos, tmp_path, seed=0)
@@ -258,6 +268,7 @@ def test_same_seed_same_losses(tiny_dir, photos, tmp_path):
     assert a != c
 
 
+@pytest.mark.integration
 def test_non_finite_loss_stops_with_step(tiny_dir, photos, tmp_path):
     class Poison(Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -268,6 +279,7 @@ def test_non_finite_loss_stops_with_step(tiny_dir, photos, tmp_path):
         make_trainer(tmp_path, 5, [Poison()]).fit(DreamBoothModule(pretrained="tiny"), datamodule=make_datamodule(photos))
 
 
+@pytest.mark.integration
 def test_v_prediction_trains(tiny_v_dir, photos, tmp_path):
     m = DreamBoothModule(pretrained="tiny-v", optim=Optimization(learning_rate=1e-3))
     assert m.noise_scheduler.config.prediction_type == "v_prediction"
@@ -282,6 +294,76 @@ def test_denoising_mse_is_deterministic(tiny_dir):
     m = DreamBoothModule(pretrained="tiny")
     x = torch.rand(2, 3, 64, 64) * 2 - 1
     assert m.denoising_mse(x, ["a sks can"] * 2) == m.denoising_mse(x, ["a sks can"] * 2)
+
+
+# ------------------------------------------------------------------------------------ validation loss
+
+
+class Logged(Callback):
+    """What each validation logged (val/*), by the step it ran after."""
+
+    def __init__(self):
+        self.at: dict[int, dict[str, float]] = {}
+
+    def on_validation_end(self, trainer, pl_module):
+        self.at[trainer.global_step] = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+
+
+def test_validation_loss_is_the_fixed_noise_mse_of_each_split(tiny_dir, photos):
+    """validation_step: the plain MSE to the target at each image's own fixed noise and timesteps (VAL_DRAWS of them),
+    logged per split; the same number every time."""
+    m = DreamBoothModule(pretrained="tiny").eval()
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    batch = {"pixel_values": x, "prompts": ["a can"] * 2, "split": "prior", "seeds": torch.tensor([5, 9])}
+    logged = {}
+    m.log = lambda key, value, **kw: logged.update({key: (float(value), kw["batch_size"])})
+    loss = m.validation_step(batch, 0)
+    assert m.validation_step(batch, 0) == loss and logged == {"val/loss_prior": (float(loss), 2)}
+    latents = m.vae.encode(x).latent_dist.mean * m.vae.config.scaling_factor
+    cond = m.text_encoder(m.tokenizer(["a can"] * 2, padding="max_length", max_length=m.tokenizer.model_max_length,
+                                      return_tensors="pt").input_ids)[0]
+    expected = []
+    for k in range(VAL_DRAWS):  # row i: draw k of the generator seeded with its seed
+        draws = [fixed_draws([s], (4, 8, 8), VAL_DRAWS, 1000) for s in (5, 9)]
+        noise = torch.cat([n[k] for n, _ in draws])
+        t = torch.cat([ts[k] for _, ts in draws])
+        noisy = m.noise_scheduler.add_noise(latents, noise, t)
+        expected.append(torch.nn.functional.mse_loss(m.unet(noisy, t, cond).sample, noise))
+    assert float(loss) == pytest.approx(float(torch.stack(expected).mean().detach()), rel=1e-5)
+
+
+@pytest.mark.integration
+def test_validation_during_fit_logs_both_losses_and_leaves_training_as_it_was(tiny_dir, photos, tmp_path):
+    """Every val_check_interval batches: val/loss_prior (held-out class images) and val/loss_instance; the training
+    steps are the ones a fit without validation takes (validation draws nothing from their random stream)."""
+    # Generated class images (the tiny model, 2 steps): 4 trained on, 2 held out.
+    dm_kw = dict(class_dir=None, num_class_images=4, val_class_images=2, model=ModelSource("tiny"),
+                 prior=PriorSampling(steps=2, batch_size=6))
+    logged, with_val = Logged(), Tape()
+    pl.seed_everything(0)
+    make_trainer(tmp_path, 4, [logged, with_val], limit_val_batches=1.0, val_check_interval=2, num_sanity_val_steps=0,
+                 check_val_every_n_epoch=None).fit(DreamBoothModule(pretrained="tiny"), make_datamodule(photos, **dm_kw))
+    without = Tape()
+    pl.seed_everything(0)
+    make_trainer(tmp_path, 4, [without]).fit(DreamBoothModule(pretrained="tiny"), make_datamodule(photos, **dm_kw))
+    assert sorted(logged.at) == [2, 4] and all(set(v) == {"val/loss_prior", "val/loss_instance"} for v in logged.at.values())
+    assert with_val.losses == without.losses
+
+
+@pytest.mark.integration
+def test_validation_scores_the_ema_weights_and_training_goes_on_with_its_own(tiny_dir, photos, tmp_path):
+    class Seen(Callback):
+        def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+            self.weight = pl_module.unet.conv_out.weight.detach().clone()
+
+    seen = Seen()
+    m = DreamBoothModule(pretrained="tiny", optim=Optimization(learning_rate=1e-3, ema_decay=0.9))
+    make_trainer(tmp_path, 2, [seen], limit_val_batches=1, val_check_interval=2, check_val_every_n_epoch=None).fit(
+        m, make_datamodule(photos))  # validation after the last step: the EMA is as validation saw it
+    conv = next(i for i, p in enumerate(m.trainable_parameters()) if p is m.unet.conv_out.weight)
+    averaged = m.ema.shadow_params[conv]
+    assert torch.equal(seen.weight, averaged)  # validation scored the average
+    assert not torch.equal(m.unet.conv_out.weight, averaged)  # and gave the trained weights back
 
 
 # ------------------------------------------------------------------------------------ speed / memory options
@@ -311,6 +393,7 @@ def plain_losses(tiny_dir, tmp_path_factory):
     return p, option_losses(p, tmp, speed={"cache_text_embeddings": False})
 
 
+@pytest.mark.integration
 def test_cached_latents_equal_uncached(plain_losses, tmp_path):
     photos, plain = plain_losses
     cached = option_losses(photos, tmp_path, dm_kw={"cache_latents": True}, speed={"cache_latents": True})
@@ -328,6 +411,7 @@ def test_cached_latents_skip_image_decoding_and_need_center_crop(tiny_dir, photo
         make_datamodule(photos, center_crop=False, cache_latents=True)
 
 
+@pytest.mark.integration
 def test_cached_latents_cover_both_flips(tiny_dir, photos, tmp_path):
     m = DreamBoothModule(pretrained="tiny", speed=SpeedSettings(cache_latents=True))
     dm = make_datamodule(photos, center_crop=True, random_flip=True, cache_latents=True)
@@ -361,6 +445,7 @@ def test_cache_latents_fills_the_moments_of_the_views(tiny_dir, photos, random_f
             assert torch.allclose(cache[:, 0], mean, atol=1e-6) and torch.allclose(cache[:, 1], std, atol=1e-6)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("option, tol", [
     ({"speed": {"cache_text_embeddings": True}}, 1e-6),
     ({"speed": {"gradient_checkpointing": True}}, 1e-5),
@@ -373,12 +458,14 @@ def test_option_trains_like_the_plain_path(plain_losses, tmp_path, option, tol):
     assert option_losses(photos, tmp_path, **option) == pytest.approx(plain, rel=tol, abs=tol)
 
 
+@pytest.mark.integration
 def test_bf16_mixed_precision_close_to_fp32(plain_losses, tmp_path):
     photos, plain = plain_losses
     assert option_losses(photos, tmp_path, precision="bf16-mixed") == pytest.approx(plain, rel=5e-2, abs=5e-2)
 
 
 # gamma 1 (not the usual 5): it clips the weights of the first step's timesteps, so that step tells the two apart
+@pytest.mark.integration
 @pytest.mark.parametrize("option", [{"snr_gamma": 1.0}, {"noise_offset": 0.1}, {"prior_loss_weight": 0.5}])
 def test_loss_options_change_the_loss_as_defined(plain_losses, tmp_path, option):
     """min-SNR, offset noise and the prior weight are different objectives: the first step's loss is the
@@ -393,6 +480,7 @@ def test_loss_options_change_the_loss_as_defined(plain_losses, tmp_path, option)
     assert losses[0] != pytest.approx(reference_loss(fresh, tape.steps[0]), rel=1e-3)  # the option mattered
 
 
+@pytest.mark.integration
 def test_text_encoder_training_with_half_frozen_parts(tiny_dir, photos, tmp_path):
     """Trainable weights stay fp32 (no 'unscale FP16 gradients'); the frozen VAE is half precision."""
     m = DreamBoothModule(pretrained="tiny", train_text_encoder=True, speed=SpeedSettings(frozen_dtype="bf16"),
@@ -403,6 +491,7 @@ def test_text_encoder_training_with_half_frozen_parts(tiny_dir, photos, tmp_path
     assert any(not torch.equal(te0[k], v) for k, v in m.text_encoder.state_dict().items())
 
 
+@pytest.mark.integration
 def test_lora_trains_only_adapter_weights(tiny_dir, photos, tmp_path):
     m = DreamBoothModule(pretrained="tiny", lora=LoraSettings(rank=4, text_encoder_rank=4),
                          optim=Optimization(learning_rate=1e-3))
@@ -428,13 +517,14 @@ def test_adamw_8bit_without_bitsandbytes_says_how(tiny_dir):
     except ImportError:
         pass
     m = DreamBoothModule(pretrained="tiny", optim=Optimization(optimizer="adamw_8bit"))
-    with pytest.raises(ImportError, match="bitsandbytes"):
+    with pytest.raises(MissingPackageError, match=r"adamw_8bit needs bitsandbytes.*pip install"):
         m.make_optimizer()
 
 
 # ----------------------------------------------------------------------------------------- prior_loss: teacher
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("lora", [LoraSettings(), LoraSettings(rank=4)], ids=["full", "lora"])
 def test_teacher_prior_is_zero_before_training_and_the_teacher_stays_the_base(tiny_dir, photos, tmp_path, lora):
     m = DreamBoothModule(pretrained="tiny", prior_loss="teacher", lora=lora, optim=Optimization(learning_rate=1e-3))
@@ -504,6 +594,7 @@ def test_fsdp_is_refused_with_one_clear_message(tiny_dir):
         module.setup("fit")
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name", ["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
                                   "polynomial"])
 def test_every_schedule_warms_up_from_zero_and_is_diffusers(tiny_dir, name):

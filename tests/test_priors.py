@@ -49,6 +49,7 @@ def test_exact_count_manifest_and_no_temp_files(tiny_dir, tmp_path):
     assert all(Image.open(p).size == (64, 64) for p in (tmp_path / "p").glob("*.png"))
 
 
+@pytest.mark.integration
 def test_rerun_makes_only_missing_and_remakes_corrupt(tiny_dir, tmp_path):
     folder = tmp_path / "p"
     generate(settings(batch_size=2), 6, folder=folder, device="cpu")
@@ -111,11 +112,13 @@ def default_folder_is_under_cache(s: PriorSettings) -> bool:
     return priors.default_folder(s).parent == Path(os.environ["DREAMBOOTH_PL_CACHE"]) / "priors"
 
 
+@pytest.mark.integration
 def test_resume_after_kill_equals_uninterrupted_run(tiny_dir, tmp_path):
     """kill -9 mid-run, rerun: the same bytes as a run never interrupted."""
-    args = [sys.executable, "-m", "dreambooth_pl", "priors", "--model", str(tiny_dir), "--class-prompt", "a can",
-            "--num-images", "16", "--resolution", "64", "--steps", "50", "--batch-size", "2",
-            "--accelerator", "cpu", "--out", str(tmp_path / "killed")]
+    args = [sys.executable, "-m", "dreambooth_pl", "priors", "--model.pretrained", str(tiny_dir), "--data.class_noun",
+            "can", "--data.num_class_images", "16", "--data.val_class_images", "0", "--data.resolution", "64",
+            "--data.prior.steps", "50", "--data.prior.batch_size", "2", "--trainer.accelerator", "cpu",
+            "--data.class_dir", str(tmp_path / "killed")]
     log = tmp_path / "priors.log"
     # As many intra-op threads as this process (conftest: 1): the thread count changes float sums, so pixels.
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
@@ -140,9 +143,10 @@ def test_resume_after_kill_equals_uninterrupted_run(tiny_dir, tmp_path):
 
 
 # The class images come from the tiny model in 4 steps, 4 a batch.
-TINY_PRIOR = dict(model=ModelSource("tiny"), prior=PriorSampling(steps=4, batch_size=4))
+TINY_PRIOR = dict(model=ModelSource("tiny"), prior=PriorSampling(steps=4, batch_size=4), val_class_images=0)
 
 
+@pytest.mark.integration
 def test_fit_generates_missing_class_images_first(tiny_dir, photos, tmp_path):
     from dreambooth_pl.module import DreamBoothModule
 

@@ -49,7 +49,7 @@ def test_public_architecture_trains_and_samples(arch, prediction, tmp_path):
             losses.append(float(outputs["loss"]))
 
     pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-               enable_model_summary=False, callbacks=[Rec()]).fit(m, datamodule=dm)
+               enable_model_summary=False, limit_val_batches=0, callbacks=[Rec()]).fit(m, datamodule=dm)
     assert len(losses) == 1 and torch.isfinite(torch.tensor(losses[0]))
     assert not torch.equal(before, m.unet.conv_out.weight)
     pipe = components.pipeline(m.parts(), sampler="dpm++")
@@ -75,7 +75,7 @@ def test_sdxl_size_lora_trains_one_step_and_samples(tmp_path):
                               class_dir=str(make_photos(tmp_path / "c", 2, seed=5)), resolution=64, min_image_size=64,
                               batch_size=1, bucket_step=16, model=m.source())
     pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-               enable_model_summary=False, precision="bf16-mixed").fit(m, datamodule=dm)
+               enable_model_summary=False, limit_val_batches=0, precision="bf16-mixed").fit(m, datamodule=dm)
     assert dm.use_buckets
     moved = [n for n, p in m.named_parameters() if n in lora_before and not torch.equal(p, lora_before[n])]
     assert any(n.startswith("unet.") for n in moved) and any(n.startswith("text_encoder_2.") for n in moved)

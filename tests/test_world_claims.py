@@ -22,6 +22,8 @@ from dreambooth_pl.world_claims import (
     wanted,
 )
 
+pytestmark = pytest.mark.integration  # fits and samples the committed world models (~2 min)
+
 STAR = world.SUBJECTS["purple_star"]
 NIGHT = next(t for t in world.TEMPLATES if t["template"] == "a {0} {1} at night")
 BLUE = next(t for t in world.TEMPLATES if t["template"] == "a blue {0} {1}")

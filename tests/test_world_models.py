@@ -76,6 +76,7 @@ def _tiny_stages(seed: int) -> tuple[dict, dict, dict, torch.Tensor]:
     return vae_losses, t2i_losses, ip2p_losses, ip2p.conv_in.weight.detach().clone()
 
 
+@pytest.mark.integration
 def test_stages_are_deterministic_on_a_tiny_budget():
     first, again, other = _tiny_stages(0), _tiny_stages(0), _tiny_stages(1)
     assert first[:3] == again[:3] and torch.equal(first[3], again[3])
@@ -95,6 +96,7 @@ def test_tiny_world_saves_in_diffusers_layout(tmp_path):
         (tmp_path / "ip2p" / "unet" / "diffusion_pytorch_model.safetensors").stat().st_size
 
 
+@pytest.mark.integration
 def test_an_interrupted_build_resumes_after_its_last_stage_with_the_same_result(tmp_path, monkeypatch):
     r = wm.tiny_recipe()
     whole = wm.build_world(tmp_path / "whole", recipe=r, progress=False)
