@@ -12,21 +12,23 @@ ARGS ?=
 SHARED_DATA := $(abspath ../shared/data/dreambooth)
 DATA_URL := https://github.com/google/dreambooth
 
-# MODEL=tiny (or tiny-v, or tiny-xl: SDXL layout) layers the offline CPU config, MODEL=world the toy world's; neither
-# touches the network. MODEL=sdxl layers experiments/sdxl.yaml (SDXL base 1.0, 1024 px, LoRA); any other MODEL is a
-# hub id, folder or file.
-TINY_NAMES := tiny tiny-v tiny-xl
+# MODEL=tiny (or tiny-v, tiny-xl: SDXL layout, tiny-sd3, tiny-flux) layers the offline CPU config, MODEL=world the toy
+# world's; neither touches the network. MODEL=sdxl / sd3 / flux layer experiments/<model>.yaml (SDXL base 1.0, SD3.5
+# medium, FLUX.1-dev: 1024 px, LoRA); any other MODEL is a hub id, folder or file.
+TINY_NAMES := tiny tiny-v tiny-xl tiny-sd3 tiny-flux
 CONFIGS = --config experiments/base.yaml --config experiments/subjects/$(SUBJECT).yaml \
 	$(if $(filter $(TINY_NAMES),$(MODEL)),--config experiments/tiny.yaml) \
 	$(if $(filter world,$(MODEL)),--config experiments/world.yaml) \
 	$(if $(filter sdxl,$(MODEL)),--config experiments/sdxl.yaml) \
-	$(if $(filter-out sdxl,$(MODEL)),--model.pretrained $(MODEL))
+	$(if $(filter sd3,$(MODEL)),--config experiments/sd3.yaml) \
+	$(if $(filter flux,$(MODEL)),--config experiments/flux.yaml) \
+	$(if $(filter-out sdxl sd3 flux,$(MODEL)),--model.pretrained $(MODEL))
 OFFLINE = $(if $(filter $(TINY_NAMES) world,$(MODEL)),HF_HUB_OFFLINE=1)
 WORLD_SUBJECT ?= purple_star
 # A toy-world subject (subject_type: world in its YAML) needs the world's photos (made offline), not the DreamBench download.
 SUBJECT_DATA = $(if $(shell grep -s "subject_type: world" experiments/subjects/$(SUBJECT).yaml),world-data,data)
 
-.PHONY: help install demo test test-unit test-slow lint data priors fit experiment dreambench compare compare-bench sweep tiny-model world world-data world-claims clean
+.PHONY: help install demo test test-unit test-slow lint data priors fit experiment dreambench compare compare-bench sweep tiny-model world world-data world-claims world-ablations clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -77,7 +79,7 @@ dreambench: install data ## experiment over SUBJECTS="a b c", then one mean ± 9
 
 # The offline models' own InstructPix2Pix; otherwise the command's default (timbrooks/instruct-pix2pix, or
 # diffusers/sdxl-instructpix2pix-768 for an SDXL run).
-IP2P_MODEL = $(if $(filter tiny tiny-v,$(MODEL)),--model tiny-ip2p,$(if $(filter tiny-xl,$(MODEL)),--model tiny-xl-ip2p,$(if $(filter world,$(MODEL)),--model world-ip2p,)))
+IP2P_MODEL = $(if $(filter tiny tiny-v tiny-sd3 tiny-flux,$(MODEL)),--model tiny-ip2p,$(if $(filter tiny-xl,$(MODEL)),--model tiny-xl-ip2p,$(if $(filter world,$(MODEL)),--model world-ip2p,)))
 IP2P_ARGS = $(if $(filter $(TINY_NAMES),$(MODEL)),--steps 20,$(if $(filter world,$(MODEL)),--steps 25 --guidance 5,))
 compare: install $(SUBJECT_DATA) ## DreamBooth vs InstructPix2Pix on SUBJECT (reuses outputs/SUBJECT; runs the experiment if absent)
 	@[ -f outputs/$(SUBJECT)/metrics.json ] || $(MAKE) --no-print-directory experiment SUBJECT=$(SUBJECT) MODEL=$(MODEL) ARGS='$(ARGS)'
@@ -102,6 +104,9 @@ world: install ## train the toy world's models from scratch into models/world (V
 
 world-claims: install world-data ## measure DreamBooth's claims in the toy world against its judge -> outputs/world/claims.md
 	HF_HUB_OFFLINE=1 $(PY) -m dreambooth_pl world-claims --out outputs/world
+
+world-ablations: install world-data ## the ablations as curves on the validation subjects (CPU, < 60 min) -> outputs/world/ablations.md
+	HF_HUB_OFFLINE=1 $(PY) -m dreambooth_pl world-ablations --out outputs/world
 
 clean: ## remove outputs/, lightning_logs/ and wandb/ (keeps .venv, data and cache)
 	rm -rf outputs lightning_logs wandb

@@ -1,4 +1,5 @@
-"""Architecture tables: UNet, VAE, text-encoder and scheduler configs of the tiny models, SD 1.5 / 2.1 and SDXL.
+"""Architecture tables: UNet / transformer, VAE, text-encoder and scheduler configs of the tiny models, SD 1.5 / 2.1,
+SDXL, SD3.5 medium and FLUX.1-dev.
 
 Data only: `tiny.build_random` turns a table into random-initialised modules, and the tests build the public
 shapes on the meta device to check their parameter counts.
@@ -100,6 +101,63 @@ SDXL_TEXT_2 = dict(
     bos_token_id=49406, eos_token_id=49407, pad_token_id=0,
 )
 
+# ------------------------------------------------------------------------------------ flow-matching transformers
+# SD3 / SD3.5 and Flux.1 in miniature: a 16-channel VAE with a shift factor (the released ones' values), a rectified-
+# flow scheduler, and their text encoders (SD3: two CLIPs with projections + T5; Flux: CLIP + T5). T5 is small and
+# takes the offline T5 tokenizer (`tiny.build_t5_tokenizer`). Constraints diffusers imposes: SD3's caption
+# projection = heads x head dim, T5's width >= both CLIPs' widths together (they are zero-padded up to it), pooled =
+# both projections; Flux's rope axes sum to the head dim and its input is the 2 x 2-packed latents (4 x 16).
+
+
+def _flow_vae(shift: float, scale: float) -> dict:
+    return {**TINY_VAE, "latent_channels": 16, "use_quant_conv": False, "use_post_quant_conv": False,
+            "shift_factor": shift, "scaling_factor": scale}
+
+
+TINY_SD3_VAE = _flow_vae(0.0609, 1.5305)  # stabilityai/stable-diffusion-3-medium's VAE factors
+TINY_FLUX_VAE = _flow_vae(0.1159, 0.3611)  # black-forest-labs/FLUX.1-dev's
+TINY_CLIP_PROJ = TINY_TEXT  # CLIPTextModelWithProjection: 32 wide, 32-d projection
+TINY_CLIP_G = {**TINY_XL_TEXT_2, "projection_dim": 48}  # the second, 48 wide, 48-d projection, "!" padding
+
+
+def _t5(d_model: int) -> dict:
+    """T5 v1.1 encoder layout (gated GELU, untied), tiny; the vocabulary is the offline T5 tokenizer's (set by tiny.py)."""
+    return dict(d_model=d_model, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=0, num_heads=4,
+                relative_attention_num_buckets=8, relative_attention_max_distance=32, feed_forward_proj="gated-gelu",
+                dropout_rate=0.0, tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+                is_encoder_decoder=False)
+
+
+TINY_SD3_T5 = _t5(96)  # >= 32 + 48
+TINY_SD3_TRANSFORMER = dict(
+    sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
+    num_attention_heads=4, joint_attention_dim=96, caption_projection_dim=32, pooled_projection_dim=32 + 48,
+    pos_embed_max_size=16, dual_attention_layers=(), qk_norm=None,
+)
+SD3_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0)  # FlowMatchEulerDiscreteScheduler, static shift
+TINY_FLUX_T5 = _t5(64)
+TINY_FLUX_TRANSFORMER = dict(
+    patch_size=1, in_channels=64, out_channels=None, num_layers=1, num_single_layers=2, attention_head_dim=16,
+    num_attention_heads=2, joint_attention_dim=64, pooled_projection_dim=32, guidance_embeds=True,
+    axes_dims_rope=(4, 6, 6),
+)
+FLUX_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                      base_image_seq_len=256, max_image_seq_len=4096)  # FLUX.1-dev's: the shift follows image size
+
+# Public shapes (for parameter-count tests on the meta device and the slow tier): SD3.5 medium's transformer
+# (24 layers, 1536 wide, dual attention in the first 13, qk RMS norm) and FLUX.1-dev's (19 double + 38 single
+# blocks, 3072 wide, guidance embedding).
+SD35M_TRANSFORMER = dict(
+    sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+    pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm",
+)
+FLUX_DEV_TRANSFORMER = dict(
+    patch_size=1, in_channels=64, out_channels=None, num_layers=19, num_single_layers=38, attention_head_dim=128,
+    num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+    axes_dims_rope=(16, 56, 56),
+)
+
 ARCHITECTURES: dict[str, dict[str, dict]] = {
     "tiny": dict(unet=TINY_UNET, vae=TINY_VAE, text=TINY_TEXT, scheduler=SCHEDULER),
     "tiny-v": dict(unet=TINY_UNET, vae=TINY_VAE, text=TINY_TEXT, scheduler=V_SCHEDULER),
@@ -110,6 +168,13 @@ ARCHITECTURES: dict[str, dict[str, dict]] = {
     "tiny-xl-ip2p": dict(unet=TINY_XL_IP2P_UNET, vae=TINY_XL_VAE, text=TINY_TEXT, text_2=TINY_XL_TEXT_2,
                          scheduler=XL_SCHEDULER),
     "sdxl": dict(unet=SDXL_UNET, vae=SDXL_VAE, text=SDXL_TEXT, text_2=SDXL_TEXT_2, scheduler=XL_SCHEDULER),
+    # Flow-matching transformers: `transformer` instead of `unet`, `t5` the T5 encoder's config.
+    "tiny-sd3": dict(transformer=TINY_SD3_TRANSFORMER, vae=TINY_SD3_VAE, text=TINY_CLIP_PROJ, text_2=TINY_CLIP_G,
+                     t5=TINY_SD3_T5, scheduler=SD3_SCHEDULER),
+    "tiny-flux": dict(transformer=TINY_FLUX_TRANSFORMER, vae=TINY_FLUX_VAE, text=TINY_TEXT, t5=TINY_FLUX_T5,
+                      scheduler=FLUX_SCHEDULER),
+    "sd35-medium": dict(transformer=SD35M_TRANSFORMER, scheduler=SD3_SCHEDULER),
+    "flux-dev": dict(transformer=FLUX_DEV_TRANSFORMER, scheduler=FLUX_SCHEDULER),
 }
 
 

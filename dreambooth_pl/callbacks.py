@@ -7,6 +7,8 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -14,17 +16,19 @@ import pytorch_lightning as pl
 import torch
 import wandb
 from PIL import Image
+from pytorch_lightning.strategies import FSDPStrategy
+from torch.distributed.fsdp import FullyShardedDataParallel
 
 from .data import Subject, load_image
 from .encoders import load_encoders
 from .evaluation import (
-    PAPER_ROWS,
     EvalPrompt,
     Protocol,
     Scored,
     check_seeds_apart,
     encoder_info,
     protocol_prompts,
+    reference_rows,
     sample,
     score,
 )
@@ -188,13 +192,18 @@ class SampleAndScore(pl.Callback):
                      class_prompt: str) -> None:
         """This rank's share of the (prompt, seed) jobs, written as <index>_<seed>.png (class_<seed>.png for PRES)."""
         mine = jobs[trainer.global_rank :: trainer.world_size]
+        real = len(mine)
+        if isinstance(trainer.strategy, FSDPStrategy):
+            # FSDP gathers each layer's shards at every forward, a collective: every rank must run as many
+            # forwards, so the shorter shares are padded with a repeat of their last job (not saved).
+            mine += mine[-1:] * (-(-len(jobs) // trainer.world_size) - len(mine))
         was_training = pl_module.training
         pl_module.eval()
-        with pl_module.averaged():  # the EMA weights when model.optim.ema_decay is set
+        with full_weights(trainer, recurse=False), pl_module.averaged():  # EMA weights when ema_decay is set
             images = sample(pl_module.parts(), [ep.prompt if ep else class_prompt for ep, _ in mine],
                             [s for _, s in mine], self.run_protocol, self.batch_size)
         pl_module.train(was_training)
-        for (ep, seed), img in zip(mine, images, strict=True):
+        for (ep, seed), img in zip(mine[:real], images[:real], strict=True):
             img.save(folder / (f"{ep.index:02d}_{seed}.png" if ep else f"class_{seed}.png"))
 
     def _run_stage(self, trainer, pl_module, stage: str, target: _Target, prompts: list[EvalPrompt],
@@ -232,7 +241,7 @@ class SampleAndScore(pl.Callback):
             "protocol": dataclasses.asdict(self.run_protocol),
             **info,
             "real_photos": [str(p) for p in target.photos],
-            "reference": PAPER_ROWS,
+            "reference": reference_rows(self.encoders or {}),
             "stages": target.results,
         }
         write_json(target.out / "metrics.json", payload)
@@ -263,6 +272,21 @@ def _seed() -> int | None:
 def _fit_done(trainer: pl.Trainer) -> bool:
     """After-fit work runs once (rank zero) and only after a fit that was not interrupted."""
     return trainer.is_global_zero and not trainer.interrupted
+
+
+@contextmanager
+def full_weights(trainer: pl.Trainer, recurse: bool = True) -> Iterator[None]:
+    """Under FSDP, every rank gathers the model's shards for the block (read only: changes made inside are not
+    written back); under every other strategy the weights are whole already. Every rank must enter it.
+
+    `recurse=False` gathers only the root's own parameters (what is not in a wrapped layer): enough to call the
+    module outside Lightning's steps, whose wrapped layers then gather themselves at each forward (a collective:
+    every rank must make the same calls)."""
+    if not isinstance(trainer.strategy, FSDPStrategy):
+        yield
+        return
+    with FullyShardedDataParallel.summon_full_params(trainer.strategy.model, writeback=False, recurse=recurse):
+        yield
 
 
 class RunRecord(pl.Callback):
@@ -316,8 +340,13 @@ class ExportModel(pl.Callback):
             print(f"Exported {kind} at step {step}: {path}")
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        if not (self.enabled and _fit_done(trainer)):
+        if not self.enabled or trainer.interrupted:
             return
+        with full_weights(trainer):  # every rank gathers under FSDP; rank zero writes
+            if trainer.is_global_zero:
+                self._export(trainer, pl_module)
+
+    def _export(self, trainer, pl_module) -> None:
         record = {"step": trainer.global_step, "weights": "last"}
         cb = trainer.checkpoint_callback
         if self.best and cb is not None and cb.monitor and cb.best_model_path and Path(cb.best_model_path).is_file():
@@ -360,7 +389,9 @@ class LearningProbe(pl.Callback):
         self.results: dict[str, tuple[float, float]] = {}  # subject -> (base, fine-tuned) denoising MSE
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        if not (self.enabled and _fit_done(trainer)):
+        # Rank zero measures and reports; under FSDP every rank computes too (each forward is a collective).
+        if not self.enabled or trainer.interrupted or not (trainer.is_global_zero or
+                                                           isinstance(trainer.strategy, FSDPStrategy)):
             return
         dm = trainer.datamodule
         base_model, several = pl_module.base_model(), len(dm.subjects) > 1
@@ -371,10 +402,12 @@ class LearningProbe(pl.Callback):
             # Both models in the training precision (Lightning's autocast, as in the steps): a memory preset's
             # half-precision frozen UNet under fp32 adapters needs it, and the two numbers stay comparable.
             with trainer.precision_plugin.forward_context():
-                with pl_module.averaged():
+                with full_weights(trainer, recurse=False), pl_module.averaged():
                     tuned = pl_module.denoising_mse(pixels, prompts, seed=self.seed)
                 base = base_model.denoising_mse(pixels, prompts, seed=self.seed)
             self.results[s.subject] = (base, tuned)
+            if not trainer.is_global_zero:
+                continue
             print(f"Denoising MSE on the instance photos{f' of {s.subject}' if several else ''} (fixed noise): "
                   f"base {base:.4f} -> fine-tuned {tuned:.4f} ({100 * (tuned - base) / base:+.1f}%)")
             key = f"probe/{s.subject}/" if several else "probe/"

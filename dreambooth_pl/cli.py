@@ -30,6 +30,7 @@ HELP = {
     "world-data": "write the toy world's subjects (DreamBench layout) into data/world",
     "world-build": "train the toy world's models from scratch into models/world (make world)",
     "world-claims": "measure DreamBooth's claims in the toy world against its judge (outputs/world/claims.md)",
+    "world-ablations": "DreamBooth's ablations as curves in the toy world (outputs/world/ablations.md)",
 }
 
 

@@ -22,7 +22,7 @@ from .config import parse_run_config
 from .data import list_images, load_image, write_benchmark_files
 from .encoders import KINDS as ENCODER_KINDS
 from .encoders import load_encoders
-from .evaluation import FILE_RE, PAPER_ROWS, encoder_info, protocol_prompts, real_vs_real, score
+from .evaluation import FILE_RE, encoder_info, protocol_prompts, real_vs_real, reference_rows, score
 from .export import export_checkpoint
 from .files import write_json
 from .instructpix2pix import DEFAULT_MODEL as IP2P_MODEL
@@ -30,6 +30,7 @@ from .instructpix2pix import compare as compare_run
 from .report import aggregate, aggregate_compare, report_run
 from .sharing import push_to_hub
 from .tiny import TINY, TINY_MODELS, build_random
+from .world_ablations import AblationSettings, run_ablations
 from .world_claims import ClaimsSettings, run_claims
 
 XL_IP2P_MODEL = BACKBONES["sdxl"].default_ip2p
@@ -74,7 +75,7 @@ def evaluate(a: argparse.Namespace) -> None:
     """Score a folder of generated images (or the photos against each other) with the DreamBench protocol."""
     enc = load_encoders(a.encoders, device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     real = [load_image(x) for x in list_images(a.subject)]
-    info = {"subject": a.subject, **encoder_info(enc), "reference": PAPER_ROWS}
+    info = {"subject": a.subject, **encoder_info(enc), "reference": reference_rows(enc)}
     if a.real_vs_real:
         result = {**info, "real_vs_real": real_vs_real(enc, real), "num_photos": len(real)}
         out = Path(a.out or "metrics_real_vs_real.json")
@@ -206,16 +207,32 @@ def world_build(a: argparse.Namespace) -> None:
 
 def add_world_claims_args(p: argparse.ArgumentParser) -> None:
     d = ClaimsSettings()
-    p.add_argument("--subjects", nargs="+", default=list(d.subjects), choices=list(world.SUBJECTS), help="world subjects")
+    p.add_argument("--subjects", nargs="+", default=list(d.subjects), choices=list(world.ALL_SUBJECTS),
+                   help="world subjects (default: the reported ones; the validation ones are for tuning)")
     p.add_argument("--seeds", nargs="+", type=int, default=list(d.seeds), help="seeds per subject")
-    p.add_argument("--steps", type=int, default=d.steps, help="fine-tuning steps")
+    p.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default: world.yaml's trainer.max_steps)")
     p.add_argument("--out", default="outputs/world", help="folder of claims.md, claims.json and the grids")
 
 
 def world_claims(a: argparse.Namespace) -> None:
     """Measure DreamBooth's claims (and the InstructPix2Pix contrast) in the toy world against its judge."""
-    s = dataclasses.replace(ClaimsSettings(), subjects=tuple(a.subjects), seeds=tuple(a.seeds), steps=a.steps)
+    steps = ("--trainer.max_steps", str(a.steps)) if a.steps else ()
+    s = dataclasses.replace(ClaimsSettings(), subjects=tuple(a.subjects), seeds=tuple(a.seeds), fit_args=steps)
     print(f"wrote {run_claims(s, a.out)}")
+
+
+def add_world_ablations_args(p: argparse.ArgumentParser) -> None:
+    d = AblationSettings()
+    p.add_argument("--subjects", nargs="+", default=list(d.subjects), choices=list(world.ALL_SUBJECTS),
+                   help="world subjects (default: the validation ones)")
+    p.add_argument("--seeds", nargs="+", type=int, default=list(d.seeds), help="seeds per subject (paired)")
+    p.add_argument("--out", default="outputs/world", help="folder of ablations.md, ablations.json and the figures")
+
+
+def world_ablations(a: argparse.Namespace) -> None:
+    """The ablations as curves in the toy world: steps, λ, learning rate, class images, prior kind; the trade-off."""
+    s = dataclasses.replace(AblationSettings(), subjects=tuple(a.subjects), seeds=tuple(a.seeds))
+    print(f"wrote {run_ablations(s, a.out)}")
 
 
 # name -> (declare options, run); the one-line help of each is cli.HELP's (the program's --help imports nothing heavy)
@@ -229,4 +246,5 @@ COMMANDS = {
     "world-data": (add_world_data_args, world_data),
     "world-build": (add_world_build_args, world_build),
     "world-claims": (add_world_claims_args, world_claims),
+    "world-ablations": (add_world_ablations_args, world_ablations),
 }

@@ -1,4 +1,5 @@
-"""Stable Diffusion parts (SD 1.x/2.x and SDXL): the only module that calls `from_pretrained` / `from_single_file`.
+"""Stable Diffusion parts (SD 1.x/2.x, SDXL, SD3/3.5, Flux.1): the only module that calls `from_pretrained` /
+`from_single_file`.
 
 Loads a hub id, a local diffusers folder, a single-file checkpoint or a tiny model name (`tiny.TINY_MODELS`),
 and builds the sampling schedulers and pipelines that share the loaded modules.
@@ -47,8 +48,10 @@ class SDComponents:
     noise_scheduler: Any  # DDPMScheduler for training (add_noise, alphas_cumprod)
     scheduler_config: dict = field(default_factory=dict)  # the model's own sampling scheduler config
     source: str = ""
-    tokenizer_2: Any = None  # SDXL's second tokenizer and text encoder (with the pooled projection); else None
+    tokenizer_2: Any = None  # SDXL's / SD3's second tokenizer and text encoder, Flux's T5; else None
     text_encoder_2: nn.Module | None = None
+    tokenizer_3: Any = None  # SD3's T5 (None also when an SD3 pipeline was saved without it)
+    text_encoder_3: nn.Module | None = None
 
     @property
     def backbone(self) -> Backbone:
@@ -61,7 +64,8 @@ class SDComponents:
 
     @property
     def prediction_type(self) -> str:
-        return self.noise_scheduler.config.prediction_type
+        """epsilon / v_prediction (the UNets' DDPM schedule), or flow (the transformers' rectified flow)."""
+        return "flow" if self.backbone.objective == "flow" else self.noise_scheduler.config.prediction_type
 
     @property
     def vae_scale_factor(self) -> int:
@@ -197,6 +201,9 @@ def load_components(
     wkw = dict(kw, variant=variant) if variant else kw
     try:
         index = dict(DiffusionPipeline.load_config(path, **kw))  # model_index.json: which parts the pipeline has
+        flow = backbone_of_pipeline(index.get("_class_name", ""))
+        if flow.objective == "flow":
+            return _load_flow_pipeline(flow, path, pretrained, dtype, wkw)
         xl = "text_encoder_2" in index
         if local.is_dir():
             needed = ("tokenizer", "text_encoder", "vae", "unet", "scheduler") + (("tokenizer_2", "text_encoder_2") if xl else ())
@@ -241,6 +248,19 @@ def load_components(
         source=pretrained,
         **second,
     )
+
+
+def _load_flow_pipeline(backbone: Backbone, path: str, pretrained: str, dtype: torch.dtype, kw: dict) -> SDComponents:
+    """An SD3 or Flux pipeline folder (or hub id) through its diffusers pipeline class: its parts, and the rectified-
+    flow scheduler that sets its training noise table."""
+    pipe = backbone.pipeline_class("text2img").from_pretrained(path, torch_dtype=dtype, **kw)
+    scheduler_config = dict(pipe.scheduler.config)
+    return SDComponents(
+        tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, vae=pipe.vae, unet=pipe.transformer,
+        noise_scheduler=diffusers.FlowMatchEulerDiscreteScheduler.from_config(scheduler_config),
+        scheduler_config=scheduler_config, source=pretrained, tokenizer_2=pipe.tokenizer_2,
+        text_encoder_2=pipe.text_encoder_2, tokenizer_3=getattr(pipe, "tokenizer_3", None),
+        text_encoder_3=getattr(pipe, "text_encoder_3", None))
 
 
 def _index_class(model: str) -> str | None:
@@ -312,7 +332,10 @@ SAMPLERS = get_args(Sampler)
 
 
 def sampling_scheduler(parts: SDComponents, sampler: str = "default"):
-    """The model's own sampling scheduler (`default`) or another one built from its config."""
+    """The model's own sampling scheduler (`default`) or another one built from its config. The flow-matching
+    models (SD3, Flux) always sample with their own (the DDPM-family samplers do not apply to a rectified flow)."""
+    if parts.backbone.objective == "flow":
+        return diffusers.FlowMatchEulerDiscreteScheduler.from_config(parts.scheduler_config)
     classes = {
         "ddim": diffusers.DDIMScheduler,
         "dpm++": diffusers.DPMSolverMultistepScheduler,

@@ -161,11 +161,21 @@ def parse_fit_args(args: list[str]) -> Namespace:
     return _make_cli(_ParseOnlyCLI, ["fit", *args], run=True, save_config_callback=None).config
 
 
+def _section(fit: Namespace, key: str, cls: type):
+    """One section of a parsed fit config (`model` or `data`), built alone by jsonargparse from its values."""
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(cls, key)
+    return parser.instantiate(parser.parse_object({key: fit[key]}))[key]
+
+
 def data_module(fit: Namespace) -> DreamBoothDataModule:
     """The data module of a parsed fit config, built alone (no model loads): its photos and class images."""
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_class_arguments(DreamBoothDataModule, "data")
-    return parser.instantiate(parser.parse_object({"data": fit.data})).data
+    return _section(fit, "data", DreamBoothDataModule)
+
+
+def module(fit: Namespace) -> DreamBoothModule:
+    """The model of a parsed fit config (`model:`), loaded, without a trainer."""
+    return _section(fit, "model", DreamBoothModule)
 
 
 def parse_run_config(run_dir: str | Path):

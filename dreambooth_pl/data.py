@@ -29,6 +29,7 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".
 register_heif_opener()
 CAPTIONS_FILE = "captions.jsonl"  # optional, beside the photos: {"file": "01.jpg", "caption": "a sks dog on a sofa"}
 NOT_PHOTOS = {SETTINGS, MANIFEST, CAPTIONS_FILE}  # the cache's and the captions' own files, never warned about
+MASK_SUFFIX = "_mask"  # <photo stem>_mask.<image extension> beside a photo: where its loss counts (white) and not
 SubjectType = Literal["object", "live", "world"]  # which prompts_<type>.txt evaluates it (world: the toy world)
 
 
@@ -136,6 +137,39 @@ def load_image(path: Path, min_size: int = 0) -> Image.Image:
     return img
 
 
+def mask_file(photo: Path) -> Path | None:
+    """The photo's mask file beside it (`<stem>_mask.<ext>`, any image extension), if there is one."""
+    found = [p for p in sorted(photo.parent.glob(f"{photo.stem}{MASK_SUFFIX}.*")) if p.suffix.lower() in IMAGE_EXTENSIONS]
+    return found[0] if found else None
+
+
+def load_mask(photo: Path) -> Image.Image | None:
+    """Where a photo's loss counts, as an 8-bit L image of the photo's size: its mask file (white = counts, black =
+    does not, grey between), else its alpha channel when it has transparent pixels; None = everywhere. A mask of
+    another size than the photo is refused, naming both."""
+    mask = mask_file(photo)
+    try:
+        if mask is not None:
+            with Image.open(mask) as f:
+                m = ImageOps.exif_transpose(f).convert("L")
+            with Image.open(photo) as f:
+                size = ImageOps.exif_transpose(f).size
+            if m.size != size:
+                raise DataError(f"mask {mask} is {m.size[0]}x{m.size[1]} px but its photo {photo} is {size[0]}x{size[1]}: "
+                                f"give the mask the photo's size")
+            return m
+        with Image.open(photo) as f:
+            img = ImageOps.exif_transpose(f)
+            if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+                alpha = img.convert("RGBA").getchannel("A")
+                return alpha if alpha.getextrema()[0] < 255 else None
+    except DataError:
+        raise
+    except Exception as e:
+        raise DataError(f"cannot read the mask of {photo}: {e}; fix or remove {mask or photo}") from e
+    return None
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
     """Convert any mode to RGB, compositing transparency onto white."""
     has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
@@ -186,11 +220,13 @@ def list_images(folder: str | Path, min_size: int = 0, what: str = "instance") -
     if not folder.is_dir():
         raise DataError(f"{what} folder {folder} is not a folder: set {key} to a folder of photos")
     files = sorted(p for p in folder.iterdir() if not p.name.startswith(".") and p.is_file())
-    paths = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
+    masks = {p for p in files if p.stem.endswith(MASK_SUFFIX) and p.suffix.lower() in IMAGE_EXTENSIONS}
+    paths = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS and p not in masks]
     exts = ", ".join(sorted(IMAGE_EXTENSIONS))
     stems = {p.stem for p in paths}  # <photo>.txt is that photo's caption
     unused = [p.name for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS and p.name not in NOT_PHOTOS
               and not (p.suffix == ".txt" and p.stem in stems)]
+    unused += [p.name for p in sorted(masks) if p.stem.removesuffix(MASK_SUFFIX) not in stems]  # a mask of no photo
     if unused:
         warnings.warn(f"{what} folder {folder}: not using {', '.join(unused)} (not an image: accepted extensions "
                       f"are {exts}; convert them or move them out)", stacklevel=2)
@@ -231,6 +267,7 @@ class DreamBoothDataset(Dataset):
         class_groups: list[list[int]] | None = None,
         class_prompts: list[str] | None = None,
         buckets: list[tuple[int, int]] | None = None,
+        masks: bool = True,
     ) -> None:
         if not instance_images:
             raise DataError("DreamBoothDataset got no instance images: check data.instance_dir")
@@ -271,6 +308,8 @@ class DreamBoothDataset(Dataset):
             empty = [s for s in range(n_subjects) if self.members[s] and not self.class_members[s]]
             if empty:
                 raise DataError(f"subject {empty[0]} has photos but no class images: give every subject class images")
+        # Photo j's mask (its mask file or alpha channel) weights its loss; None = every pixel counts.
+        self.has_mask = [masks and load_mask(p) is not None for p in self.instance_images]
         # (width, height) buckets and photo j's bucket index; None = square crops at `resolution`.
         self.buckets = buckets
         self.bucket_of_photo = [nearest_bucket(*load_image(p).size, buckets) for p in self.instance_images] if buckets else []
@@ -316,13 +355,31 @@ class DreamBoothDataset(Dataset):
         with load_image(path, min_size=self.min_image_size) as img:
             return self.transform(img, bucket)
 
+    def _load_instance(self, j: int, bucket: int) -> tuple[torch.Tensor | None, bool, torch.Tensor | None,
+                                                           torch.Tensor | None]:
+        """Photo j as `_load`, and its mask (1, h, w) in [0, 1] cropped and flipped with it (None without a mask)."""
+        path = self.instance_images[j]
+        if not self.has_mask[j]:
+            return (*self._load(path, bucket), None)
+        mask = TF.pil_to_tensor(load_mask(path))  # (1, H, W) uint8
+        size = self.buckets[bucket] if bucket >= 0 else None
+        if not self.load_pixels:  # cached latents: center crops, so the mask needs only the flip the loader draws
+            flipped = self._draw_flip()
+            m, _, _ = crop_image(mask, self.resolution, size, True, lambda: flipped)
+            return None, flipped, None, (m + 1) / 2
+        with load_image(path, min_size=self.min_image_size) as img:
+            x = torch.cat([TF.pil_to_tensor(img), mask])  # (4, H, W): the mask rides along every crop and flip
+        both, flipped, ids = crop_image(x, self.resolution, size, self.center_crop, self._draw_flip)
+        return both[:3], flipped, ids, (both[3:] + 1) / 2
+
     def __getitem__(self, i: int) -> dict[str, Any]:
         if not 0 <= i < len(self):
             raise IndexError(f"index {i} out of range for dataset of length {len(self)}")
         idx, cidx = self.pair(i)
         bucket = self.bucket(i)
-        pixels, flipped, ids = self._load(self.instance_images[idx], bucket)
+        pixels, flipped, ids, mask = self._load_instance(idx, bucket)
         example: dict[str, Any] = {
+            "instance_loss_mask": mask,
             "instance_pixel_values": pixels,
             "instance_prompt": self.instance_prompts[idx] if self.instance_prompts else self.instance_prompt,
             "instance_index": idx,
@@ -393,6 +450,10 @@ def collate(examples: list[dict]) -> dict[str, Any]:
         # (2B, 3, h, w) with class images, else (B, 3, h, w); plain layout so the VAE sees NCHW.
         batch["pixel_values"] = torch.stack(pixels).contiguous(memory_format=torch.contiguous_format)
         batch["time_ids"] = torch.stack(ids)  # (2B or B, 6) SDXL size/crop conditioning
+    masks = [e.get("instance_loss_mask") for e in examples]
+    if any(m is not None for m in masks):  # (B, 1, h, w) in [0, 1] for the instance rows; a photo without one: all 1
+        shape = next(m for m in masks if m is not None).shape
+        batch["loss_mask"] = torch.stack([m if m is not None else torch.ones(shape) for m in masks])
     return batch
 
 
@@ -459,6 +520,7 @@ class DreamBoothDataModule(pl.LightningDataModule):
         max_aspect_ratio: float = 2.0,
         val_class_images: int = 8,
         val_photos: int = 0,
+        masks: bool = True,
     ) -> None:
         """The photos, the class images and how batches are made (the `data:` section).
 
@@ -494,6 +556,8 @@ class DreamBoothDataModule(pl.LightningDataModule):
                 num_class_images trained on, same settings and cache) for val/loss_prior; 0 = none
             val_photos: photos of each subject held out of training (its last ones by name) for val/loss_instance;
                 0 = val/loss_instance scores the training photos (how well they are fitted, not generalisation)
+            masks: weight a photo's loss by its mask, `<photo>_mask.png` beside it (white counts, black does not) or
+                its alpha channel; false = every pixel counts
         """
         config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
@@ -653,6 +717,7 @@ class DreamBoothDataModule(pl.LightningDataModule):
             class_groups=class_groups if prior else None,
             class_prompts=[s.class_prompt for s in self.subjects],
             buckets=self.bucket_sizes(),
+            masks=hp.masks,
         )
 
     def cache_views(self) -> Iterator[tuple[tuple[str, int, int], torch.Tensor, torch.Tensor]]:

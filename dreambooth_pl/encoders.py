@@ -31,6 +31,7 @@ from torchvision import transforms as T
 from torchvision.models import AlexNet_Weights
 
 from .judge import Judge, JudgeLoadError, load_judge, parse_prompt, to_pixels
+from .world import IDENTITY
 
 KINDS = ("real", "tiny", "world")
 DINO_MODEL = "vit_small_patch16_224.dino"  # timm: ViT-S/16 trained with DINO (Caron et al. 2021)
@@ -293,35 +294,46 @@ class WorldEmbedding(_EvalOnly):
 
 
 class WorldAttributes(_EvalOnly):
-    """CLIP role: images as the attributes the judge reads, texts as the attributes they name, both unit one-hot."""
+    """CLIP role: images as the attributes the judge reads, texts as the attributes they name, one-hot rows over
+    `attributes` (default all 7; `IDENTITY` for the identity-only CLIP-I)."""
 
-    # Rows are one-hots concatenated over the 7 attributes (D = all classes), L2-normalised. Image-image cosine
-    # is the share of attributes two images agree on (CLIP-I); text-image cosine is agree / sqrt(7 k) for a
-    # prompt naming k attributes (CLIP-T): 1.0 when it names all 7 and the image has them, sqrt(k / 7) when
-    # it names k and all agree, 1 / sqrt(7 k) less per disagreement. judge.agreement gives the plain share.
+    # Rows are 0/1 one-hots concatenated over the attributes (D = their classes). Image-image cosine is the share of
+    # attributes two images agree on (CLIP-I: every image names every attribute). Text-image: `text_image_scores`,
+    # the share of the attributes the prompt names that the image has, whatever their number (a cosine would be
+    # agree / sqrt(7 k), capped at sqrt(k / 7) for a prompt naming k of the 7).
 
-    def __init__(self, judge: Judge) -> None:
+    def __init__(self, judge: Judge, attributes: Sequence[str] | None = None, name: str = "world judge: attributes"):
         super().__init__()
         self.judge = judge.eval().requires_grad_(False)
-        self.name, self.calibrated = "world judge: attributes", True
-        sizes = [len(v) for v in judge.classes.values()]
-        self.offsets = dict(zip(judge.classes, [sum(sizes[:i]) for i in range(len(sizes))], strict=True))
+        self.name, self.calibrated = name, True
+        self.attributes = list(attributes or judge.classes)
+        sizes = [len(judge.classes[k]) for k in self.attributes]
+        self.offsets = dict(zip(self.attributes, [sum(sizes[:i]) for i in range(len(sizes))], strict=True))
         self.dim: int = sum(sizes)
 
     def _one_hot(self, index: dict[str, Tensor], n: int, device: torch.device) -> Tensor:
-        """{attribute: (n,) class index, -1 = not named} -> (n, dim) unit rows (all-zero when nothing is named)."""
+        """{attribute: (n,) class index, -1 = not named} -> (n, dim) 0/1 rows (all-zero when nothing is named)."""
         out = torch.zeros(n, self.dim, device=device)
         for k, idx in index.items():
+            if k not in self.offsets:
+                continue
             named = idx >= 0
             out[named.nonzero()[:, 0], self.offsets[k] + idx[named]] = 1.0
-        return F.normalize(out, dim=-1)
+        return out
 
     def encode_images(self, images: Sequence[Image.Image], *, batch_size: int = 256) -> Tensor:
-        """(N, dim) float32: the judge's reading of each image as unit one-hot rows."""
+        """(N, dim) float32: the judge's reading of each image as one-hot rows."""
         def embed(x: Tensor) -> Tensor:
             logits, _ = self.judge(x)
             return self._one_hot({k: v.argmax(-1) for k, v in logits.items()}, x.shape[0], x.device)
         return _encode_batches(self, images, _judge_pixels, embed, batch_size)
+
+    @staticmethod
+    def text_image_scores(texts: Tensor, images: Tensor) -> Tensor:
+        """(N,) CLIP-T of aligned (prompt, image) rows: the share of the attributes a prompt names that the image
+        has (NaN for a prompt naming none)."""
+        named = texts.sum(-1)
+        return (texts * images).sum(-1) / named.where(named > 0, torch.full_like(named, float("nan")))
 
     def encode_texts(self, texts: Sequence[str], *, batch_size: int = 256) -> Tensor:
         """(N, dim) float32: the attributes each prompt names as unit one-hot rows (unknown words ignored)."""
@@ -359,13 +371,34 @@ class WorldDistance(_EvalOnly):
 # Loaders
 
 
+class WorldIdentityEmbedding(_EvalOnly):
+    """Identity-only DINO role: the judge's class probabilities of shape, body colour, marking and marking colour,
+    concatenated (background, size and position left out, so a photo's scene does not count as the subject)."""
+
+    def __init__(self, judge: Judge) -> None:
+        super().__init__()
+        self.judge = judge.eval().requires_grad_(False)
+        self.name, self.calibrated = "world judge: identity probabilities", True
+        self.dim: int = sum(len(judge.classes[k]) for k in IDENTITY)
+
+    def encode_images(self, images: Sequence[Image.Image], *, batch_size: int = 256) -> Tensor:
+        """(N, dim) float32 unit rows."""
+        def embed(x: Tensor) -> Tensor:
+            logits, _ = self.judge(x)
+            return F.normalize(torch.cat([logits[k].softmax(-1) for k in IDENTITY], -1).float(), dim=-1)
+        return _encode_batches(self, images, _judge_pixels, embed, batch_size)
+
+
 def load_world(device: str | torch.device = "cpu") -> dict[str, nn.Module]:
-    """The committed world judge in the three roles: {'dino': embedding, 'clip': attributes, 'lpips': distance}."""
+    """The committed world judge in the three roles, {'dino': embedding, 'clip': attributes, 'lpips': distance}, and
+    the identity-only ones that `evaluation.score` adds when present: {'dino_identity', 'clip_identity'}."""
     try:
         judge = load_judge(device=device)
     except JudgeLoadError as err:
         raise EncoderLoadError(str(err)) from err
-    return {"dino": WorldEmbedding(judge), "clip": WorldAttributes(judge), "lpips": WorldDistance(judge)}
+    return {"dino": WorldEmbedding(judge), "clip": WorldAttributes(judge), "lpips": WorldDistance(judge),
+            "dino_identity": WorldIdentityEmbedding(judge),
+            "clip_identity": WorldAttributes(judge, IDENTITY, "world judge: identity attributes")}
 
 
 def load_dino(kind: str = "real", device: str | torch.device = "cpu", *, cache_dir: str | Path | None = None) -> DinoEncoder:

@@ -13,7 +13,7 @@ from PIL import Image
 from . import components
 from .components import Sampler
 from .data import benchmark_prompts
-from .metrics import MeanValue, PairedCosine, PairwiseCosine, within_group_pairs
+from .metrics import MeanValue, PairwiseCosine, within_group_pairs
 
 # DreamBooth paper, Table 1 (mean over the 30 DreamBench subjects).
 PAPER_ROWS = {
@@ -21,6 +21,8 @@ PAPER_ROWS = {
     "Stable Diffusion, DreamBooth (paper)": {"dino": 0.668, "clip_i": 0.803, "clip_t": 0.305},
 }
 METRIC_KEYS = ("dino", "clip_i", "clip_t", "clip_t_no_token", "pres", "div")
+# Scores that only some encoders give (the toy world's judge): metric key -> its encoder role in `load_encoders`.
+OPTIONAL_KEYS = {"dino_identity": "dino_identity", "clip_i_identity": "clip_identity"}
 FILE_RE = re.compile(r"^(\d+)_(\d+)\.png$")  # samples/<stage>/<prompt index>_<seed>.png
 
 
@@ -90,14 +92,15 @@ def sample(parts: components.SDComponents, prompts: list[str], seeds: list[int],
         with mixed_precision(parts):
             out += pipe(prompt=p, num_inference_steps=protocol.steps, guidance_scale=protocol.guidance_scale,
                         height=protocol.resolution, width=protocol.resolution,
-                        generator=[torch.Generator("cpu").manual_seed(x) for x in s], output_type="pil").images
+                        generator=[torch.Generator("cpu").manual_seed(x) for x in s], output_type="pil",
+                        **parts.backbone.sample_kwargs).images
     return out
 
 
 def mixed_precision(parts: components.SDComponents):
     """Autocast to the half precision of the frozen parts when it differs from the UNet's (the memory presets keep
     the VAE and text encoder in bf16 and the trained UNet in fp32); a no-op when all parts share one dtype."""
-    dtypes = {m.dtype for m in (*parts.text_encoder_modules, parts.vae, parts.unet)}
+    dtypes = {m.dtype for m in (*parts.text_encoder_modules, parts.vae, parts.unet) if m is not None}
     if len(dtypes) == 1:
         return nullcontext()
     return torch.autocast(parts.unet.device.type, dtype=next(d for d in dtypes if d != torch.float32))
@@ -113,38 +116,64 @@ class Scored:
 
 
 def _new_metrics(keys) -> dict:
-    """A sum-and-count metric per key: pairwise cosine for subject fidelity, paired for CLIP-T, mean for DIV."""
-    return {k: PairwiseCosine() if k in ("dino", "clip_i", "pres") else PairedCosine() if k.startswith("clip_t")
-            else MeanValue() for k in keys}
+    """A sum-and-count metric per key: pairwise cosine for subject fidelity, a mean for CLIP-T (of `text_image_scores`)
+    and DIV. `score` is given every image (rank zero scores after the ranks sampled their shares), so the metrics
+    never sync over a process group: a sync there would wait for ranks that are not scoring."""
+    return {k: (PairwiseCosine if k in ("dino", "clip_i", "pres", *OPTIONAL_KEYS) else MeanValue)(sync_on_compute=False)
+            for k in keys}
 
 
-def _image_rows(ep: EvalPrompt, seeds: list[int], dino_real, clip_real, d, c, t) -> list[dict]:
-    """Per-image scores of one prompt: mean cosine to the real photos, cosine to the prompt."""
+def text_image_scores(clip, texts: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """(N,) CLIP-T of aligned (prompt, image) embedding rows: the encoder's own score when it has one (the world
+    judge: the share of the named attributes right), else their cosine."""
+    own = getattr(clip, "text_image_scores", None)
+    if own is not None:
+        return own(texts.double(), images.double())
     unit = lambda x: torch.nn.functional.normalize(x.double(), dim=-1)  # noqa: E731
-    dr, cr, dn, cn, tn = unit(dino_real), unit(clip_real), unit(d), unit(c), unit(t)
+    return (unit(texts) * unit(images)).sum(-1)
+
+
+def reference_rows(encoders: dict) -> dict[str, dict[str, float]]:
+    """The paper's Table 1 rows, shown beside scores on their scale (DINO / CLIP encoders); none beside the toy world's
+    judge, whose scores mean something else."""
+    return {} if any(str(getattr(e, "name", "")).startswith("world judge") for e in encoders.values()) else PAPER_ROWS
+
+
+def _image_rows(ep: EvalPrompt, seeds: list[int], dino_real, clip_real, d, c, clip_t) -> list[dict]:
+    """Per-image scores of one prompt: mean cosine to the real photos, CLIP-T (k,) to the prompt."""
+    unit = lambda x: torch.nn.functional.normalize(x.double(), dim=-1)  # noqa: E731
+    dr, cr, dn, cn = unit(dino_real), unit(clip_real), unit(d), unit(c)
     return [{"prompt_index": ep.index, "prompt": ep.prompt, "seed": seed, "dino": float((dr @ dn[j]).mean()),
-             "clip_i": float((cr @ cn[j]).mean()), "clip_t": float(tn[0] @ cn[j])} for j, seed in enumerate(seeds)]
+             "clip_i": float((cr @ cn[j]).mean()), "clip_t": float(clip_t[j])} for j, seed in enumerate(seeds)]
 
 
 @torch.inference_mode()
 def score(encoders: dict, real: list[Image.Image], groups: list[tuple[EvalPrompt, list[int], list[Image.Image]]],
           class_images: list[Image.Image] | None = None) -> Scored:
     """DINO / CLIP-I / CLIP-T (with and without the identifier) / DIV over prompt groups, PRES over class images."""
+    optional = {k: encoders[role] for k, role in OPTIONAL_KEYS.items() if role in encoders}  # the world's identity
     dino_real = encoders["dino"].encode_images(real)  # (R, Dd)
     clip_real = encoders["clip"].encode_images(real)  # (R, Dc)
-    m = _new_metrics(METRIC_KEYS)
+    real_of = {k: enc.encode_images(real) for k, enc in optional.items()}
+    m = _new_metrics((*METRIC_KEYS, *optional))
     per_prompt, rows = [], []
     for ep, seeds, images in groups:
         d = encoders["dino"].encode_images(images)  # (k, Dd)
         c = encoders["clip"].encode_images(images)  # (k, Dc)
         t = encoders["clip"].encode_texts([ep.prompt, ep.prompt_no_token])  # (2, Dc)
+        clip_t = text_image_scores(encoders["clip"], t[:1].expand_as(c), c)  # (k,)
+        clip_t_no_token = text_image_scores(encoders["clip"], t[1:].expand_as(c), c)
         # Fresh per-prompt metrics for the table; the stage metrics accumulate sums and counts.
-        p = _new_metrics(("dino", "clip_i", "clip_t", "clip_t_no_token", "div"))
+        p = _new_metrics(("dino", "clip_i", "clip_t", "clip_t_no_token", "div", *optional))
         for mm in (m, p):
             mm["dino"].update(dino_real, d)
             mm["clip_i"].update(clip_real, c)
-            mm["clip_t"].update(t[:1].expand_as(c), c)
-            mm["clip_t_no_token"].update(t[1:].expand_as(c), c)
+            mm["clip_t"].update(clip_t[~clip_t.isnan()])  # a prompt naming nothing the encoder reads: no score
+            mm["clip_t_no_token"].update(clip_t_no_token[~clip_t_no_token.isnan()])
+        for k, enc in optional.items():
+            g = enc.encode_images(images)
+            for mm in (m, p):
+                mm[k].update(real_of[k], g)
         pairs = within_group_pairs(len(images))
         if pairs:
             dist = encoders["lpips"].distances([images[i] for i, _ in pairs], [images[j] for _, j in pairs])
@@ -152,7 +181,7 @@ def score(encoders: dict, real: list[Image.Image], groups: list[tuple[EvalPrompt
             p["div"].update(dist)
         per_prompt.append({"index": ep.index, "prompt": ep.prompt,
                            **{k: float(v.compute()) for k, v in p.items() if k != "div" or pairs}})
-        rows += _image_rows(ep, seeds, dino_real, clip_real, d, c, t)
+        rows += _image_rows(ep, seeds, dino_real, clip_real, d, c, clip_t)
     if class_images:
         m["pres"].update(dino_real, encoders["dino"].encode_images(class_images))
     # PRES needs class images and DIV pairs of images of one prompt: no score (and no empty compute) without them.

@@ -44,10 +44,10 @@ def export_run(module, out_dir: str | Path, metadata: dict, single_file: bool = 
     out_dir = Path(out_dir)
     hp = module.hparams
     meta = {"base_model": hp.pretrained, "revision": hp.revision, **metadata}
-    width = module.unet.config.cross_attention_dim
-    prediction = module.noise_scheduler.config.prediction_type
-    if has_lora(module.unet) or any(has_lora(e) for e in module.text_encoders):
-        keys = share_metadata(meta, architecture(width, prediction, lora=True), KOHYA_IMPLEMENTATION)
+    width = module.unet.config.get("cross_attention_dim") or module.unet.config.get("joint_attention_dim")
+    arch = dict(cross_attention_dim=width, prediction_type=module.parts().prediction_type, backbone=module.backbone.name)
+    if has_lora(module.unet) or any(has_lora(e) for e in module.trainable_text_encoders):
+        keys = share_metadata(meta, architecture(**arch, lora=True), KOHYA_IMPLEMENTATION)
         paths = {f"lora ({kind})": path for kind, path in
                  export_lora(module, out_dir / "lora", metadata=keys, kohya_name=f"{share_name(meta)}_lora.safetensors").items()}
         write_card(out_dir, out_dir / "lora", meta, module.backbone.pipelines["text2img"])
@@ -56,8 +56,7 @@ def export_run(module, out_dir: str | Path, metadata: dict, single_file: bool = 
     paths = {"diffusers": export_pipeline(parts, out_dir / "model", meta)}
     write_card(out_dir, out_dir / "model", meta, module.backbone.pipelines["text2img"])
     if single_file:
-        keys = {**{k: str(v) for k, v in meta.items()}, **share_metadata(meta, architecture(width, prediction),
-                                                                        LDM_IMPLEMENTATION)}
+        keys = {**{k: str(v) for k, v in meta.items()}, **share_metadata(meta, architecture(**arch), LDM_IMPLEMENTATION)}
         paths["single file"] = export_single_file(parts, out_dir / f"{share_name(meta)}.safetensors", metadata=keys)
     return paths
 

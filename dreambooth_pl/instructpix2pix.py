@@ -14,7 +14,7 @@ from . import components
 from .backbones import BACKBONES
 from .data import class_prompt, list_images, load_image
 from .encoders import load_encoders
-from .evaluation import EvalPrompt, encoder_info, protocol_prompts, score
+from .evaluation import EvalPrompt, encoder_info, protocol_prompts, reference_rows, score
 from .files import square, write_image, write_json
 from .loggers import AutoWandbLogger, finish_wandb
 from .metrics import DirectionalSimilarity, PairedCosine
@@ -135,10 +135,11 @@ def load(pretrained: str = DEFAULT_MODEL, device: str | torch.device = "cpu", dt
          revision: str | None = None):
     """The InstructPix2Pix pipeline, loaded through components like every model."""
     parts = components.load_components(pretrained, revision=revision, dtype=dtype)
-    if parts.unet.config.in_channels != 8:
+    latent = parts.vae.config.latent_channels
+    if parts.unet.config.in_channels != 2 * latent:
         raise components.ModelLoadError(
             f"'{pretrained}' is not an InstructPix2Pix model: its UNet takes {parts.unet.config.in_channels} "
-            f"input channels, InstructPix2Pix needs 8 (noisy latents + image latents)")
+            f"input channels, InstructPix2Pix needs {2 * latent} (noisy latents + image latents, {latent} each)")
     return components.pipeline(parts, kind="instruct_pix2pix").to(device)
 
 
@@ -224,6 +225,7 @@ def compare(run_dir: str | Path, config, model: str | None = None, encoders: str
         if ims is not None:
             methods[name] = score_method(enc, photos, prompts, ims, class_prompt(d.class_noun), res)
     payload = {"subject": d.subject, "class_noun": d.class_noun, "model": model, **encoder_info(enc),
+               "reference": reference_rows(enc),
                "settings": {"images_per_prompt": k, "seed": seed, "steps": steps, "guidance_scale": guidance_scale,
                             "image_guidance_scale": image_guidance_scale, "resolution": res},
                "edits": [e.__dict__ for e in edits], "methods": methods, "cost": _cost(run_dir, out, stats, steps)}

@@ -266,8 +266,8 @@ def _alternation(words: Sequence[str]) -> str:
 def parse_prompt(text: str) -> dict[str, str]:
     """The attributes a prompt names, as judge class names; words it does not know ("sks") are ignored.
 
-    Grammar (world.phrases): '[size] [colour] shape', 'with a <c> <stripe|band>' / 'with <c> dots',
-    'on a <c> background' or a scene name, 'in the <position>'.
+    Grammar (world.phrases): '[size] [plain] [colour] shape', 'with a <c> <stripe|band>' / 'with <c> dots',
+    'on a <c> background' or a scene name, 'in the <position>'; "plain" is no marking.
     """
     t = " " + " ".join(re.findall(r"[a-z]+", text.lower())) + " "
     out: dict[str, str] = {}
@@ -279,6 +279,9 @@ def parse_prompt(text: str) -> dict[str, str]:
     if m and m.group(1) in world.ATTRIBUTES["background"]:
         out["background"] = m.group(1)
     t = re.sub(r" on an? \w+ background ", " ", t)
+    if " plain " in t:  # no marking, said ("a plain red star")
+        out["marking"], out["marking_color"] = "none", "none"
+        t = t.replace(" plain ", " ")
     m = re.search(r" with (?:an? )?(\w+) (stripe|band|dots?) ", t)
     if m and m.group(1) in world.VOCAB["marking_colors"]:
         out["marking"] = "dots" if m.group(2).startswith("dot") else m.group(2)

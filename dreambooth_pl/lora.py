@@ -1,10 +1,12 @@
-"""LoRA: inject peft adapters for training, and export them in the two formats tools load.
+"""LoRA (and DoRA): inject peft adapters for training, and export them in the two formats tools load.
 
-The adapters sit on the UNet (diffusers' `add_adapter`) and optionally on the CLIP text encoder(s) (peft's
-`inject_adapter_in_model`; SDXL has two). They are written in the diffusers format (`load_lora_weights`) and in
-the kohya-ss / A1111 format (`lora_unet_…` / `lora_te_…`, SDXL `lora_te1_…` / `lora_te2_…` keys with
-`lora_down`, `lora_up`, `alpha`). What differs between SD 1.x/2.x and SDXL (text encoders, their key prefixes,
-the pipeline class, the UNet's kohya names) comes from the UNet's backbone.
+The adapters sit on the denoiser (diffusers' `add_adapter`: the UNet, or the SD3 / Flux transformer) and optionally
+on the CLIP text encoder(s) (peft's `inject_adapter_in_model`; SDXL and SD3 have two). They are written in the
+diffusers format (`load_lora_weights`; ComfyUI reads it for SD3 and Flux too) and in the kohya-ss / A1111 / ComfyUI
+format (`lora_unet_…` / `lora_te_…`, SDXL `lora_te1_…` / `lora_te2_…` keys with `lora_down`, `lora_up`, `alpha`;
+SD3 / Flux under their original module names, q/k/v fused as the originals fuse them). What differs between
+backbones (text encoders, key prefixes, the pipeline class, the denoiser's kohya names) comes from the backbone.
+DoRA's magnitudes exist only in the diffusers format: its kohya file is not written.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import os
 import shutil
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,11 +27,12 @@ from diffusers import ModelMixin
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from . import files
 from .backbones import BACKBONES, Backbone, backbone_of
-from .single_file import TEXT_MODEL_PARTS, rename, string_metadata, unet_rules, unwrap
+from .single_file import TEXT_MODEL_PARTS, rename, string_metadata, transformer_linears, unet_rules, unwrap
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what `save_lora_weights` writes, `load_lora_weights` reads
 KOHYA_WEIGHT_NAME = "lora_kohya.safetensors"
@@ -45,6 +49,7 @@ def add_lora(
     alpha: float | None = None,
     dropout: float = 0.0,
     targets: list[str] | None = None,
+    use_dora: bool = False,
 ) -> None:
     """Add one LoRA adapter (gaussian init; alpha defaults to rank) to the `targets` layers of `module`.
 
@@ -58,12 +63,25 @@ def add_lora(
     if targets is None:
         targets = UNET_LORA_TARGETS if diffusers_model else TEXT_LORA_TARGETS
     cfg = LoraConfig(r=rank, lora_alpha=rank if alpha is None else alpha, lora_dropout=dropout,
-                     init_lora_weights="gaussian", target_modules=list(targets))
+                     init_lora_weights="gaussian", target_modules=list(targets), use_dora=use_dora)
     if diffusers_model:
         module.add_adapter(cfg)  # diffusers' integration: the pipeline's LoRA API then sees it
     else:
         # peft directly: transformers' own integration wants a newer peft than the registry has.
         inject_adapter_in_model(cfg, module)
+
+
+@contextmanager
+def adapters_off(*modules: nn.Module) -> Iterator[None]:
+    """Inside the block, every LoRA layer of `modules` gives its base layer's output (the model as pretrained)."""
+    layers = [m for module in modules for m in module.modules() if isinstance(m, BaseTunerLayer)]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
 
 
 @dataclass(frozen=True)
@@ -75,6 +93,7 @@ class _LoraWeights:
     rank: int
     lora_alpha: float  # as configured in peft
     rslora: bool  # peft scales by alpha / sqrt(rank) instead of alpha / rank
+    magnitude: torch.Tensor | None = None  # DoRA's (out,) magnitude vector; None for plain LoRA
 
     @property
     def kohya_alpha(self) -> float:
@@ -110,9 +129,10 @@ def _collect_lora(module: nn.Module, adapter_name: str | None, what: str) -> dic
     for name, m in layers.items():
         if adapter not in m.lora_A:
             continue
+        dora = bool(m.use_dora.get(adapter))
         variant = getattr(m, "lora_variant", {}).get(adapter)
-        if m.use_dora.get(adapter) or variant is not None or m.lora_bias.get(adapter):
-            raise NotImplementedError(f"{what}.{name}: DoRA / LoRA variants / lora_bias are not exportable here")
+        if (variant is not None and not dora) or m.lora_bias.get(adapter):
+            raise NotImplementedError(f"{what}.{name}: LoRA variants other than DoRA / lora_bias are not exportable here")
         if adapter in getattr(m, "lora_embedding_A", {}):
             raise NotImplementedError(f"{what}.{name}: embedding LoRA is not exportable here")
         out[name] = _LoraWeights(
@@ -121,6 +141,7 @@ def _collect_lora(module: nn.Module, adapter_name: str | None, what: str) -> dic
             rank=int(m.r[adapter]),
             lora_alpha=float(m.lora_alpha[adapter]),
             rslora=bool(m.use_rslora.get(adapter, False)),
+            magnitude=m.lora_magnitude_vector[adapter].weight.detach() if dora else None,
         )
     return out
 
@@ -145,7 +166,7 @@ def _peft_metadata(layers: Mapping[str, _LoraWeights]) -> dict:
     if len(rslora) != 1:
         raise NotImplementedError("LoRA layers mix rsLoRA and plain scaling; one adapter config cannot express that")
     short = {n.removeprefix("text_model."): w for n, w in layers.items()}
-    return {
+    meta = {
         "r": r,
         "lora_alpha": alpha,
         "target_modules": sorted(short),
@@ -153,6 +174,13 @@ def _peft_metadata(layers: Mapping[str, _LoraWeights]) -> dict:
         "alpha_pattern": {n: w.lora_alpha for n, w in short.items() if w.lora_alpha != alpha},
         "use_rslora": rslora.pop(),
     }
+    if any(w.magnitude is not None for w in layers.values()):
+        meta["use_dora"] = True
+    return meta
+
+
+def is_dora(layers: Mapping[str, _LoraWeights]) -> bool:
+    return any(w.magnitude is not None for w in layers.values())
 
 
 def _cpu(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
@@ -223,8 +251,8 @@ def _lora_parts(unet: nn.Module | None, text_encoders: Mapping[str, nn.Module | 
     extra = [a for a, m in text_encoders.items() if m is not None and a not in backbone.lora_text_prefixes]
     if extra:
         raise ValueError(f"{', '.join(extra)} given, but a {backbone.label} UNet has no such text encoder")
-    parts = [_Part("unet", unet, "unet_lora_layers", KOHYA_UNET_PREFIX,
-                   kohya_unet_namer(unet) if kohya else str)] if has_lora(unet) else []
+    parts = [_Part("unet", unet, f"{backbone.denoiser}_lora_layers", KOHYA_UNET_PREFIX,
+                   kohya_unet_namer(unet) if kohya and backbone.objective != "flow" else str)] if has_lora(unet) else []
     for attr, (kwarg, prefix) in backbone.lora_text_prefixes.items():
         module = text_encoders.get(attr)
         if has_lora(module):
@@ -263,7 +291,12 @@ def export_lora_diffusers(
         for name, w in layers.items():
             peft_state[f"{name}.lora_A.weight"] = _cpu(w.down, dtype)
             peft_state[f"{name}.lora_B.weight"] = _cpu(w.up, dtype)
-        kwargs[part.diffusers_kwarg] = convert_state_dict_to_diffusers(peft_state)
+            if w.magnitude is not None:
+                peft_state[f"{name}.lora_magnitude_vector"] = _cpu(w.magnitude, dtype)
+        # The SD3 / Flux loaders read peft's own keys; SD 1.x/2.x/XL files use diffusers' older names (DoRA's
+        # magnitudes have none there, so a DoRA adapter keeps peft's keys, which those loaders read too).
+        keep = backbone.objective == "flow" or is_dora(layers)
+        kwargs[part.diffusers_kwarg] = peft_state if keep else convert_state_dict_to_diffusers(peft_state)
         kwargs[part.diffusers_metadata_kwarg] = _peft_metadata(layers)
 
     path = folder / LORA_WEIGHT_NAME
@@ -300,16 +333,61 @@ def lora_kohya_state_dict(
     `lora_te1_` for SD 1.x, and diffusers' UNet paths for SDXL.)
     """
     _check_dtype(dtype)
-    _, parts = _lora_parts(unet, {"text_encoder": text_encoder, "text_encoder_2": text_encoder_2}, kohya=True)
+    backbone, parts = _lora_parts(unet, {"text_encoder": text_encoder, "text_encoder_2": text_encoder_2}, kohya=True)
     out: dict[str, torch.Tensor] = {}
     for part in parts:
-        for name, w in _collect_lora(part.module, adapter_name, part.attr).items():
+        layers = _collect_lora(part.module, adapter_name, part.attr)
+        if is_dora(layers):
+            raise NotImplementedError(f"{part.attr}: DoRA's magnitudes have no kohya keys; its adapters are exported "
+                                      f"in the diffusers format only")
+        if part.attr == "unet" and backbone.objective == "flow":
+            out.update(_fused_kohya(layers, transformer_linears(unwrap(unet).config, backbone.single_file_layout),
+                                    unwrap(unet), dtype))
+            continue
+        for name, w in layers.items():
             key = part.kohya_prefix + part.rename(name).replace(".", "_")
             if f"{key}.alpha" in out:
                 raise AssertionError(f"two modules map to the kohya name {key}")
             out[f"{key}.lora_down.weight"] = _cpu(w.down, dtype)
             out[f"{key}.lora_up.weight"] = _cpu(w.up, dtype)
             out[f"{key}.alpha"] = torch.tensor(w.kohya_alpha, dtype=dtype or w.down.dtype)
+    return out
+
+
+def _fused_kohya(layers: Mapping[str, _LoraWeights], linears: Mapping[str, tuple[str, ...]], transformer: nn.Module,
+                 dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """An SD3 / Flux transformer's LoRA under its original module names (`lora_unet_double_blocks_0_img_attn_qkv`).
+    Where the original fuses several diffusers Linears (q, k, v [, mlp]) the LoRAs are stacked: down = the parts'
+    downs one below the other, up = their ups on the block diagonal (a part without LoRA adds zeros), so that
+    up @ down, scaled by alpha / rank of the stack, is each part's update in its rows. This is how kohya's sd-scripts
+    and diffusers' reader of Flux files lay them out."""
+    modules = dict(transformer.named_modules())
+    out: dict[str, torch.Tensor] = {}
+    for original, sources in linears.items():
+        mine = [layers.get(src) for src in sources]
+        if not any(mine):
+            continue
+        ranks = {w.rank for w in mine if w is not None}
+        scales = {w.lora_alpha / (math.sqrt(w.rank) if w.rslora else w.rank) for w in mine if w is not None}
+        if len(ranks) != 1 or len(scales) != 1:
+            raise NotImplementedError(f"{original}: its fused parts {sources} have different LoRA ranks or alphas")
+        r, scale = ranks.pop(), scales.pop()
+        outs = [modules[src].base_layer.out_features if hasattr(modules[src], "base_layer") else modules[src].out_features
+                for src in sources]
+        ins = modules[sources[0]].in_features if not hasattr(modules[sources[0]], "base_layer") else \
+            modules[sources[0]].base_layer.in_features
+        down = torch.zeros(r * len(sources), ins)
+        up = torch.zeros(sum(outs), r * len(sources))
+        row = 0
+        for k, (w, n) in enumerate(zip(mine, outs, strict=True)):
+            if w is not None:
+                down[k * r : (k + 1) * r] = w.down.float().cpu()
+                up[row : row + n, k * r : (k + 1) * r] = w.up.float().cpu()
+            row += n
+        key = KOHYA_UNET_PREFIX + original.replace(".", "_")
+        out[f"{key}.lora_down.weight"] = _cpu(down, dtype)
+        out[f"{key}.lora_up.weight"] = _cpu(up, dtype)
+        out[f"{key}.alpha"] = torch.tensor(scale * r * len(sources), dtype=dtype or torch.float32)  # alpha / rank kept
     return out
 
 
@@ -370,10 +448,13 @@ def export_lora(
     """
     folder = Path(folder)
     unet = module_or_parts.unet
-    encoders = {attr: getattr(module_or_parts, attr, None) for attr in lora_backbone(unet).text_encoders}
+    encoders = {attr: getattr(module_or_parts, attr, None) for attr in lora_backbone(unet).lora_text_prefixes}
     encoders = {attr: module for attr, module in encoders.items() if has_lora(module)}
-    return {
-        "diffusers": export_lora_diffusers(unet, folder=folder, adapter_name=adapter_name, **encoders),
-        "kohya": export_lora_kohya(unet, path=folder / kohya_name, dtype=kohya_dtype, adapter_name=adapter_name,
-                                   metadata=metadata, **encoders),
-    }
+    paths = {"diffusers": export_lora_diffusers(unet, folder=folder, adapter_name=adapter_name, **encoders)}
+    if any(is_dora(_collect_lora(m, adapter_name, a)) for a, m in {"unet": unet, **encoders}.items() if has_lora(m)):
+        print(f"DoRA: {folder / kohya_name} is not written (the kohya format has no magnitudes); the diffusers file "
+              f"holds the adapter")
+        return paths
+    paths["kohya"] = export_lora_kohya(unet, path=folder / kohya_name, dtype=kohya_dtype, adapter_name=adapter_name,
+                                       metadata=metadata, **encoders)
+    return paths

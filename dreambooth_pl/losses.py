@@ -43,14 +43,22 @@ def prior_preservation_loss(
     num_instance: int,
     prior_loss_weight: float = 1.0,
     sample_weights: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """MSE on rows [0, n) (instance) + weight * MSE on rows [n, 2n) (class prior).
+    """MSE on rows [0, n) (instance) + weight * MSE on rows [n, N) (class prior).
 
-    `sample_weights` (N,) scales each row's MSE (min-SNR); None weighs rows equally.
+    `sample_weights` (N,) scales each row's MSE (min-SNR, flow weighting); None weighs rows equally. `mask`
+    (n, 1, h, w) in [0, 1] weights the instance rows' pixels (a photo's mask at latent size): each such row's MSE is
+    the mask-weighted mean, so a masked photo counts as much as an unmasked one.
     Returns (total, {"instance": ..., "prior": ...}). Without class rows the prior part is 0.
     """
     pred, target = pred.float(), target.float()
-    per_row = (pred - target).pow(2).flatten(1).mean(1)  # (N,) mean over C, h, w
+    err = (pred - target).pow(2)  # (N, C, h, w)
+    per_row = err.flatten(1).mean(1)  # (N,) mean over C, h, w
+    if mask is not None:
+        m = mask.float().expand(-1, err.shape[1], -1, -1)  # (n, C, h, w)
+        per_row = torch.cat([(err[:num_instance] * m).flatten(1).sum(1) / m.flatten(1).sum(1).clamp_min(1e-6),
+                             per_row[num_instance:]])
     if sample_weights is not None:
         per_row = per_row * sample_weights.float()
     instance = per_row[:num_instance].mean()
@@ -93,3 +101,43 @@ def offset_noise(noise: torch.Tensor, offset: float, extra: torch.Tensor) -> tor
     """Offset noise: eps + offset * per-(sample, channel) constant, `extra` (B, C, 1, 1) standard normal."""
     return noise + offset * extra
 
+
+
+# ------------------------------------------------------------------------------------------------ flow matching
+# SD3 / Flux train a rectified flow: x_t = (1 - sigma) x_0 + sigma eps, and the model predicts the velocity eps - x_0.
+WEIGHTING_SCHEMES = ("none", "logit_normal", "mode", "sigma_sqrt", "cosmap")
+
+
+def flow_noised(latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """x_t = (1 - sigma) x_0 + sigma eps; latents/noise (B, C, h, w), sigmas (B,) in [0, 1]."""
+    s = _expand(sigmas, latents)
+    return (1 - s) * latents + s * noise
+
+
+def flow_target(latents: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The velocity a rectified-flow model predicts: eps - x_0."""
+    return noise - latents
+
+
+def timestep_density(scheme: str, n: int, generator: torch.Generator | None = None, logit_mean: float = 0.0,
+                     logit_std: float = 1.0, mode_scale: float = 1.29) -> torch.Tensor:
+    """(n,) u in [0, 1) that picks each row's place in the training noise table (SD3's recipe): logit-normal,
+    "mode" (more weight mid-way), else uniform."""
+    if scheme == "logit_normal":
+        u = torch.sigmoid(logit_mean + logit_std * torch.randn(n, generator=generator))
+    elif scheme == "mode":
+        u = torch.rand(n, generator=generator)
+        u = 1 - u - mode_scale * (torch.cos(torch.pi * u / 2) ** 2 - 1 + u)
+    else:
+        u = torch.rand(n, generator=generator)
+    return u.clamp(0, 1 - 1e-6)  # u = 1 would index past the table
+
+
+def flow_loss_weights(scheme: str, sigmas: torch.Tensor) -> torch.Tensor:
+    """(B,) per-row loss weights: sigma^-2 (sigma_sqrt), the cosine map (cosmap), else 1 (logit_normal and mode shape
+    the sampling of sigma instead)."""
+    if scheme == "sigma_sqrt":
+        return sigmas.float() ** -2.0
+    if scheme == "cosmap":
+        return 2 / (torch.pi * (1 - 2 * sigmas.float() + 2 * sigmas.float() ** 2))
+    return torch.ones_like(sigmas, dtype=torch.float32)

@@ -23,14 +23,18 @@ from . import components
 from .backbones import Backbone, Conditioning, backbone_of
 from .components import DEFAULT_MODEL
 from .files import as_record
-from .lora import add_lora
+from .lora import adapters_off, add_lora
 from .losses import (
     diffusion_target,
     fixed_draws,
+    flow_loss_weights,
+    flow_noised,
+    flow_target,
     min_snr_weights,
     offset_noise,
     prior_preservation_loss,
     q_sample,
+    timestep_density,
 )
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -82,13 +86,16 @@ class LoraSettings:
     """LoRA adapters instead of a full fine-tune (the `model.lora:` group); rank 0 = off.
 
     Args:
-        rank: UNet adapter rank (16 is usual); 0 = full fine-tune of the UNet
-        alpha: UNet adapter scale numerator (scale = alpha / rank); null = rank
+        rank: denoiser (UNet or transformer) adapter rank (16 is usual); 0 = full fine-tune of the denoiser
+        alpha: denoiser adapter scale numerator (scale = alpha / rank); null = rank
         dropout: adapter dropout
-        targets: UNet module names to adapt; null = the attention projections to_q/k/v/out.0
+        targets: denoiser module names to adapt; null = the backbone's: a UNet's attention projections
+            to_q/k/v/out.0, SD3's joint attention (image and text projections), Flux's attention and MLPs
         text_encoder_rank: text-encoder adapter rank (on both of SDXL's encoders); 0 = no text-encoder adapters
         text_encoder_alpha: text-encoder adapter alpha; null = text_encoder_rank
         text_encoder_targets: text-encoder module names; null = q/k/v/out_proj
+        use_dora: DoRA (weight-decomposed LoRA, Liu et al. 2024: a learnt magnitude per output besides the low-rank
+            direction) for every adapter; exported in the diffusers format only (kohya files have no magnitudes)
     """
 
     rank: int = 0
@@ -98,6 +105,7 @@ class LoraSettings:
     text_encoder_rank: int = 0
     text_encoder_alpha: float | None = None
     text_encoder_targets: list[str] | None = None
+    use_dora: bool = False
 
 
 @dataclass(frozen=True)
@@ -114,6 +122,9 @@ class SpeedSettings:
         channels_last: NHWC UNet convolutions
         compile_unet: torch.compile the UNet (in place: checkpoint and export keys keep their names)
         allow_tf32: TF32 matmuls and convolutions on Ampere and newer GPUs
+        quantize_base: store the frozen base weights under LoRA (the denoiser's Linears, the frozen text encoders')
+            quantised: int8 (torchao weight-only, any device), fp8 (torchao, a GPU with fp8: Ada / Hopper), nf4
+            (bitsandbytes 4-bit, CUDA); none = as frozen_dtype says. Needs model.lora.rank > 0
     """
 
     cache_latents: bool = False
@@ -123,6 +134,7 @@ class SpeedSettings:
     channels_last: bool = False
     compile_unet: bool = False
     allow_tf32: bool = True
+    quantize_base: Literal["none", "int8", "fp8", "nf4"] = "none"
 
 
 def optional_optimizer_package(name: str):
@@ -138,6 +150,27 @@ def optional_optimizer_package(name: str):
     return bitsandbytes
 
 
+def quantize_frozen(modules: list[torch.nn.Module], kind: str) -> None:
+    """Quantise, in place, the frozen nn.Linear weights of `modules` (a LoRA's base layers, frozen encoders); the
+    trainable ones (the adapters) stay as they are. One sentence when this machine cannot do `kind`."""
+    frozen = lambda m, name: isinstance(m, torch.nn.Linear) and not m.weight.requires_grad  # noqa: E731
+    if kind == "nf4":
+        raise MissingPackageError("model.speed.quantize_base: nf4 is bitsandbytes' 4-bit format, which needs a CUDA GPU "
+                                  "and bitsandbytes (pip install -c constraints.txt -e '.[gpu]'); int8 (torchao) runs "
+                                  "anywhere")
+    try:
+        from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+    except ImportError as e:
+        raise MissingPackageError(f"model.speed.quantize_base: {kind} needs torchao: pip install -c constraints.txt "
+                                  f"torchao") from e
+    if kind == "fp8" and not (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)):
+        raise MissingPackageError("model.speed.quantize_base: fp8 needs a GPU with fp8 arithmetic (Ada or Hopper, "
+                                  "compute capability 8.9+); use int8 here")
+    config = Int8WeightOnlyConfig() if kind == "int8" else Float8WeightOnlyConfig()
+    for module in modules:
+        quantize_(module, config, filter_fn=frozen)
+
+
 def make_optimizer(name: str, groups: list[dict], **kw) -> torch.optim.Optimizer:
     """AdamW: plain, fused (one CUDA kernel for all parameters) or 8-bit (bitsandbytes, ~75% less state)."""
     if name == "adamw":
@@ -150,7 +183,8 @@ def make_optimizer(name: str, groups: list[dict], **kw) -> torch.optim.Optimizer
 
 
 class DreamBoothModule(pl.LightningModule):
-    """Fine-tunes a Stable Diffusion (1.x, 2.x or XL) UNet, and optionally its text encoder(s), on a subject."""
+    """Fine-tunes a Stable Diffusion denoiser (SD 1.x/2.x or SDXL UNet, SD3 or Flux transformer), and optionally its
+    CLIP text encoder(s), on a subject."""
 
     def __init__(
         self,
@@ -162,6 +196,7 @@ class DreamBoothModule(pl.LightningModule):
         prior_loss: Literal["class_images", "teacher"] = "class_images",
         train_text_encoder: bool = False,
         snr_gamma: float | None = None,
+        flow_weighting: Literal["none", "logit_normal", "mode", "sigma_sqrt", "cosmap"] | None = None,
         noise_offset: float = 0.0,
         optim: Optimization = Optimization(),
         lora: LoraSettings = LoraSettings(),
@@ -170,20 +205,26 @@ class DreamBoothModule(pl.LightningModule):
         """The model and what of it trains (the `model:` section).
 
         Args:
-            pretrained: hub id, local diffusers folder, single .safetensors/.ckpt file, or tiny / tiny-v / tiny-xl
-                (offline); SD 1.x/2.x or SDXL, told apart from the loaded UNet
+            pretrained: hub id, local diffusers folder, single .safetensors/.ckpt file, or tiny / tiny-v / tiny-xl /
+                tiny-sd3 / tiny-flux (offline); SD 1.x/2.x, SDXL, SD3/3.5 or Flux.1, told apart from the loaded
+                denoiser
             revision: hub revision (branch, tag or commit)
             variant: hub weight variant, e.g. fp16
             single_file_config: for a single-file `pretrained`: the diffusers folder or hub id describing it
             prior_loss_weight: lambda in L = L_instance + lambda * L_prior (the paper: 1)
             prior_loss: class_images = the paper's term on generated class images; teacher = the seed's wording: the
                 difference between the fine-tuned and the frozen base model's predictions for the class prompt on the
-                instance step's noisy latents (no class images; data.with_prior_preservation: false; one frozen UNet
-                copy in memory, none with LoRA)
-            train_text_encoder: fine-tune the whole text encoder too (both of SDXL's)
-            snr_gamma: min-SNR-gamma loss weighting (Hang et al. 2023; 5 is usual); null = off. It weights both terms:
-                the prior term is the same denoising loss on class images (diffusers' example weights the instance
-                term only)
+                instance step's noisy latents, and on the class images' when data.with_prior_preservation gives some
+                (none needed); the base model's text states for the class prompt; one frozen UNet copy in memory,
+                none with LoRA
+            train_text_encoder: fine-tune the whole text encoder too (both of SDXL's; SD3's two CLIPs and Flux's CLIP,
+                never T5, as diffusers' examples)
+            snr_gamma: min-SNR-gamma loss weighting (Hang et al. 2023; 5 is usual) of the UNets' DDPM loss; null =
+                off. It weights both terms: the prior term is the same denoising loss on class images (diffusers'
+                example weights the instance term only)
+            flow_weighting: the SD3 / Flux rectified-flow loss: how sigma is drawn (logit_normal, mode) or the loss
+                weighted (sigma_sqrt, cosmap), or uniform (none); null = the backbone's (SD3 logit_normal, Flux none,
+                as diffusers' DreamBooth examples)
             noise_offset: offset noise (0.05-0.1 gives darker darks and brighter brights); 0 = off
             optim: optimizer and learning-rate schedule
             lora: LoRA adapters instead of a full fine-tune
@@ -198,15 +239,33 @@ class DreamBoothModule(pl.LightningModule):
         self.optim, self.lora, self.speed = optim, lora, speed
         parts = self.source().load()
         self.tokenizer, self.text_encoder, self.vae, self.unet = parts.tokenizer, parts.text_encoder, parts.vae, parts.unet
-        self.tokenizer_2, self.text_encoder_2 = parts.tokenizer_2, parts.text_encoder_2  # SDXL's second; else None
+        # SDXL's / SD3's second encoder, Flux's T5; SD3's T5 third (None where the model has none).
+        self.tokenizer_2, self.text_encoder_2 = parts.tokenizer_2, parts.text_encoder_2
+        self.tokenizer_3, self.text_encoder_3 = parts.tokenizer_3, parts.text_encoder_3
         self.noise_scheduler, self.scheduler_config = parts.noise_scheduler, parts.scheduler_config
+        flow = self.backbone.objective == "flow"
+        if snr_gamma and flow:
+            raise ValueError(f"model.snr_gamma weights the DDPM loss of a UNet; a {self.backbone.label} model trains a "
+                             f"rectified flow: use model.flow_weighting (sigma_sqrt, cosmap, logit_normal, mode)")
+        if flow_weighting and not flow:
+            raise ValueError(f"model.flow_weighting is for the SD3 / Flux rectified flow; a {self.backbone.label} UNet "
+                             f"trains on DDPM noise: use model.snr_gamma (or leave flow_weighting null)")
         self._set_up_training()
         # prompt -> its (1-row) conditioning; (split, image index, bucket) -> ((F flips, 2 [mean, std], 4, h, w)
         # latent moments, (F, 6) size/crop ids).
         self._text_cache: dict[str, Conditioning] = {}
+        self._teacher_text: dict[str, Conditioning] = {}  # class prompt -> the base text encoder's conditioning
         self._latent_cache: dict[tuple[str, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
-        # (T,) cumulative alphas of the training noise schedule; not saved (it comes from the config).
-        self.register_buffer("alphas_cumprod", self.noise_scheduler.alphas_cumprod.clone().float(), persistent=False)
+        # The training noise table, not saved (it comes from the config): the UNets' (T,) cumulative alphas; the flow
+        # models' (T,) sigmas and the matching model timesteps (sigma x 1000), both from high noise to low, as diffusers
+        # builds them. A "timestep" in this module is a row of that table.
+        sched = self.noise_scheduler
+        if flow:
+            self.register_buffer("flow_sigmas", sched.sigmas[: sched.config.num_train_timesteps].clone().float(),
+                                 persistent=False)
+            self.register_buffer("flow_timesteps", sched.timesteps.clone().float(), persistent=False)
+        else:
+            self.register_buffer("alphas_cumprod", sched.alphas_cumprod.clone().float(), persistent=False)
         # Checkpoints hold only the trainable weights, so loading one leaves the frozen ones as loaded.
         self.strict_loading = False
         self.ema: EMAModel | None = None  # made at fit start, on the training device (optim.ema_decay)
@@ -224,20 +283,23 @@ class DreamBoothModule(pl.LightningModule):
             frozen.append(self.teacher_unet)
         if lora.rank:
             frozen.append(self.unet)  # the base UNet is frozen; its adapters train
-            add_lora(self.unet, lora.rank, lora.alpha, lora.dropout, lora.targets)
+            add_lora(self.unet, lora.rank, lora.alpha, lora.dropout, lora.targets or list(self.backbone.lora_targets),
+                     lora.use_dora)
         else:
             self.unet.requires_grad_(True)
-        for encoder in self.text_encoders:
+        trainable_text = self.trainable_text_encoders
+        frozen += [e for e in self.text_encoders if e is not None and not any(e is t for t in trainable_text)]  # T5
+        for encoder in trainable_text:
             if lora.text_encoder_rank:
                 add_lora(encoder, lora.text_encoder_rank, lora.text_encoder_alpha, lora.dropout,
-                         lora.text_encoder_targets)
+                         lora.text_encoder_targets, lora.use_dora)
                 frozen.append(encoder)
             elif self.hparams.train_text_encoder:
                 encoder.requires_grad_(True)
             else:
                 frozen.append(encoder)
         if self.text_encoder_trains:
-            for part in self.backbone.unused_text_modules(self.text_encoders):
+            for part in self.backbone.unused_text_modules(self.trainable_text_encoders):
                 part.requires_grad_(False)
         # Half-precision frozen weights halve their memory; trainable weights (and adapters) stay fp32, since fp16
         # trainable weights are what make GradScaler fail with "unscale FP16 gradients".
@@ -246,10 +308,15 @@ class DreamBoothModule(pl.LightningModule):
         for p in self.parameters():
             if p.requires_grad:
                 p.data = p.data.float()
+        if speed.quantize_base != "none":
+            if not lora.rank:
+                raise ValueError(f"model.speed.quantize_base={speed.quantize_base} quantises the frozen base weights, but "
+                                 f"a full fine-tune trains them: set model.lora.rank > 0, or quantize_base: none")
+            quantize_frozen([self.unet, *(e for e in self.text_encoders if e is not None)], speed.quantize_base)
         self.train()  # from_pretrained returns eval-mode modules; `train()` keeps the frozen ones in eval
         if speed.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
-            for encoder in self.text_encoders if self.text_encoder_trains else []:
+            for encoder in self.trainable_text_encoders if self.text_encoder_trains else []:
                 encoder.gradient_checkpointing_enable()
         if speed.channels_last:
             self.unet.to(memory_format=torch.channels_last)
@@ -260,13 +327,19 @@ class DreamBoothModule(pl.LightningModule):
 
     @property
     def backbone(self) -> Backbone:
-        """SD 1.x/2.x or SDXL, from the loaded UNet."""
+        """SD 1.x/2.x, SDXL, SD3 or Flux, from the loaded denoiser."""
         return backbone_of(self.unet)
 
     @property
-    def text_encoders(self) -> list[torch.nn.Module]:
-        """The text encoders in the backbone's order (one for SD 1.x/2.x, two for SDXL)."""
+    def text_encoders(self) -> list[torch.nn.Module | None]:
+        """The text encoders in the backbone's order (one for SD 1.x/2.x, two for SDXL and Flux, three for SD3; None
+        for an SD3 saved without T5)."""
         return [getattr(self, name) for name in self.backbone.text_encoders]
+
+    @property
+    def trainable_text_encoders(self) -> list[torch.nn.Module]:
+        """The text encoders `train_text_encoder` and text-encoder LoRA act on: the CLIPs (never T5, as diffusers)."""
+        return [getattr(self, name) for name in self.backbone.lora_text_prefixes]
 
     def source(self) -> components.ModelSource:
         """Where the base weights come from."""
@@ -289,6 +362,8 @@ class DreamBoothModule(pl.LightningModule):
             source=self.hparams.pretrained,
             tokenizer_2=self.tokenizer_2,
             text_encoder_2=self.text_encoder_2,
+            tokenizer_3=self.tokenizer_3,
+            text_encoder_3=self.text_encoder_3,
         )
 
     def export_parts(self) -> components.SDComponents:
@@ -299,9 +374,10 @@ class DreamBoothModule(pl.LightningModule):
             return parts
         base = self.source().load()
         parts.vae = base.vae.to(self.device)
-        if not self.text_encoder_trains:
-            parts.text_encoder = base.text_encoder.to(self.device)
-            parts.text_encoder_2 = base.text_encoder_2.to(self.device) if base.text_encoder_2 is not None else None
+        trained = set(self.backbone.lora_text_prefixes) if self.text_encoder_trains else set()
+        for name in self.backbone.text_encoders:  # the frozen ones (T5 always) as pretrained
+            if name not in trained and getattr(base, name) is not None:
+                setattr(parts, name, getattr(base, name).to(self.device))
         return parts
 
     @property
@@ -313,14 +389,16 @@ class DreamBoothModule(pl.LightningModule):
         self.vae.eval()
         if self.teacher_unet is not None:
             self.teacher_unet.eval()
-        for encoder in self.text_encoders if not self.text_encoder_trains else []:
-            encoder.eval()
+        trained = self.trainable_text_encoders if self.text_encoder_trains else []
+        for encoder in self.text_encoders:
+            if encoder is not None and not any(encoder is t for t in trained):
+                encoder.eval()
         return self
 
     def setup(self, stage: str) -> None:
-        if isinstance(self.trainer.strategy, FSDPStrategy):  # the exports read the whole UNet on rank 0
-            raise ValueError("trainer.strategy: fsdp is not supported (the exports need the whole UNet on rank 0 and "
-                             "no test covers it): use ddp, which the tests run")
+        if isinstance(self.trainer.strategy, FSDPStrategy) and self.optim.ema_decay:
+            raise ValueError("model.optim.ema_decay with trainer.strategy: fsdp: the average would be kept per shard; "
+                             "use ddp for EMA, or ema_decay: null with fsdp")
         if self.speed.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -353,15 +431,20 @@ class DreamBoothModule(pl.LightningModule):
         return dist.mean.float(), dist.std.float()
 
     def sample_latents(self, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Posterior sample, scaled: (N, 4, h, w). The same draw as diffusers' `latent_dist.sample`."""
+        """Posterior sample, scaled: (N, C, h, w). The same draw as diffusers' `latent_dist.sample`."""
         eps = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-        return (mean + std * eps) * self.vae.config.scaling_factor
+        return self.scale_latents(mean + std * eps)
+
+    def scale_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """VAE latents -> what the denoiser sees: (z - shift) x scale (SD3 / Flux VAEs shift; SD's do not)."""
+        cfg = self.vae.config
+        return (z - (getattr(cfg, "shift_factor", None) or 0.0)) * cfg.scaling_factor
 
     @torch.no_grad()
     def encode_images(self, pixel_values: torch.Tensor, generator: torch.Generator | None = None, sample: bool = True) -> torch.Tensor:
-        """(N, 3, H, W) in [-1, 1] -> (N, 4, H/8, W/8) scaled latents."""
+        """(N, 3, H, W) in [-1, 1] -> (N, C, H/8, W/8) scaled latents (C = 4, or 16 for SD3 / Flux)."""
         mean, std = self.latent_moments(pixel_values)
-        return self.sample_latents(mean, std, generator) if sample else mean * self.vae.config.scaling_factor
+        return self.sample_latents(mean, std, generator) if sample else self.scale_latents(mean)
 
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
         """N prompts -> their conditioning: (N, 77, D) hidden states (+ (N, P) pooled for SDXL), with grad only
@@ -371,7 +454,8 @@ class DreamBoothModule(pl.LightningModule):
             # A frozen text encoder maps the two prompts of a run to the same states every step: encode once.
             missing = sorted({p for p in prompts if p not in self._text_cache})
             if missing:
-                cond = self._encode(missing)
+                with torch.no_grad():  # states to keep across steps: no graph (under FSDP a frozen weight can share
+                    cond = self._encode(missing)  # a flat parameter that requires grad)
                 for i, p in enumerate(missing):
                     self._text_cache[p] = cond.rows(slice(i, i + 1))
             return Conditioning.cat([self._text_cache[p] for p in prompts])
@@ -385,8 +469,11 @@ class DreamBoothModule(pl.LightningModule):
 
     def unet_forward(self, unet: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning,
                      time_ids: torch.Tensor | None) -> torch.Tensor:
-        """One UNet prediction, (N, 4, h, w), conditioned as the backbone wants (SDXL: pooled + size/crop ids)."""
-        return unet(noisy, timesteps, **self.backbone.unet_kwargs(cond, time_ids)).sample
+        """One prediction of the denoiser `unet`, (N, C, h, w), conditioned as the backbone wants (SDXL: pooled +
+        size/crop ids; SD3 / Flux: pooled, and the scheduler's timestep of each table row)."""
+        if self.backbone.objective == "flow":
+            timesteps = self.flow_timesteps[timesteps]  # the model's timestep input, sigma x 1000
+        return self.backbone.predict(unet, noisy, timesteps, cond, time_ids)
 
     @torch.no_grad()
     def cache_latents(self, views: Iterable[tuple[tuple[str, int, int], torch.Tensor, torch.Tensor]],
@@ -447,19 +534,45 @@ class DreamBoothModule(pl.LightningModule):
                 extra = randn_tensor((*latents.shape[:2], 1, 1), generator=generator, device=latents.device,
                                      dtype=latents.dtype)
                 noise = offset_noise(noise, self.hparams.noise_offset, extra)
-        if timesteps is None:
-            t_max = self.noise_scheduler.config.num_train_timesteps
+        t_max = self.noise_scheduler.config.num_train_timesteps
+        flow = self.backbone.objective == "flow"
+        if timesteps is None and flow:  # rows of the noise table, drawn as the weighting scheme says (SD3: logit-normal)
+            u = timestep_density(self.flow_weighting, latents.shape[0],
+                                 generator if generator is None or generator.device.type == "cpu" else None)
+            timesteps = (u * t_max).long()
+        elif timesteps is None:
             timesteps = torch.randint(0, t_max, (latents.shape[0],), generator=generator,
                                       device=generator.device if generator else None)
         timesteps = timesteps.to(latents.device).long()
-        noisy = q_sample(latents, noise, timesteps, self.alphas_cumprod)
+        if flow:
+            noisy = flow_noised(latents, noise, self.flow_sigmas[timesteps])
+        else:
+            noisy = q_sample(latents, noise, timesteps, self.alphas_cumprod)
         if self.speed.channels_last:
             noisy = noisy.contiguous(memory_format=torch.channels_last)
         return noisy, noise, timesteps
 
     def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """What the UNet must predict for these noised latents (eps or v, by the model's prediction type)."""
+        """What the denoiser must predict for these noised latents (eps or v by the UNet's prediction type; the flow
+        models' velocity eps - x_0)."""
+        if self.backbone.objective == "flow":
+            return flow_target(latents, noise)
         return diffusion_target(self.noise_scheduler.config.prediction_type, latents, noise, timesteps, self.alphas_cumprod)
+
+    @property
+    def flow_weighting(self) -> str:
+        """The rectified-flow weighting scheme in use: model.flow_weighting, else the backbone's."""
+        return self.hparams.flow_weighting or getattr(self.backbone, "weighting", "none")
+
+    def loss_weights(self, timesteps: torch.Tensor) -> torch.Tensor | None:
+        """(N,) per-row loss weights of these rows of the noise table: min-SNR (UNets, model.snr_gamma) or the flow
+        weighting (sigma_sqrt, cosmap); None = all 1."""
+        if self.backbone.objective == "flow":
+            return flow_loss_weights(self.flow_weighting, self.flow_sigmas[timesteps])
+        if self.hparams.snr_gamma:
+            return min_snr_weights(timesteps, self.alphas_cumprod, self.hparams.snr_gamma,
+                                   self.noise_scheduler.config.prediction_type)
+        return None
 
     def denoise(self, latents: torch.Tensor, prompts: list[str], generator: torch.Generator | None = None,
                 timesteps: torch.Tensor | None = None, time_ids: torch.Tensor | None = None,
@@ -474,16 +587,48 @@ class DreamBoothModule(pl.LightningModule):
 
     def denoise_with_teacher(self, latents: torch.Tensor, prompts: list[str], class_prompts: list[str],
                              time_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Instance rows as `denoise`, then rows for each row's class prompt on the same noisy latents whose target
-        is the frozen base model's prediction (`prior_loss: teacher`): prediction, target, timesteps, each 2N rows."""
-        n = latents.shape[0]
-        cond = self.encode_prompts(prompts + class_prompts)  # 2N rows: instance prompts, then their class prompts
+        """`prior_loss: teacher`. `latents` (N, 4, h, w): n = len(class_prompts) instance rows, then N - n class-image
+        rows (none without class images); `prompts` their N prompts, `class_prompts` each instance row's class prompt.
+
+        Rows out (n + n + N - n): the instance rows as `denoise` (target: the noise); each instance row's noisy latents
+        with its class prompt; the class images' noisy latents with theirs. The last two kinds are the teacher rows:
+        their target is the frozen base model's prediction, conditioned by the base text encoder (`teacher_conditioning`),
+        so the prior constrains the class prompt on the subject's latents and on the class's own. Returns prediction,
+        target and timesteps."""
+        n = len(class_prompts)
         noisy, noise, t = self.noised(latents)
         ids = self.default_time_ids(latents) if time_ids is None else time_ids.to(latents.device)  # (N, 6)
-        pred = self.unet_forward(self.unet, torch.cat([noisy, noisy]), torch.cat([t, t]), cond, torch.cat([ids, ids]))
+        rows = torch.cat([torch.arange(n), torch.arange(n), torch.arange(n, len(latents))]).to(latents.device)
+        teacher_prompts = class_prompts + prompts[n:]  # the teacher rows' prompts, all class prompts
+        cond = self.encode_prompts(prompts[:n] + teacher_prompts)
+        pred = self.unet_forward(self.unet, noisy[rows], t[rows], cond, ids[rows])
         with torch.no_grad(), self.base_unet() as base:
-            teacher = self.unet_forward(base, noisy.to(base.dtype), t, cond.rows(slice(n, None)).to(base.dtype), ids)
-        return pred, torch.cat([self.target(latents, noise, t), teacher.to(pred.dtype)]), torch.cat([t, t])
+            teacher_rows = rows[n:]
+            teacher = self.unet_forward(base, noisy[teacher_rows].to(base.dtype), t[teacher_rows],
+                                        self.teacher_conditioning(teacher_prompts).to(base.dtype), ids[teacher_rows])
+        target = torch.cat([self.target(latents[:n], noise[:n], t[:n]), teacher.to(pred.dtype)])
+        return pred, target, t[rows]
+
+    def teacher_conditioning(self, prompts: list[str]) -> Conditioning:
+        """The base model's conditioning of `prompts` for the teacher rows (cached per prompt): the frozen text encoder
+        as it is; a LoRA-adapted one with its adapters off; a fully trained one as pretrained (loaded again once from
+        `pretrained`, so a resumed fit gets the base states too)."""
+        missing = sorted({p for p in prompts if p not in self._teacher_text})
+        if missing:
+            with torch.no_grad():
+                if not self.text_encoder_trains:
+                    cond = self._encode(missing)
+                elif self.lora.text_encoder_rank:
+                    with adapters_off(*self.trainable_text_encoders):
+                        cond = self._encode(missing)
+                else:
+                    base = self.source().load()
+                    encoders = [getattr(base, name).to(self.device).eval() for name in self.backbone.text_encoders]
+                    tokenizers = [getattr(base, name) for name in self.backbone.tokenizers]
+                    cond = self.backbone.encode(tokenizers, encoders, missing, self.device).to(self.unet.dtype)
+            for i, p in enumerate(missing):
+                self._teacher_text[p] = cond.rows(slice(i, i + 1))
+        return Conditioning.cat([self._teacher_text[p] for p in prompts])
 
     @contextmanager
     def base_unet(self) -> Iterator[torch.nn.Module]:
@@ -491,11 +636,8 @@ class DreamBoothModule(pl.LightningModule):
         if self.teacher_unet is not None:
             yield self.teacher_unet
             return
-        self.unet.disable_adapters()
-        try:
+        with adapters_off(self.unet):
             yield self.unet
-        finally:
-            self.unet.enable_adapters()
 
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The DreamBooth loss of a batch: (L_instance + lambda * L_prior, {"instance": ..., "prior": ...})."""
@@ -503,17 +645,14 @@ class DreamBoothModule(pl.LightningModule):
         (latents, time_ids), n = self.batch_latents(batch), batch["num_instance"]
         if hp.prior_loss == "class_images":
             pred, target, t = self.denoise(latents, batch["prompts"], time_ids=time_ids)
-        elif latents.shape[0] != n:
-            raise ValueError("model.prior_loss: teacher compares with the base model and uses no class images: set "
-                             "data.with_prior_preservation: false (or model.prior_loss: class_images)")
         else:
             pred, target, t = self.denoise_with_teacher(latents, batch["prompts"],
                                                         batch.get("class_prompts") or [batch["class_prompt"]] * n,
                                                         time_ids)
-        w = None
-        if hp.snr_gamma:
-            w = min_snr_weights(t, self.alphas_cumprod, hp.snr_gamma, self.noise_scheduler.config.prediction_type)
-        loss, parts = prior_preservation_loss(pred, target, n, hp.prior_loss_weight, w)
+        mask = batch.get("loss_mask")
+        if mask is not None:  # (n, 1, H, W) pixels -> (n, 1, h, w) latent cells: the share of each cell that counts
+            mask = torch.nn.functional.adaptive_avg_pool2d(mask.to(pred.device, torch.float32), pred.shape[-2:])
+        loss, parts = prior_preservation_loss(pred, target, n, hp.prior_loss_weight, self.loss_weights(t), mask)
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"train/loss is {loss.item()} at step {self.global_step}: the weights diverged; likely causes are a "
@@ -553,6 +692,13 @@ class DreamBoothModule(pl.LightningModule):
     def on_validation_end(self) -> None:
         if self.ema is not None:
             self.ema.restore(self.trainable_parameters())
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        if isinstance(self.trainer.strategy, FSDPStrategy) and gradient_clip_val:
+            # Each rank holds a shard of the gradients: FSDP computes the norm over all of them.
+            self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
@@ -594,7 +740,7 @@ class DreamBoothModule(pl.LightningModule):
         groups = [{"params": [p for p in self.unet.parameters() if p.requires_grad], "lr": o.learning_rate}]
         if self.text_encoder_trains:
             te_lr = o.text_encoder_learning_rate or o.learning_rate
-            groups.append({"params": [p for e in self.text_encoders for p in e.parameters() if p.requires_grad],
+            groups.append({"params": [p for e in self.trainable_text_encoders for p in e.parameters() if p.requires_grad],
                            "lr": te_lr})
         return make_optimizer(o.optimizer, groups, betas=(o.adam_beta1, o.adam_beta2), weight_decay=o.weight_decay,
                               eps=o.epsilon)

@@ -198,9 +198,11 @@ class PriorGenerator(pl.LightningModule):
         self.missing = set(missing)
         parts = settings.model.load()
         self.pipe = components.pipeline(parts, sampler=settings.sampling.sampler)
+        self.pipe_kwargs = parts.backbone.sample_kwargs  # SD3 / Flux: T5's length, as training encodes prompts
         # Registered as children so Lightning moves them to the device and applies its precision.
         self.unet, self.vae, self.text_encoder = parts.unet, parts.vae, parts.text_encoder
-        self.text_encoder_2 = parts.text_encoder_2  # SDXL's second encoder; None for SD 1.x/2.x
+        self.text_encoder_2 = parts.text_encoder_2  # SDXL's / SD3's second encoder, Flux's T5; None for SD 1.x/2.x
+        self.text_encoder_3 = parts.text_encoder_3  # SD3's T5
         self.requires_grad_(False).eval()
 
     def blocks(self) -> list[int]:
@@ -226,6 +228,7 @@ class PriorGenerator(pl.LightningModule):
             width=s.resolution,
             generator=gens,
             output_type="pil",
+            **self.pipe_kwargs,
         ).images
         written = []
         for i, img in zip(indices, images, strict=True):

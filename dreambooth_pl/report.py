@@ -11,11 +11,11 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from .data import load_image
-from .evaluation import FILE_RE, METRIC_KEYS, PAPER_ROWS
+from .evaluation import FILE_RE, METRIC_KEYS, OPTIONAL_KEYS
 from .files import labelled_grid, square, write_image, write_text
 
 LABELS = {"dino": "DINO", "clip_i": "CLIP-I", "clip_t": "CLIP-T", "clip_t_no_token": "CLIP-T (no token)",
-          "pres": "PRES ↓", "div": "DIV"}
+          "pres": "PRES ↓", "div": "DIV", "dino_identity": "DINO (identity)", "clip_i_identity": "CLIP-I (identity)"}
 # Two-sided 95% Student-t quantiles for n-1 degrees of freedom (n = number of subjects).
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
         12: 2.179, 15: 2.131, 20: 2.086, 25: 2.060, 29: 2.045, 30: 2.042}
@@ -36,6 +36,16 @@ def mean_ci(values: list[float]) -> tuple[float, float]:
         return mean, 0.0
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
     return mean, t975(n - 1) * sd / math.sqrt(n)
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float, float]:
+    """A pooled rate k / n with its Wilson score interval: (rate, low, high); (nan, nan, nan) for n = 0."""
+    if n == 0:
+        return float("nan"), float("nan"), float("nan")
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return p, max(0.0, centre - half), min(1.0, centre + half)
 
 
 def _fmt(v) -> str:
@@ -94,6 +104,26 @@ def prompt_grid(run_dir: Path, index: int, prompt: str, stages: list[str], path:
     return labelled_grid(rows, prompt, path, size, label_w=70) if rows else None
 
 
+def learned_grid(run_dir: Path, photos: list[Path], per_prompt: list[dict], path: Path, prompts: int = 3,
+                 size: int = 128) -> Path | None:
+    """The run at a glance: the photos, then for the first `prompts` prompts the base model's images and the
+    fine-tuned model's (the first image of each), so a person sees whether the subject was learnt."""
+    shown = per_prompt[:prompts]
+    rows = [("photos", [load_image(p) for p in photos[:4]])]
+    for stage, label in (("base", "base model"), ("final", "DreamBooth")):
+        images = []
+        for p in shown:
+            files = sorted((f for f in (run_dir / "samples" / stage).glob(f"{p['index']:02d}_*.png") if FILE_RE.match(f.name)),
+                           key=lambda f: int(FILE_RE.match(f.name).group(2)))[:2]
+            images += [Image.open(f) for f in files]
+        if images:
+            rows.append((label, images))
+    if len(rows) < 3:
+        return None
+    title = " | ".join(p["prompt"] for p in shown) + " (2 images each)"
+    return labelled_grid(rows, title, path, size, label_w=100)
+
+
 def photo_strip(paths: list[Path], path: Path, size: int = 128) -> Path | None:
     """The subject's real photos side by side."""
     if not paths:
@@ -128,6 +158,8 @@ def write_report(run_dir: str | Path) -> Path:
     fig.mkdir(exist_ok=True)
     calibrated = m.get("calibrated", False)
     real = photo_strip([Path(p) for p in m.get("real_photos", [])], fig / "real.png")
+    final_prompts = stages.get("final", {}).get("per_prompt", [])
+    learned = learned_grid(run_dir, [Path(p) for p in m.get("real_photos", [])], final_prompts, fig / "learned.png")
     warn = "" if calibrated else (
         "> **Uncalibrated smoke numbers.** These scores come from random-initialised tiny encoders and/or a "
         "random tiny diffusion model: they show the pipeline runs, not image quality.\n\n")
@@ -136,13 +168,15 @@ def write_report(run_dir: str | Path) -> Path:
         rows["Base model (before)"] = stages["base"]["metrics"]
     if "final" in stages:
         rows[f"DreamBooth (after, step {stages['final'].get('step')})"] = stages["final"]["metrics"]
-    rows.update(PAPER_ROWS)
+    rows.update(m.get("reference", {}))  # the paper's rows on the real encoders' scale; none beside the world judge
+    keys = (*METRIC_KEYS, *(k for k in OPTIONAL_KEYS if any(k in r for r in rows.values())))
     lines = [f"# DreamBooth report: {m.get('subject')} ({m.get('class_noun')})\n\n", warn,
              f"Identifier `{m.get('identifier')}`; encoders: {', '.join(f'{k}={v}' for k, v in m.get('encoders', {}).items())}; "
              f"protocol: {json.dumps(m.get('protocol'))}.\n\n",
              *([f"![real photos](figures/{real.name})\n\n"] if real else []),
+             *([f"## What was learnt\n\n![photos, base model, DreamBooth](figures/{learned.name})\n\n"] if learned else []),
              exported_line(run_dir),
-             "## Scores\n\n", metric_table(rows),
+             "## Scores\n\n", metric_table(rows, keys),
              "\nDINO, CLIP-I: subject fidelity (mean cosine over real×generated pairs). CLIP-T: prompt fidelity "
              "(raw cosine). PRES: similarity of plain class-prompt images to the subject (lower = less drift). "
              "DIV: mean LPIPS within a prompt (higher = more diverse). Paper rows: DreamBooth Table 1, for reference.\n\n"]
@@ -181,17 +215,18 @@ def report_run(run_dir: str | Path) -> list[Path]:
 def aggregate(metric_files: list[str | Path], out: str | Path, stage: str = "final") -> Path:
     """One table over subjects: mean ± 95% CI per metric (DreamBench Table 1 style), base and fine-tuned."""
     per_stage: dict[str, dict[str, list[float]]] = {"base": {}, stage: {}}
-    subjects, calibrated = [], True
+    subjects, calibrated, reference = [], True, {}
     for f in metric_files:
         m = json.loads(Path(f).read_text())
         subjects.append(m.get("subject", Path(f).parent.name))
         calibrated &= bool(m.get("calibrated"))
+        reference = m.get("reference", {})
         for s in per_stage:
             for k, v in m.get("stages", {}).get(s, {}).get("metrics", {}).items():
                 per_stage[s].setdefault(k, []).append(v)
     rows = {"Base model": per_stage["base"], "DreamBooth (ours)": per_stage[stage]}
-    return _ci_table(out, f"DreamBench: {len(subjects)} subjects", subjects, calibrated, rows, METRIC_KEYS, LABELS,
-                     PAPER_ROWS)
+    keys = (*METRIC_KEYS, *(k for k in OPTIONAL_KEYS if k in per_stage[stage]))
+    return _ci_table(out, f"DreamBench: {len(subjects)} subjects", subjects, calibrated, rows, keys, LABELS, reference)
 
 
 def _ci_table(out: str | Path, title: str, subjects: list[str], calibrated: bool, rows: dict[str, dict[str, list[float]]],
@@ -246,7 +281,7 @@ def write_compare_report(run_dir: Path, payload: dict, prompts, photos: list[Ima
     lines.append(head + "".join(f"| {name} | " + " | ".join(_fmt(m["metrics"].get(k)) for k in COMPARE_KEYS) + " |\n"
                                 for name, m in methods.items()))
     lines.append("".join(f"| {label} | " + " | ".join(_fmt(r.get(k)) for k in COMPARE_KEYS) + " |\n"
-                         for label, r in PAPER_ROWS.items()))
+                         for label, r in payload.get("reference", {}).items()))
     lines.append(
         "\nCLIP-T here uses the benchmark prompt with the class noun for every method (InstructPix2Pix knows no "
         "identifier). DINO / CLIP-I favour keeping the subject (an unedited photo scores high); CLIP-T and "

@@ -16,10 +16,15 @@ ARCHITECTURES = {(768, "epsilon"): "stable-diffusion-v1", (1024, "epsilon"): "st
 CARD_FILE = "README.md"
 
 
-def architecture(cross_attention_dim: int, prediction_type: str, lora: bool = False) -> str:
-    """The ModelSpec architecture id of an SD 1.x / 2.x / XL fine-tune (its LoRA: '/lora'); others are named as
-    custom."""
-    arch = ARCHITECTURES.get((int(cross_attention_dim), prediction_type), f"dreambooth_pl-custom-{cross_attention_dim}")
+# The flow-matching transformers' ModelSpec ids, by backbone.
+FLOW_ARCHITECTURES = {"sd3": "stable-diffusion-v3-medium", "flux": "flux-1-dev"}
+
+
+def architecture(cross_attention_dim: int, prediction_type: str, lora: bool = False, backbone: str = "sd") -> str:
+    """The ModelSpec architecture id of an SD 1.x / 2.x / XL fine-tune (by its UNet's text width and prediction type),
+    or an SD3 / Flux one (by backbone); its LoRA: '/lora'; others are named as custom."""
+    arch = FLOW_ARCHITECTURES.get(backbone) or ARCHITECTURES.get(
+        (int(cross_attention_dim), prediction_type), f"dreambooth_pl-custom-{cross_attention_dim}")
     return f"{arch}/lora" if lora else arch
 
 

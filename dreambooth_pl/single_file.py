@@ -1,4 +1,4 @@
-"""Export a fine-tuned Stable Diffusion as one original-layout (CompVis/LDM or SGM) `.safetensors` file.
+"""Export a fine-tuned Stable Diffusion as one original-layout (CompVis/LDM, SGM, SD3 or Flux) `.safetensors` file.
 
 The file is what A1111 / ComfyUI load and what `StableDiffusionPipeline.from_single_file(path,
 config=<diffusers folder>)` / `StableDiffusionXLPipeline.from_single_file(...)` (and so
@@ -31,7 +31,8 @@ TEXT_LAYOUTS = ("auto", "clip", "open_clip")
 # the OpenCLIP ViT-bigG/14 text tower (with its pooled `text_projection`) in open_clip's layout.
 SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."
 SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
-LAYOUTS = ("sd", "sdxl")  # `Backbone.single_file_layout` values
+LAYOUTS = ("sd", "sdxl")  # `Backbone.single_file_layout` values of the UNets
+FLOW_LAYOUTS = ("sd3", "flux")  # ... of the transformers
 
 # A rule maps one diffusers submodule prefix to its LDM prefix, renaming the first names below it.
 Renames = tuple[tuple[str, str], ...]
@@ -310,13 +311,17 @@ def export_single_file(
         raise ValueError(f"{path}: the single-file export is written as .safetensors")
     layout = layout_of(parts_or_module.unet)
     encoders = [getattr(parts_or_module, name) for name in backbone_of(unwrap(parts_or_module.unet)).text_encoders]
-    state = diffusers_to_ldm_state_dict(parts_or_module.unet, parts_or_module.vae, encoders[0], text_layout=text_layout,
-                                        text_encoder_2=encoders[1] if len(encoders) > 1 else None)
+    if layout in FLOW_LAYOUTS:
+        state = flow_single_file_state_dict(parts_or_module, layout)
+    else:
+        state = diffusers_to_ldm_state_dict(parts_or_module.unet, parts_or_module.vae, encoders[0],
+                                            text_layout=text_layout, text_encoder_2=encoders[1] if len(encoders) > 1 else None)
     # Integer buffers keep their type; weights take the export dtype. safetensors needs dense CPU tensors.
     tensors = {
         k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous() for k, v in state.items()
     }
-    kind = "sdxl-sgm-single-file" if layout == "sdxl" else "sd-ldm-single-file"
+    kind = {"sdxl": "sdxl-sgm-single-file", "sd3": "sd3-single-file", "flux": "flux-transformer-single-file"}.get(
+        layout, "sd-ldm-single-file")
     meta = {"format": "pt", "dreambooth_pl": kind, "dtype": str(dtype).removeprefix("torch.")}
     source = getattr(parts_or_module, "source", "")
     if isinstance(source, str) and source:
@@ -324,3 +329,158 @@ def export_single_file(
     meta.update(string_metadata((metadata or {}).items()))
 
     return files.write_tensors(tensors, path, meta)
+
+
+# ------------------------------------------------------------------------------------------------ SD3 / Flux
+# The transformers' original layouts (Stability's SD3 MMDiT files, Black Forest Labs' Flux files), as diffusers'
+# `convert_sd3_transformer_checkpoint_to_diffusers` / `convert_flux_transformer_checkpoint_to_diffusers` read them:
+# each original Linear is one diffusers Linear, or several fused along the output dimension (q, k, v [, mlp]).
+SD3_T5_PREFIX = "text_encoders.t5xxl.transformer."
+SD3_CLIP_L_PREFIX = "text_encoders.clip_l.transformer."
+SD3_CLIP_G_PREFIX = "text_encoders.clip_g.transformer."
+
+
+def _sd3_block(i: int, last: bool, dual: bool) -> dict[str, tuple[str, ...]]:
+    """One joint block: original module -> the diffusers modules fused into it (in order)."""
+    b, d = f"joint_blocks.{i}.", f"transformer_blocks.{i}."
+    m = {b + "x_block.attn.qkv": (d + "attn.to_q", d + "attn.to_k", d + "attn.to_v"),
+         b + "x_block.attn.proj": (d + "attn.to_out.0",),
+         b + "context_block.attn.qkv": (d + "attn.add_q_proj", d + "attn.add_k_proj", d + "attn.add_v_proj"),
+         b + "x_block.adaLN_modulation.1": (d + "norm1.linear",),
+         b + "context_block.adaLN_modulation.1": (d + "norm1_context.linear",),
+         b + "x_block.mlp.fc1": (d + "ff.net.0.proj",), b + "x_block.mlp.fc2": (d + "ff.net.2",)}
+    if not last:  # the last block reads the text only as keys and values
+        m |= {b + "context_block.attn.proj": (d + "attn.to_add_out",),
+              b + "context_block.mlp.fc1": (d + "ff_context.net.0.proj",),
+              b + "context_block.mlp.fc2": (d + "ff_context.net.2",)}
+    if dual:  # SD3.5's second self-attention on the image tokens
+        m |= {b + "x_block.attn2.qkv": (d + "attn2.to_q", d + "attn2.to_k", d + "attn2.to_v"),
+              b + "x_block.attn2.proj": (d + "attn2.to_out.0",)}
+    return m
+
+
+def _flux_blocks(n_double: int, n_single: int) -> dict[str, tuple[str, ...]]:
+    m: dict[str, tuple[str, ...]] = {}
+    for i in range(n_double):
+        b, d = f"double_blocks.{i}.", f"transformer_blocks.{i}."
+        m |= {b + "img_attn.qkv": (d + "attn.to_q", d + "attn.to_k", d + "attn.to_v"),
+              b + "txt_attn.qkv": (d + "attn.add_q_proj", d + "attn.add_k_proj", d + "attn.add_v_proj"),
+              b + "img_attn.proj": (d + "attn.to_out.0",), b + "txt_attn.proj": (d + "attn.to_add_out",),
+              b + "img_mlp.0": (d + "ff.net.0.proj",), b + "img_mlp.2": (d + "ff.net.2",),
+              b + "txt_mlp.0": (d + "ff_context.net.0.proj",), b + "txt_mlp.2": (d + "ff_context.net.2",),
+              b + "img_mod.lin": (d + "norm1.linear",), b + "txt_mod.lin": (d + "norm1_context.linear",)}
+    for i in range(n_single):
+        b, d = f"single_blocks.{i}.", f"single_transformer_blocks.{i}."
+        m |= {b + "linear1": (d + "attn.to_q", d + "attn.to_k", d + "attn.to_v", d + "proj_mlp"),
+              b + "linear2": (d + "proj_out",), b + "modulation.lin": (d + "norm.linear",)}
+    return m
+
+
+def transformer_linears(config: Mapping[str, Any], layout: str) -> dict[str, tuple[str, ...]]:
+    """Every Linear of an SD3 / Flux transformer: original module name -> the diffusers module(s) fused into it."""
+    if layout == "sd3":
+        n = config["num_layers"]
+        dual = set(config.get("dual_attention_layers") or ())
+        m = {"x_embedder.proj": ("pos_embed.proj",), "context_embedder": ("context_embedder",),
+             "t_embedder.mlp.0": ("time_text_embed.timestep_embedder.linear_1",),
+             "t_embedder.mlp.2": ("time_text_embed.timestep_embedder.linear_2",),
+             "y_embedder.mlp.0": ("time_text_embed.text_embedder.linear_1",),
+             "y_embedder.mlp.2": ("time_text_embed.text_embedder.linear_2",),
+             "final_layer.linear": ("proj_out",), "final_layer.adaLN_modulation.1": ("norm_out.linear",)}
+        for i in range(n):
+            m |= _sd3_block(i, i == n - 1, i in dual)
+        return m
+    if layout == "flux":
+        m = {"img_in": ("x_embedder",), "txt_in": ("context_embedder",),
+             "time_in.in_layer": ("time_text_embed.timestep_embedder.linear_1",),
+             "time_in.out_layer": ("time_text_embed.timestep_embedder.linear_2",),
+             "vector_in.in_layer": ("time_text_embed.text_embedder.linear_1",),
+             "vector_in.out_layer": ("time_text_embed.text_embedder.linear_2",),
+             "final_layer.linear": ("proj_out",), "final_layer.adaLN_modulation.1": ("norm_out.linear",)}
+        if config.get("guidance_embeds"):
+            m |= {"guidance_in.in_layer": ("time_text_embed.guidance_embedder.linear_1",),
+                  "guidance_in.out_layer": ("time_text_embed.guidance_embedder.linear_2",)}
+        return m | _flux_blocks(config["num_layers"], config["num_single_layers"])
+    raise NotImplementedError(f"no transformer layout {layout!r}: sd3 or flux")
+
+
+def _swapped(original: str, layout: str, config: Mapping[str, Any]) -> bool:
+    """Modulations whose (shift, scale) halves the original stores the other way round (diffusers swaps them)."""
+    last = f"joint_blocks.{config.get('num_layers', 0) - 1}.context_block.adaLN_modulation.1"
+    return original == "final_layer.adaLN_modulation.1" or (layout == "sd3" and original == last)
+
+
+def _swap_halves(t: torch.Tensor) -> torch.Tensor:
+    shift, scale = t.chunk(2, dim=0)
+    return torch.cat([scale, shift], dim=0)
+
+
+def _transformer_norms(config: Mapping[str, Any], layout: str) -> dict[str, str]:
+    """The qk RMS norms (SD3.5, Flux): original parameter -> diffusers parameter."""
+    out = {}
+    if layout == "sd3" and config.get("qk_norm"):
+        for i in range(config["num_layers"]):
+            b, d = f"joint_blocks.{i}.", f"transformer_blocks.{i}.attn"
+            out |= {b + "x_block.attn.ln_q.weight": d + ".norm_q.weight", b + "x_block.attn.ln_k.weight": d + ".norm_k.weight",
+                    b + "context_block.attn.ln_q.weight": d + ".norm_added_q.weight",
+                    b + "context_block.attn.ln_k.weight": d + ".norm_added_k.weight"}
+            if i in set(config.get("dual_attention_layers") or ()):
+                out |= {b + "x_block.attn2.ln_q.weight": d + "2.norm_q.weight",
+                        b + "x_block.attn2.ln_k.weight": d + "2.norm_k.weight"}
+    if layout == "flux":
+        for i in range(config["num_layers"]):
+            b, d = f"double_blocks.{i}.", f"transformer_blocks.{i}.attn."
+            for side, q, k in (("img", "norm_q", "norm_k"), ("txt", "norm_added_q", "norm_added_k")):
+                out |= {f"{b}{side}_attn.norm.query_norm.scale": d + q + ".weight",
+                        f"{b}{side}_attn.norm.key_norm.scale": d + k + ".weight"}
+        for i in range(config["num_single_layers"]):
+            b, d = f"single_blocks.{i}.", f"single_transformer_blocks.{i}.attn."
+            out |= {b + "norm.query_norm.scale": d + "norm_q.weight", b + "norm.key_norm.scale": d + "norm_k.weight"}
+    return out
+
+
+def transformer_to_original(transformer: nn.Module, layout: str, prefix: str = "") -> dict[str, torch.Tensor]:
+    """An SD3 / Flux transformer's state dict in its original layout (fused q/k/v and, for Flux's single blocks,
+    q/k/v/mlp; modulation halves swapped where the original stores them so), under `prefix`; any weight not mapped
+    raises."""
+    transformer = unwrap(transformer)
+    config = transformer.config
+    state = dict(transformer.state_dict())
+    out: dict[str, torch.Tensor] = {}
+    for original, sources in transformer_linears(config, layout).items():
+        for kind in ("weight", "bias"):
+            if f"{sources[0]}.{kind}" not in state:
+                continue
+            t = torch.cat([state.pop(f"{s}.{kind}") for s in sources], dim=0)
+            out[f"{prefix}{original}.{kind}"] = _swap_halves(t) if _swapped(original, layout, config) else t
+    for original, source in _transformer_norms(config, layout).items():
+        out[prefix + original] = state.pop(source)
+    if layout == "sd3":
+        out[prefix + "pos_embed"] = state.pop("pos_embed.pos_embed")
+    if state:
+        raise NotImplementedError(f"{len(state)} transformer weights have no place in the {layout} layout, e.g. "
+                                  f"{sorted(state)[:3]}")
+    return out
+
+
+def _t5_state(t5: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    """T5's encoder in its transformers layout (tied embeddings cloned: safetensors refuses shared memory)."""
+    return {prefix + k: v.clone() for k, v in unwrap(t5).state_dict().items()}
+
+
+def flow_single_file_state_dict(parts: Any, layout: str) -> dict[str, torch.Tensor]:
+    """SD3: the whole model as one file, as ComfyUI and `StableDiffusion3Pipeline.from_single_file` read it
+    (`model.diffusion_model.`, the VAE as `first_stage_model.`, the text encoders in their transformers layouts under
+    `text_encoders.clip_l/clip_g/t5xxl.transformer.`); Flux: the transformer alone in Black Forest Labs' layout (what
+    ComfyUI's diffusion-model loader and `FluxTransformer2DModel.from_single_file` read), its VAE and text encoders
+    being the base model's."""
+    if layout == "flux":
+        return transformer_to_original(parts.unet, "flux")
+    out = transformer_to_original(parts.unet, "sd3", UNET_PREFIX)
+    out.update(_vae_attention_to_conv(_apply(unwrap(parts.vae).state_dict(), vae_rules(parts.vae.config), VAE_PREFIX, "VAE")))
+    for prefix, encoder in ((SD3_CLIP_L_PREFIX, parts.text_encoder), (SD3_CLIP_G_PREFIX, parts.text_encoder_2)):
+        out.update({prefix + k: v for k, v in _text_model_keys(unwrap(encoder)).items()})
+    if parts.text_encoder_3 is not None:
+        out.update(_t5_state(parts.text_encoder_3, SD3_T5_PREFIX))
+    return out
+

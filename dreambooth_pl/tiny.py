@@ -8,13 +8,30 @@ from __future__ import annotations
 
 import gzip
 import json
+import string
 from importlib import resources
 from pathlib import Path
 
 import diffusers
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from diffusers import (
+    AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+    UNet2DConditionModel,
+)
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5Tokenizer,
+)
 
 from .architectures import architecture
 from .files import atomic_path, cache_root
@@ -24,7 +41,9 @@ TINY_V = "tiny-v"  # v-prediction tiny random SD (SD 2.x layout)
 TINY_IP2P = "tiny-ip2p"  # tiny InstructPix2Pix: 8-channel UNet input (noisy latents ++ image latents)
 TINY_XL = "tiny-xl"  # SDXL layout: two text encoders, size/crop conditioning
 TINY_XL_IP2P = "tiny-xl-ip2p"  # SDXL InstructPix2Pix layout
-TINY_MODELS = (TINY, TINY_V, TINY_IP2P, TINY_XL, TINY_XL_IP2P)
+TINY_SD3 = "tiny-sd3"  # SD3 layout: MMDiT transformer, two CLIPs + T5, 16-channel VAE, rectified flow
+TINY_FLUX = "tiny-flux"  # FLUX.1-dev layout: double + single stream transformer, CLIP + T5, guidance embedding
+TINY_MODELS = (TINY, TINY_V, TINY_IP2P, TINY_XL, TINY_XL_IP2P, TINY_SD3, TINY_FLUX)
 # Bump when the tiny builder changes so caches made by older code are rebuilt, never silently reused.
 TINY_VERSION = 1
 STAMP = "TINY_VERSION"  # file in every folder build_random writes: "<arch> <TINY_VERSION> seed=<seed>"
@@ -79,6 +98,24 @@ def build_tokenizer(folder: str | Path, pad_token: str = "<|endoftext|>") -> CLI
     return tok
 
 
+def build_t5_tokenizer(folder: str | Path, clip_vocab: str | Path, words: int = 2000) -> T5Tokenizer:
+    """A T5-style tokenizer built offline (a Unigram model with sentencepiece's "▁" word marks, T5's ids <pad> 0,
+    </s> 1, <unk> 2): single characters, and CLIP's first `words` whole words as "▁word" pieces (`clip_vocab`:
+    a vocab.json from `write_clip_tokenizer`). Saved in `folder` in transformers layout."""
+    vocab = json.loads(Path(clip_vocab).read_text())
+    whole = [t[:-4] for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])
+             if t.endswith("</w>") and t[:-4].isalpha() and len(t) > 5][:words]
+    pieces: dict[str, float] = {"<pad>": 0.0, "</s>": 0.0, "<unk>": 0.0, "▁": -3.0}
+    for c in string.ascii_letters + string.digits + string.punctuation:
+        pieces.setdefault("▁" + c, -7.0)
+        pieces.setdefault(c, -8.0)
+    for i, w in enumerate(whole):  # earlier (more frequent) words score higher
+        pieces.setdefault("▁" + w, -4.0 - i * 1e-4)
+    tok = T5Tokenizer(vocab=list(pieces.items()), extra_ids=0, model_max_length=512)
+    tok.save_pretrained(folder)
+    return tok
+
+
 # ---------------------------------------------------------------------------------------------
 # Random-initialised models in diffusers layout
 
@@ -94,6 +131,8 @@ def build_random(name: str, folder: str | Path, seed: int = 0, dtype: torch.dtyp
     folder = Path(folder)
     if folder.exists() and any(folder.iterdir()) and not (folder / STAMP).is_file():
         raise FileExistsError(f"{folder} exists and is not a model built by dreambooth_pl: choose a new or empty folder")
+    if "transformer" in arch:
+        return _build_flow(name, arch, folder, seed, dtype)
     # Seeding inside a fork leaves the caller's random stream alone: a fit that builds `tiny` on first use makes
     # the same steps as one that finds it cached.
     with atomic_path(folder, folder=True) as tmp, torch.random.fork_rng(devices=[]):
@@ -109,6 +148,38 @@ def build_random(name: str, folder: str | Path, seed: int = 0, dtype: torch.dtyp
             torch.manual_seed(seed + 3)
             CLIPTextModelWithProjection(CLIPTextConfig(**arch["text_2"])).to(dtype).save_pretrained(tmp / "text_encoder_2")
         _write_index(name, tmp, arch["scheduler"], xl="text_2" in arch)
+        (tmp / STAMP).write_text(f"{name} {TINY_VERSION} seed={seed}\n")
+    return folder
+
+
+def _build_flow(name: str, arch: dict, folder: Path, seed: int, dtype: torch.dtype) -> Path:
+    """A tiny SD3 or Flux pipeline (`arch` has a transformer and a T5), random and seeded, saved by its pipeline."""
+    sd3 = "text_2" in arch
+    with atomic_path(folder, folder=True) as tmp, torch.random.fork_rng(devices=[]):
+        tokenizer = build_tokenizer(tmp / "tokenizer")
+        t5_tokenizer = build_t5_tokenizer(tmp / ("tokenizer_3" if sd3 else "tokenizer_2"), tmp / "tokenizer" / "vocab.json")
+        clip = CLIPTextModelWithProjection if sd3 else CLIPTextModel  # Flux reads CLIP's pooled output, no projection
+        torch.manual_seed(seed)
+        text_encoder = clip(CLIPTextConfig(**arch["text"]))
+        torch.manual_seed(seed + 1)
+        vae = AutoencoderKL(**arch["vae"])
+        torch.manual_seed(seed + 2)
+        t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer), **arch["t5"]))
+        torch.manual_seed(seed + 3)
+        scheduler = FlowMatchEulerDiscreteScheduler(**arch["scheduler"])
+        if sd3:
+            transformer = SD3Transformer2DModel(**arch["transformer"])
+            torch.manual_seed(seed + 4)
+            text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**arch["text_2"]))
+            pipe = StableDiffusion3Pipeline(
+                transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                text_encoder_2=text_encoder_2, tokenizer_2=build_tokenizer(tmp / "tokenizer_2", pad_token="!"),
+                text_encoder_3=t5, tokenizer_3=t5_tokenizer)
+        else:
+            transformer = FluxTransformer2DModel(**arch["transformer"])
+            pipe = FluxPipeline(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text_encoder,
+                                tokenizer=tokenizer, text_encoder_2=t5, tokenizer_2=t5_tokenizer)
+        pipe.to(dtype).save_pretrained(tmp)
         (tmp / STAMP).write_text(f"{name} {TINY_VERSION} seed={seed}\n")
     return folder
 

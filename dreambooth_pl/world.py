@@ -25,8 +25,11 @@ SIZE = 64  # px, square
 VOCAB: dict = json.loads(resources.files("dreambooth_pl").joinpath("world_vocabulary.json").read_text())
 PALETTE: dict[str, tuple[int, int, int]] = {k: tuple(v) for k, v in VOCAB["palette"].items()}
 BACKGROUNDS: list[str] = VOCAB["flat_backgrounds"] + list(VOCAB["scenes"])
-SUBJECTS: dict[str, dict] = VOCAB["subjects"]
+SUBJECTS: dict[str, dict] = VOCAB["subjects"]  # the reported subjects (world-claims, the demo)
+VALIDATION_SUBJECTS: dict[str, dict] = VOCAB["validation_subjects"]  # what the DreamBooth defaults are tuned on
+ALL_SUBJECTS: dict[str, dict] = {**SUBJECTS, **VALIDATION_SUBJECTS}
 TEMPLATES: list[dict] = VOCAB["templates"]
+NO_OP = VOCAB["no_op_instruction"]  # InstructPix2Pix's "change nothing": it must give the photo back (a check)
 SUBJECT_TYPE = "world"  # prompts_world.txt, as DreamBench has prompts_object.txt / prompts_live.txt
 # Judge heads: attribute -> its classes (marking colour "none" when there is no marking).
 ATTRIBUTES: dict[str, list[str]] = {
@@ -57,11 +60,14 @@ class Scene:
         return {k: getattr(self, k) for k in ATTRIBUTES}
 
     def identity(self) -> tuple[str, str, str, str]:
-        """What makes a subject a subject: shape, body colour, marking and its colour."""
-        return self.shape, self.color, self.marking, self.marking_color
+        """What makes a subject a subject: shape, body colour, marking and its colour (`IDENTITY`)."""
+        return tuple(getattr(self, k) for k in IDENTITY)
 
 
-HELD_OUT = {(s["shape"], s["color"], s["marking"]) for s in SUBJECTS.values()}  # never in pretraining
+IDENTITY = ("shape", "color", "marking", "marking_color")  # what makes a subject itself (Scene.identity)
+# Never in pretraining. The validation subjects are not held out of the committed models' pretraining (they came
+# after it): held out from the next `make world`, with the no-op edits and "plain" captions that wait for it too.
+HELD_OUT = {(s["shape"], s["color"], s["marking"]) for s in SUBJECTS.values()}
 
 
 def place(size: str, position: str, rng: np.random.Generator) -> tuple[float, float, float]:
@@ -93,8 +99,18 @@ def random_scene(rng: np.random.Generator, held_out: set = HELD_OUT, **fixed) ->
 
 
 def subject_scene(subject: str, rng: np.random.Generator, **fixed) -> Scene:
-    """A scene of a world subject: its shape, colours and marking, other attributes random (or `fixed`)."""
-    return random_scene(rng, held_out=set(), **{**SUBJECTS[subject], **fixed})
+    """A scene of a world subject (reported or validation): its shape, colours and marking, other attributes random
+    (or `fixed`)."""
+    return random_scene(rng, held_out=set(), **{**ALL_SUBJECTS[subject], **fixed})
+
+
+def photo_scene(subject: str, index: int, rng: np.random.Generator) -> Scene:
+    """Photo `index` of a subject: a background (cycling through the photo backgrounds, never the body colour) and a
+    position that no template asks for, a random size, so every template's context is new to the fine-tune."""
+    body = ALL_SUBJECTS[subject]["color"]
+    backgrounds = [b for b in VOCAB["photo_backgrounds"] if b != body]
+    return subject_scene(subject, rng, background=backgrounds[index % len(backgrounds)],
+                         position=str(rng.choice(VOCAB["photo_positions"])))
 
 
 # ------------------------------------------------------------------------------------------------ rendering
@@ -170,7 +186,8 @@ def render(scene: Scene) -> Image.Image:
 
 
 def phrases(scene: Scene) -> dict[str, str]:
-    """Each attribute as the words a caption uses for it."""
+    """Each attribute as the words a caption uses for it (no marking: no words; the committed models were trained
+    on these captions, so saying "plain" waits for the next `make world`)."""
     mark = "" if scene.marking == "none" else (
         f"with {scene.marking_color} dots" if scene.marking == "dots" else f"with a {scene.marking_color} {scene.marking}")
     bg = f"on a {scene.background} background" if scene.background in PALETTE else scene.background
@@ -178,13 +195,15 @@ def phrases(scene: Scene) -> dict[str, str]:
             "position": f"in the {scene.position}"}
 
 
+CAPTION_ORDER = ("size", "color", "shape", "marking", "background", "position")
+
+
 def caption(scene: Scene, rng: np.random.Generator | None = None, keep: float = 0.5) -> str:
     """'a [size] [colour] shape [marking] [background] [position]'; each bracket kept with probability `keep`
     (all of them without `rng`), so partial prompts sample the prior over the attributes left out."""
     p = phrases(scene)
     use = {k: rng is None or k == "shape" or rng.random() < keep for k in p}
-    words = ["a"] + [p[k] for k in ("size", "color", "shape", "marking", "background", "position") if use[k] and p[k]]
-    return " ".join(words)
+    return " ".join(["a"] + [p[k] for k in CAPTION_ORDER if use[k] and p[k]])
 
 
 EDITS = ("background", "color", "pose")
@@ -219,13 +238,15 @@ def apply_change(scene: Scene, change: dict, rng: np.random.Generator) -> Scene:
 
 
 def write_dataset(root: str | Path = "data/world", photos: int = 5, seed: int = 0) -> Path:
-    """The world subjects in the DreamBench layout: dataset/<subject>/NN.png, subjects.csv, prompts_world.txt."""
+    """The world subjects (reported, then validation) in the DreamBench layout: dataset/<subject>/NN.png,
+    subjects.csv (with a `split` column: reported or validation), prompts_world.txt."""
     root = Path(root)
     rng = np.random.default_rng(seed)
-    for name in SUBJECTS:
-        for i in range(photos):  # varied size, position and background: what DreamBooth must see past
-            write_image(render(subject_scene(name, rng)), root / "dataset" / name / f"{i:02d}.png")
-    rows = [["subject_name", "class", "type"]] + [[n, s["shape"], SUBJECT_TYPE] for n, s in SUBJECTS.items()]
+    for name in ALL_SUBJECTS:
+        for i in range(photos):  # varied size, position and background, none of them a template's
+            write_image(render(photo_scene(name, i, rng)), root / "dataset" / name / f"{i:02d}.png")
+    rows = [["subject_name", "class", "type", "split"]] + [
+        [n, s["shape"], SUBJECT_TYPE, "reported" if n in SUBJECTS else "validation"] for n, s in ALL_SUBJECTS.items()]
     write_text(root / "subjects.csv", "".join(",".join(r) + "\n" for r in rows))
     write_text(root / f"prompts_{SUBJECT_TYPE}.txt", "".join(t["template"] + "\n" for t in TEMPLATES))
     return root

@@ -116,6 +116,8 @@ class DiffusionRecipe:
     image_dropout: float = 0.0  # InstructPix2Pix: zero image latents
     both_dropout: float = 0.0  # InstructPix2Pix: neither condition
     keep: tuple[float, float] = (0.2, 1.0)  # each caption keeps each attribute with p ~ U(keep)
+    text_aux_weight: float = 0.0  # text encoder: + this x cross-entropy of the named attributes read off its pooled
+    # output (heads dropped after training): a direct signal that makes its states carry the attributes early
 
 
 @dataclass(frozen=True)
@@ -359,22 +361,43 @@ def train_text2img(vae: AutoencoderKL, recipe: DiffusionRecipe = DiffusionRecipe
     scale = vae.config.scaling_factor
     text_encoder = seeded(lambda: CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG)), seed + 1).to(dev).train()
     unet = seeded(lambda: UNet2DConditionModel(**UNET_CONFIG), seed + 2).to(dev).train()
+    # One head per attribute on the pooled text state: its classes, then "not named" (the last index).
+    heads = seeded(lambda: nn.ModuleDict({k: nn.Linear(TEXT_CONFIG["hidden_size"], len(v) + 1)
+                                          for k, v in world.ATTRIBUTES.items()} if recipe.text_aux_weight else {}),
+                   seed + 4).to(dev).train()
     sched = DDPMScheduler.from_config(SCHEDULER_CONFIG)
+    parts: dict[str, list[float]] = {"diffusion": [], "text_aux": []}
 
     def step_loss() -> Tensor:
         idx = torch.from_numpy(rng.integers(0, len(scenes), recipe.batch_size))
         captions = [caption_for(scenes[i], rng, recipe) for i in idx.tolist()]
         z0 = draw_latents(mean[idx], std[idx], scale, gen).to(dev)
-        text = text_encoder(token_ids(tokenizer, captions).to(dev))[0]  # (B, 32, 32), with grad
-        return diffusion_loss(unet, sched, z0, text, gen, recipe.min_snr_gamma)
+        out = text_encoder(token_ids(tokenizer, captions).to(dev))  # states (B, 32, 32) and pooled (B, 32), with grad
+        loss = diffusion_loss(unet, sched, z0, out[0], gen, recipe.min_snr_gamma)
+        parts["diffusion"].append(loss.item())
+        if recipe.text_aux_weight:
+            aux = text_attribute_loss(heads, out.pooler_output, captions)
+            parts["text_aux"].append(aux.item())
+            loss = loss + recipe.text_aux_weight * aux
+        return loss
 
     groups = [{"params": list(unet.parameters()), "lr": recipe.lr, "weight_decay": recipe.weight_decay},
-              {"params": list(text_encoder.parameters()), "lr": recipe.lr, "weight_decay": 0.0}]
+              {"params": [*text_encoder.parameters(), *heads.parameters()], "lr": recipe.lr, "weight_decay": 0.0}]
     curve = fit(groups, step_loss, recipe.steps, recipe.warmup, recipe.ema_decay, "text2img", progress)
     text_encoder.eval()
     unet.eval()
     round_fp16(text_encoder, unet)
-    return tokenizer, text_encoder, unet, {"loss": tail_mean(curve)}
+    return tokenizer, text_encoder, unet, {"loss": tail_mean(curve), **{k: tail_mean(v) for k, v in parts.items() if v}}
+
+
+def text_attribute_loss(heads: nn.ModuleDict, pooled: Tensor, captions: Sequence[str]) -> Tensor:
+    """Cross-entropy of each attribute a caption names (or "not named") read off its (B, D) pooled text state."""
+    named = [judge_module.parse_prompt(c) for c in captions]
+    loss = pooled.new_zeros(())
+    for k, classes in world.ATTRIBUTES.items():
+        target = torch.tensor([classes.index(n[k]) if k in n else len(classes) for n in named], device=pooled.device)
+        loss = loss + F.cross_entropy(heads[k](pooled), target)
+    return loss
 
 
 # ------------------------------------------------------------------------------------------------ InstructPix2Pix
@@ -443,12 +466,20 @@ def train_ip2p(vae: AutoencoderKL, tokenizer: CLIPTokenizer, text_encoder: CLIPT
 
 
 def save_fp16(model: nn.Module, folder: Path) -> None:
-    """`save_pretrained` in fp16 safetensors; the model stays fp32 (its weights are fp16-rounded already)."""
+    """`save_pretrained` in fp16 safetensors; the model stays fp32 (its weights are fp16-rounded already). The config
+    says float32, so plain `from_pretrained` (transformers' dtype "auto" too) loads every part in fp32 and a pipeline
+    built with diffusers' defaults runs in one dtype."""
     model.half()
     try:
         model.save_pretrained(folder, safe_serialization=True)
     finally:
         model.float()
+    config = folder / "config.json"
+    data = json.loads(config.read_text())
+    for key in ("dtype", "torch_dtype"):  # transformers' key (old and new name); diffusers writes none
+        if key in data:
+            data[key] = "float32"
+    config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def write_index(folder: Path, pipeline: str) -> None:

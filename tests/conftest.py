@@ -74,6 +74,18 @@ def tiny_xl_dir(model_cache) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_sd3_dir(model_cache) -> Path:
+    """The tiny SD3-layout model (MMDiT transformer, two CLIPs + T5, 16-channel VAE) that `pretrained: tiny-sd3` loads."""
+    return tiny_model_path("tiny-sd3")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_dir(model_cache) -> Path:
+    """The tiny FLUX.1-dev-layout model (double + single stream transformer, CLIP + T5, guidance input)."""
+    return tiny_model_path("tiny-flux")
+
+
+@pytest.fixture(scope="session")
 def tiny_xl_parts(tiny_xl_dir):
     """The tiny SDXL model's parts, loaded once; tests only read them."""
     return components.load_components(str(tiny_xl_dir))

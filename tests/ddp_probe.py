@@ -1,4 +1,4 @@
-"""A callback for tests/test_ddp.py: each DDP rank dumps its trainable weights, its steps and a synced metric.
+"""A callback for tests/test_ddp.py: each DDP / FSDP rank dumps its trainable weights, its steps and a synced metric.
 
 Used from the command line (`--trainer.callbacks+=tests.ddp_probe.DumpRankState`), so it must import
 from the repository root in every rank process Lightning launches.
@@ -11,6 +11,10 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+
+from dreambooth_pl.callbacks import full_weights
+
+FSDP_PREFIX = "_fsdp_wrapped_module."  # what FSDP's wrapping adds to the names of the layers it wraps
 
 # A fixed (10, 8) "generated" set split unevenly over two ranks, scored against a fixed (4, 8) "real" set.
 NUM_GENERATED, DIM, NUM_REAL = 10, 8, 4
@@ -48,7 +52,9 @@ class DumpRankState(pl.Callback):
         rank = trainer.global_rank
         out = Path(self.out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        params = {n: p.detach().cpu().clone() for n, p in pl_module.named_parameters() if p.requires_grad}
+        with full_weights(trainer):  # FSDP: every rank gathers the whole weights (DDP: they are whole already)
+            params = {n.replace(FSDP_PREFIX, ""): p.detach().cpu().clone()
+                      for n, p in pl_module.named_parameters() if p.requires_grad}
         torch.save(params, out / f"rank{rank}.pt")
         torch.save(self.steps, out / f"rank{rank}_steps.pt")
         real, generated = embeddings()

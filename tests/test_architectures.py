@@ -55,7 +55,10 @@ def test_sdxl_parameter_counts():
     assert meta_counts("sdxl")["text"] == pytest.approx(123_060_480, rel=0.01)
 
 
-@pytest.mark.parametrize("name", [*TINY_MODELS, "sd15", "sd21", "sdxl"])
+UNET_MODELS = [m for m in TINY_MODELS if "unet" in ARCHITECTURES[m]]
+
+
+@pytest.mark.parametrize("name", [*UNET_MODELS, "sd15", "sd21", "sdxl"])
 def test_architecture_parts_fit_together(name):
     """Text width(s) = UNet cross-attention width, 77 positions, CLIP vocab, VAE latents = UNet channels; SDXL's
     added embedding takes the pooled projection plus six size/crop ids."""
@@ -73,14 +76,14 @@ def test_architecture_parts_fit_together(name):
 
 def test_unknown_architecture_raises():
     """An unknown architecture name is a ValueError naming it."""
-    with pytest.raises(ValueError, match="sd3"):
-        architecture("sd3")
+    with pytest.raises(ValueError, match="sd4"):
+        architecture("sd4")
 
 
 def test_every_tiny_model_has_an_architecture():
     """Each tiny model name is an architecture; the table offers the tiny models, SD 1.5, SD 2.1 and SDXL."""
     assert set(TINY_MODELS) <= set(ARCHITECTURES)
-    assert set(ARCHITECTURES) == {*TINY_MODELS, "sd15", "sd21", "sdxl"}
+    assert set(ARCHITECTURES) == {*TINY_MODELS, "sd15", "sd21", "sdxl", "sd35-medium", "flux-dev"}
 
 
 def test_tiny_variants_differ_only_where_stated():
@@ -99,3 +102,34 @@ def test_architecture_returns_fresh_dicts():
     arch["scheduler"]["prediction_type"] = "sample"
     assert architecture("sd15")["unet"]["sample_size"] == 64
     assert architecture("sd15")["scheduler"]["prediction_type"] == "epsilon"
+
+
+@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-flux"])
+def test_flow_architecture_parts_fit_together(name):
+    """What diffusers' SD3 / Flux pipelines need of the parts: SD3's caption projection = heads x head dim, its T5 at
+    least as wide as both CLIPs (they are zero-padded up to it), pooled = both projections; Flux's rope axes sum to the
+    head dim, its input is 2 x 2 packed 16-channel latents, T5 = its text width, CLIP's width = its pooled input."""
+    a = architecture(name)
+    t = a["transformer"]
+    assert a["vae"]["latent_channels"] == 16 and a["vae"]["shift_factor"] and not a["vae"]["use_quant_conv"]
+    if name == "tiny-sd3":
+        assert t["caption_projection_dim"] == t["num_attention_heads"] * t["attention_head_dim"]
+        assert a["t5"]["d_model"] == t["joint_attention_dim"] >= a["text"]["hidden_size"] + a["text_2"]["hidden_size"]
+        assert t["pooled_projection_dim"] == a["text"]["projection_dim"] + a["text_2"]["projection_dim"]
+        assert t["in_channels"] == 16 and a["scheduler"]["shift"] == 3.0
+    else:
+        assert sum(t["axes_dims_rope"]) == t["attention_head_dim"] and t["in_channels"] == 4 * 16
+        assert a["t5"]["d_model"] == t["joint_attention_dim"] and a["text"]["hidden_size"] == t["pooled_projection_dim"]
+        assert t["guidance_embeds"] and a["scheduler"]["use_dynamic_shifting"]
+
+
+def test_public_flow_transformers_have_their_published_sizes():
+    """SD3.5 medium's MMDiT-X (Stability: "2.5B parameters"; the transformer alone counts 2.24B here) and
+    FLUX.1-dev's transformer (about 11.9B), built on the meta device from the tables."""
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+    with torch.device("meta"):
+        sd35 = SD3Transformer2DModel(**architecture("sd35-medium")["transformer"])
+        flux = FluxTransformer2DModel(**architecture("flux-dev")["transformer"])
+    assert sum(p.numel() for p in sd35.parameters()) == pytest.approx(2.5e9, rel=0.12)
+    assert sum(p.numel() for p in flux.parameters()) == pytest.approx(11.9e9, rel=0.01)

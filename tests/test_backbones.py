@@ -146,3 +146,117 @@ def test_single_files_are_told_apart_by_their_keys_or_config(tiny_xl_parts, tiny
     # ... and the data module's default for buckets follows (on for SDXL).
     assert DreamBoothDataModule(model=ModelSource(str(xl), single_file_config=str(tiny_xl_dir))).use_buckets
     assert not DreamBoothDataModule(model=ModelSource(str(sd))).use_buckets
+
+
+# ------------------------------------------------------------------------------------------------ SD3 and Flux
+
+
+def test_flow_backbones_come_from_the_loaded_transformer(tiny_sd3_dir, tiny_flux_dir):
+    for name, folder, denoiser in (("sd3", tiny_sd3_dir, "SD3Transformer2DModel"),
+                                   ("flux", tiny_flux_dir, "FluxTransformer2DModel")):
+        parts = components.load_components(str(folder))
+        assert type(parts.unet).__name__ == denoiser and parts.backbone.name == name
+        assert parts.prediction_type == "flow" and type(parts.noise_scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+        assert components.backbone_of_model(str(folder)).name == name  # from model_index.json alone
+        assert parts.vae.config.latent_channels == 16 and parts.vae.config.shift_factor
+    assert BACKBONES["sd3"].text_encoders == ("text_encoder", "text_encoder_2", "text_encoder_3")
+
+
+def _batch(photos, model: str):
+    dm = make_datamodule(photos, batch_size=1, center_crop=True)
+    dm.setup("fit")
+    return next(iter(dm.train_dataloader()))
+
+
+def test_sd3_training_step_equals_diffusers_pieces(tiny_sd3_dir, photos):
+    """The loss = the MSE of diffusers' own pieces: the pipeline's prompt encoding (T5 at 77 tokens), latents
+    (z - shift) x scale, sigma drawn logit-normally and looked up in the scheduler's table, x_t = (1 - s) x0 + s eps,
+    the transformer at the table's timestep, the velocity eps - x0 as the target, weight 1."""
+    from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+
+    m = DreamBoothModule(pretrained="tiny-sd3", prior_loss_weight=0.7)
+    batch = _batch(photos, "tiny-sd3")
+    torch.manual_seed(5)
+    loss, parts = m.compute_loss(batch)
+
+    torch.manual_seed(5)  # the same draws by hand: posterior sample, noise, then u
+    pipe = components.pipeline(components.load_components(str(tiny_sd3_dir)))
+    sched = pipe.scheduler
+    with torch.no_grad():
+        z = pipe.vae.encode(batch["pixel_values"]).latent_dist.sample()
+        x0 = (z - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
+        noise = torch.randn(x0.shape)
+        u = compute_density_for_timestep_sampling("logit_normal", 2, logit_mean=0.0, logit_std=1.0)
+        idx = (u * sched.config.num_train_timesteps).long()
+        sigma = sched.sigmas[idx].reshape(-1, 1, 1, 1)
+        noisy = (1 - sigma) * x0 + sigma * noise
+        hidden, _, pooled, _ = pipe.encode_prompt(batch["prompts"], None, None, device="cpu",
+                                                  do_classifier_free_guidance=False, max_sequence_length=77)
+        pred = pipe.transformer(hidden_states=noisy, encoder_hidden_states=hidden, pooled_projections=pooled,
+                                timestep=sched.timesteps[idx]).sample
+        w = compute_loss_weighting_for_sd3("logit_normal", sigma)
+    per_row = (w * (pred - (noise - x0)).pow(2)).flatten(1).mean(1)
+    assert parts["instance"].item() == pytest.approx(per_row[0].item(), rel=1e-5)
+    assert parts["prior"].item() == pytest.approx(per_row[1].item(), rel=1e-5)
+    assert loss.item() == pytest.approx(per_row[0].item() + 0.7 * per_row[1].item(), rel=1e-5)
+
+
+def test_flux_training_step_equals_diffusers_pieces(tiny_flux_dir, photos):
+    """Flux: the same by diffusers' pieces: packed 2 x 2 latents with their position ids, uniform sigma, the
+    transformer at sigma (it scales by 1000 itself) with the guidance input 3.5, unpacked."""
+    from diffusers import FluxPipeline
+
+    m = DreamBoothModule(pretrained="tiny-flux")
+    batch = _batch(photos, "tiny-flux")
+    torch.manual_seed(6)
+    loss, parts = m.compute_loss(batch)
+
+    torch.manual_seed(6)
+    pipe = components.pipeline(components.load_components(str(tiny_flux_dir)))
+    sched = pipe.scheduler
+    with torch.no_grad():
+        z = pipe.vae.encode(batch["pixel_values"]).latent_dist.sample()
+        x0 = (z - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor  # (2, 16, 8, 8)
+        noise = torch.randn(x0.shape)
+        idx = (torch.rand(2) * 1000).long()
+        t = sched.timesteps[idx]
+        sigma = (t / 1000).reshape(-1, 1, 1, 1)  # the unshifted training table (dynamic shifting is for sampling)
+        noisy = (1 - sigma) * x0 + sigma * noise
+        hidden, pooled, text_ids = pipe.encode_prompt(batch["prompts"], None, device="cpu", max_sequence_length=77)
+        packed = FluxPipeline._pack_latents(noisy, 2, 16, 8, 8)
+        img_ids = FluxPipeline._prepare_latent_image_ids(2, 4, 4, "cpu", torch.float32)
+        out = pipe.transformer(hidden_states=packed, encoder_hidden_states=hidden, pooled_projections=pooled,
+                               timestep=t / 1000, img_ids=img_ids, txt_ids=text_ids, guidance=torch.full((2,), 3.5)).sample
+        pred = FluxPipeline._unpack_latents(out, 64, 64, 8)
+    per_row = (pred - (noise - x0)).pow(2).flatten(1).mean(1)
+    assert parts["instance"].item() == pytest.approx(per_row[0].item(), rel=1e-5)
+    assert parts["prior"].item() == pytest.approx(per_row[1].item(), rel=1e-5)
+    assert loss.item() == pytest.approx(per_row[0].item() + per_row[1].item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("model", ["tiny-sd3", "tiny-flux"])
+def test_flow_lora_and_text_training_touch_only_what_they_say(model, tiny_sd3_dir, tiny_flux_dir):
+    """LoRA trains only adapters on the backbone's targets; the text encoder trains the CLIPs (never T5), all of
+    which then get a gradient, and the optimizer holds exactly the trainable weights."""
+    m = DreamBoothModule(pretrained=model, lora=LoraSettings(rank=4))
+    targets = m.backbone.lora_targets
+    adapted = [n for n, mod in m.unet.named_modules() if hasattr(mod, "lora_A") and any(n.endswith(t) for t in targets)]
+    assert adapted and all("lora_" in n for n, p in m.named_parameters() if p.requires_grad)
+    assert {id(p) for g in m.make_optimizer().param_groups for p in g["params"]} == {id(p) for p in m.trainable_parameters()}
+    full = DreamBoothModule(pretrained=model, train_text_encoder=True)
+    t5 = full.text_encoder_3 if model == "tiny-sd3" else full.text_encoder_2
+    assert not any(p.requires_grad for p in t5.parameters())
+    assert all(any(p.requires_grad for p in e.parameters()) for e in full.trainable_text_encoders)
+    batch = {"pixel_values": torch.rand(2, 3, 64, 64) * 2 - 1, "prompts": ["a sks can", "a can"], "num_instance": 1}
+    loss, _ = full.compute_loss(batch)
+    loss.backward()
+    no_grad = [n for n, p in full.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum())]
+    # SD3's last joint block reads the text as keys and values only: its text queries get a zero gradient.
+    assert all("add_q_proj" in n for n in no_grad), no_grad[:5]
+
+
+def test_flow_options_that_do_not_apply_are_refused_by_name(tiny_sd3_dir):
+    with pytest.raises(ValueError, match="model.snr_gamma weights the DDPM loss.*model.flow_weighting"):
+        DreamBoothModule(pretrained="tiny-sd3", snr_gamma=5.0)
+    with pytest.raises(ValueError, match="model.flow_weighting is for the SD3 / Flux"):
+        DreamBoothModule(pretrained="tiny", flow_weighting="cosmap")

@@ -19,7 +19,7 @@ from dreambooth_pl.experiment import COMMANDS as WITH_FIT_ARGS
 from .conftest import REPO
 
 COMMANDS = ("fit", "validate", "test", "predict", "experiment", "priors", "evaluate", "report", "compare", "export",
-            "tiny-model", "dreambench-files", "world-data", "world-build", "world-claims")
+            "tiny-model", "dreambench-files", "world-data", "world-build", "world-claims", "world-ablations")
 GROUPS = ("--model.", "--data.", "--eval.", "--export.", "--probe.")
 PACKAGE = Path(cli.__file__).resolve().parent  # dreambooth_pl/, wherever it is imported from
 

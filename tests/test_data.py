@@ -29,6 +29,7 @@ from dreambooth_pl.data import (
     instance_prompt,
     list_images,
     load_image,
+    load_mask,
 )
 from dreambooth_pl.module import DreamBoothModule
 from dreambooth_pl.priors import PriorSampling
@@ -786,3 +787,52 @@ def test_validation_batches_hold_one_split_each_and_repeat_exactly(photos, tmp_p
                                                                   ("instance", [3, 4]), ("instance", [5, 6])]
     assert first[0]["pixel_values"].shape == (2, 3, 64, 64) and first[0]["prompts"] == ["a can", "a can"]
     assert all(torch.equal(a["pixel_values"], b["pixel_values"]) for a, b in zip(first, again, strict=True))
+
+
+# ------------------------------------------------------------------------------------------------ masks
+
+
+def _two_tone(path: Path, size=(80, 96)) -> Path:
+    """A photo red on its left half, blue on its right."""
+    w, h = size
+    arr = np.zeros((h, w, 3), np.uint8)
+    arr[:, : w // 2] = RED
+    arr[:, w // 2 :] = BLUE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path)
+    return path
+
+
+def test_a_mask_beside_a_photo_is_read_not_listed_and_rides_along_every_crop_and_flip(tmp_path, photos):
+    """`01_mask.png` (white = counts) is the photo's mask, not a photo; it is cropped and flipped with the photo, so
+    after random crops and flips it still covers exactly the red half."""
+    folder = tmp_path / "masked"
+    photo = _two_tone(folder / "01.png")
+    arr = np.zeros((96, 80), np.uint8)
+    arr[:, :40] = 255
+    Image.fromarray(arr).save(folder / "01_mask.png")
+    assert list_images(folder) == [photo] and load_mask(photo).size == (80, 96)
+    ds = DreamBoothDataset([photo], "a sks can", resolution=64, center_crop=False, random_flip=True)
+    flips = set()
+    for _ in range(12):
+        e = ds[0]
+        red = (e["instance_pixel_values"][0] > 0.5) & (e["instance_pixel_values"][2] < 0)  # (64, 64)
+        assert torch.equal(e["instance_loss_mask"][0] > 0.5, red)
+        flips.add(e["instance_flipped"])
+    assert flips == {True, False}
+    batch = collate([ds[0], DreamBoothDataset(list_images(photos["instance"]), "a sks can", resolution=64)[0]])
+    assert batch["loss_mask"].shape == (2, 1, 64, 64) and batch["loss_mask"][1].min() == 1  # no mask: all 1
+
+
+def test_an_alpha_channel_is_a_mask_and_a_wrong_size_mask_is_named(tmp_path):
+    rgba = np.zeros((64, 64, 4), np.uint8)
+    rgba[..., 0], rgba[:32, :, 3] = 200, 255  # opaque top half
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "cut.png")
+    m = np.asarray(load_mask(tmp_path / "cut.png"))
+    assert (m[:32] == 255).all() and (m[32:] == 0).all()
+    _photo(tmp_path / "plain.jpg", size=(64, 64))
+    assert load_mask(tmp_path / "plain.jpg") is None
+    Image.new("L", (32, 32), 255).save(tmp_path / "plain_mask.png")
+    with pytest.raises(DataError, match=r"plain_mask.png is 32x32 px but its photo .*plain.jpg is 64x64"):
+        load_mask(tmp_path / "plain.jpg")
+    assert DreamBoothDataset([tmp_path / "cut.png"], "a sks can", resolution=64, masks=False)[0]["instance_loss_mask"] is None

@@ -1,13 +1,15 @@
-"""Multi-process training: a 2-rank DDP fit (gloo, CPU) on the tiny model through the real CLI.
+"""Multi-process training: a 2-rank DDP or FSDP fit (gloo, CPU) on the tiny model through the real CLI.
 
 Both ranks must end with identical trainable weights, equal to a one-process replay of the two ranks' steps
 with averaged gradients, and the sum/count metric states must merge over the process group into the exact
-global mean.
+global mean. Under FSDP (full sharding, `tests/fsdp_cpu.py`) the weights are gathered from the shards, and the
+export (written from the gathered weights, every rank taking part) holds the same weights.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -52,20 +54,34 @@ def replay(config: dict, steps: dict[int, list[dict]]) -> dict[str, torch.Tensor
     return {f"unet.{n}": p.detach() for n, p in m.unet.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("buckets", [False, True], ids=["square", "buckets"])
-def test_ddp_two_gloo_ranks_train_identically_and_merge_metrics(photos, tmp_path, tiny_dir, buckets):
-    """With buckets the loader's items are whole one-bucket batches, which Lightning's distributed sampler shards."""
+FSDP_CONFIG = {"trainer": {"strategy": {"class_path": "tests.fsdp_cpu.CPUFSDPStrategy"}}}
+
+
+@pytest.mark.parametrize(("strategy", "buckets"), [("ddp", False), ("ddp", True), ("fsdp", False)],
+                         ids=["ddp-square", "ddp-buckets", "fsdp"])
+def test_two_gloo_ranks_train_identically_and_merge_metrics(photos, tmp_path, tiny_dir, strategy, buckets):
+    """With buckets the loader's items are whole one-bucket batches, which Lightning's distributed sampler shards.
+    Without them the default callbacks run too (evaluation before and after, the probe; FSDP: the export): every
+    rank takes part in their sampling, rank zero scores."""
     ranks = tmp_path / "ranks"
+    fsdp, callbacks = strategy == "fsdp", not buckets
+    (tmp_path / "fsdp.yaml").write_text(yaml.safe_dump(FSDP_CONFIG))
+    prompts = tmp_path / "prompts"
+    prompts.mkdir()
+    (prompts / "prompts_object.txt").write_text("a {0} {1} in the snow\na red {0} {1}\n")
     cmd = [
         sys.executable, "-m", "dreambooth_pl", "fit",
         "--config", "experiments/base.yaml", "--config", "experiments/tiny.yaml",
         "--data.subject", "toy", "--data.class_noun", "can",
         "--data.instance_dir", str(photos["instance"]), "--data.class_dir", str(photos["class"]),
         "--output_dir", str(tmp_path / "out"),
-        "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+        "--trainer.accelerator", "cpu", "--trainer.devices", "2",
+        *(["--config", str(tmp_path / "fsdp.yaml")] if fsdp else ["--trainer.strategy", "ddp"]),
         "--trainer.max_steps", str(STEPS),
-        "--eval.every_n_steps", "0", "--eval.evaluate_base", "false", "--eval.final", "false",
-        "--probe.enabled", "false", "--export.enabled", "false", "--trainer.enable_progress_bar", "false",
+        "--eval.every_n_steps", "0", "--eval.evaluate_base", str(callbacks).lower(), "--eval.final",
+        str(callbacks).lower(), "--eval.prompts_dir", str(prompts), "--eval.protocol.images_per_prompt", "2",
+        "--eval.protocol.steps", "2", "--probe.enabled", str(callbacks).lower(),
+        "--export.enabled", str(fsdp).lower(), "--trainer.enable_progress_bar", "false",
         "--trainer.callbacks+=tests.ddp_probe.DumpRankState", f"--trainer.callbacks.out_dir={ranks}",
         "--data.buckets", str(buckets).lower(),
     ]
@@ -107,6 +123,15 @@ def test_ddp_two_gloo_ranks_train_identically_and_merge_metrics(photos, tmp_path
     assert expected.keys() == params[0].keys()
     for name, value in expected.items():
         assert torch.allclose(params[0][name], value, rtol=0, atol=1e-6), name
+    if callbacks:  # rank zero scored the images every rank sampled, before and after
+        stages = json.loads((tmp_path / "out" / "metrics.json").read_text())["stages"]
+        assert set(stages) == {"base", "final"} and all(
+            math.isfinite(v["metrics"][k]) for v in stages.values() for k in ("dino", "clip_i", "clip_t", "pres"))
+        assert len(list((tmp_path / "out" / "samples" / "final").glob("0*_*.png"))) == 2 * 2
+    if fsdp:  # the export holds the trained (gathered) weights, not one rank's shard
+        exported = load_components(str(tmp_path / "out" / "model")).unet.state_dict()
+        for name, value in params[0].items():
+            assert torch.equal(exported[name.removeprefix("unet.")], value), name
 
     # Metric states merged over the process group: the exact single-process mean over all 10 rows.
     real, generated = embeddings()

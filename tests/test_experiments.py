@@ -40,8 +40,9 @@ def test_every_yaml_is_checked_here():
     """Base, subjects, overlays (incl. memory presets) and sweeps: a YAML in a new place would go unchecked."""
     checked = {EXP / "base.yaml", *SUBJECTS, *OVERLAYS, *SWEEPS}
     assert set(EXP.rglob("*.yaml")) == checked
-    assert {p.stem for p in OVERLAYS} == {"tiny", "world", "sdxl", "8gb", "12gb", "16gb", "24gb", "sdxl-12gb",
-                                          "sdxl-16gb", "sdxl-full"}
+    assert {p.stem for p in OVERLAYS} == {"tiny", "world", "sdxl", "sd3", "flux", "8gb", "12gb", "16gb", "24gb",
+                                          "sdxl-12gb", "sdxl-16gb", "sdxl-full", "sd3-24gb", "sd3-80gb", "flux-24gb",
+                                          "flux-80gb"}
 
 
 @pytest.mark.parametrize("preset", ["sdxl-12gb", "sdxl-16gb", "sdxl-full"])
@@ -57,13 +58,27 @@ def test_sdxl_presets_layer_on_the_sdxl_recipe(preset):
         assert cfg.model.lora.rank > 0 and (cfg.model.lora.text_encoder_rank > 0) == (preset == "sdxl-16gb")
 
 
+@pytest.mark.parametrize("preset", ["sd3-24gb", "sd3-80gb", "flux-24gb", "flux-80gb"])
+def test_flow_presets_layer_on_their_recipe(preset):
+    """SD3 / Flux presets on sd3.yaml / flux.yaml: 1024 px, the backbone's sigma scheme; LoRA but sd3-80gb's full
+    fine-tune; flux-24gb's int8 base weights."""
+    model = preset.split("-")[0]
+    cfg = parse_config(layered(EXP / "subjects" / "can.yaml", EXP / f"{model}.yaml", EXP / "memory" / f"{preset}.yaml"))
+    assert cfg.model.pretrained == {"sd3": "stabilityai/stable-diffusion-3.5-medium",
+                                    "flux": "black-forest-labs/FLUX.1-dev"}[model]
+    assert cfg.data.resolution == 1024 and cfg.model.speed.gradient_checkpointing and cfg.model.speed.cache_latents
+    assert cfg.model.flow_weighting == {"sd3": "logit_normal", "flux": "none"}[model]
+    assert (cfg.model.lora.rank == 0) == (preset == "sd3-80gb")
+    assert (cfg.model.speed.quantize_base == "int8") == (preset == "flux-24gb")
+
+
 def test_tiny_overlay_is_offline_and_small():
     cfg = parse_config(layered(EXP / "subjects" / "can.yaml", EXP / "tiny.yaml"))
     assert cfg.model.pretrained == "tiny" and cfg.data.resolution == 64 and cfg.trainer.accelerator == "cpu"
 
 
 def test_every_world_subject_has_a_config():
-    for name, spec in world.SUBJECTS.items():
+    for name, spec in world.ALL_SUBJECTS.items():  # reported and validation subjects
         cfg = parse_config(layered(EXP / "subjects" / f"{name}.yaml", EXP / "world.yaml"))
         assert (cfg.data.class_noun, cfg.data.subject_type) == (spec["shape"], world.SUBJECT_TYPE)
         assert cfg.data.instance_dir == f"data/world/dataset/{name}" and cfg.model.pretrained == "world"

@@ -13,7 +13,7 @@ import torch
 from dreambooth_pl import encoders as enc
 from dreambooth_pl import judge as J
 from dreambooth_pl import world
-from dreambooth_pl.evaluation import EvalPrompt, score
+from dreambooth_pl.evaluation import EvalPrompt, score, text_image_scores
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +140,10 @@ def test_parse_prompt_reads_the_benchmark_templates():
         assert parsed == {"shape": "star", **t["change"]}, t["template"]
 
 
+def test_parse_prompt_reads_plain_as_no_marking():
+    assert J.parse_prompt("a plain red star") == {"shape": "star", "color": "red", "marking": "none", "marking_color": "none"}
+
+
 def test_agreement():
     read = {"shape": "star", "color": "red", "position": "top"}
     assert J.agreement(read, {"shape": "star", "color": "blue"}) == {"shape": True, "color": False}
@@ -150,7 +154,7 @@ def test_agreement():
 
 
 def test_world_encoders_are_named_and_calibrated(world_encoders):
-    assert set(world_encoders) == {"dino", "clip", "lpips"}
+    assert set(world_encoders) == {"dino", "clip", "lpips", "dino_identity", "clip_identity"}
     for e in world_encoders.values():
         assert "world judge" in e.name and e.calibrated
         e.train()  # as a LightningModule does each epoch: the judge's batch norm stays in eval mode
@@ -158,18 +162,30 @@ def test_world_encoders_are_named_and_calibrated(world_encoders):
     assert enc.load_dino("world").name == world_encoders["dino"].name
 
 
-def test_clip_t_is_one_for_exactly_the_prompt_and_lower_for_another_colour(world_encoders):
+def test_clip_t_is_the_share_of_the_named_attributes_right_whatever_their_number(world_encoders):
     clip = world_encoders["clip"]
     scene = marked_scene(background="on grass")
     other = dataclasses.replace(scene, color="orange")
-    text = clip.encode_texts([world.caption(scene), "a sks " + scene.shape])  # (2, D): all 7 named; the shape only
+    texts = [world.caption(scene), "a sks " + scene.shape, f"a {scene.color} {scene.shape}"]  # all 7; shape; 2 named
+    t = clip.encode_texts(texts)  # (3, D) 0/1 rows
     img = clip.encode_images([world.render(scene), world.render(other)])  # (2, D)
-    cos = text @ img.T  # (2, 2) unit rows
-    assert cos[0, 0].item() == pytest.approx(1.0)
-    assert cos[0, 1].item() == pytest.approx(6 / 7)  # one of 7 attributes differs
-    assert cos[1, 0].item() == pytest.approx(1 / 7**0.5) == cos[1, 1].item()  # the colour was not asked for
-    assert (img[0] @ img[1]).item() == pytest.approx(6 / 7)  # CLIP-I: the share of agreeing attributes
-    assert torch.allclose(img.norm(dim=-1), torch.ones(2))
+    scores = {(i, j): text_image_scores(clip, t[i : i + 1], img[j : j + 1]).item() for i in range(3) for j in range(2)}
+    assert scores[0, 0] == scores[1, 0] == scores[1, 1] == scores[2, 0] == 1.0  # every named attribute right: 1
+    assert scores[0, 1] == pytest.approx(6 / 7) and scores[2, 1] == 0.5  # one named attribute wrong of 7, of 2
+    unit = torch.nn.functional.normalize(img, dim=-1)
+    assert (unit[0] @ unit[1]).item() == pytest.approx(6 / 7)  # CLIP-I: the share of agreeing attributes
+    assert text_image_scores(clip, clip.encode_texts(["a sks"]), img[:1]).isnan().all()  # names nothing: no score
+
+
+def test_identity_roles_count_the_subject_not_its_scene(world_encoders):
+    """Identity-only DINO / CLIP-I: the same subject on another background, size and position scores 1."""
+    rng = np.random.default_rng(8)
+    a, b = world.subject_scene("red_ball", rng, background="gray"), world.subject_scene("green_box", rng)
+    moved = world.subject_scene("red_ball", rng, background="at night")
+    for role in ("dino_identity", "clip_identity"):
+        e = torch.nn.functional.normalize(world_encoders[role].encode_images([world.render(x) for x in (a, moved, b)]),
+                                          dim=-1)
+        assert (e[0] @ e[1]).item() == pytest.approx(1.0, abs=0.02) and (e[0] @ e[2]).item() < 0.6, role
 
 
 def test_dino_and_div_roles(world_encoders):
@@ -192,4 +208,5 @@ def test_the_metric_code_runs_on_the_world_encoders(world_encoders):
     m = score(world_encoders, real, [(ep, [0, 1, 2], night)]).metrics
     # Ball, colour, marking and its colour agree with the photos; background, size, position mostly not.
     assert 4 / 7 - 1e-6 <= m["clip_i"] < 1 and 0 < m["dino"] < 1 and 0 < m["div"] <= 1
-    assert m["clip_t"] == pytest.approx(1.0 * 2 / (7 * 2) ** 0.5) == m["clip_t_no_token"]  # 2 named, both right
+    assert m["clip_t"] == 1.0 == m["clip_t_no_token"]  # shape and background named, both right
+    assert m["clip_i_identity"] == pytest.approx(1.0) and m["dino_identity"] > 0.95  # the same ball, another scene

@@ -32,6 +32,9 @@ from dreambooth_pl.lora import (
     kohya_unet_namer,
     lora_kohya_state_dict,
 )
+from dreambooth_pl.module import DreamBoothModule, LoraSettings, Optimization
+
+from .conftest import make_datamodule, make_trainer
 
 
 def randomise_lora(seed: int, *modules) -> None:
@@ -497,3 +500,98 @@ def test_add_lora_on_the_projected_text_encoder(tiny_xl_dir):
     layers = lora_layers(text)
     assert len(layers) == 4 * text.config.num_hidden_layers
     assert all(n.startswith("text_model.encoder.layers.") and n.endswith(tuple(TEXT_LORA_TARGETS)) for n in layers)
+
+
+# ------------------------------------------------------------------------------------------------ SD3, Flux, DoRA
+
+
+def _trained(model: str, photos, tmp_path, **lora) -> DreamBoothModule:
+    """A module of `model` with LoRA adapters moved away from zero by a few steps."""
+    m = DreamBoothModule(pretrained=model, optim=Optimization(learning_rate=1e-2), lora=LoraSettings(**lora))
+    make_trainer(tmp_path / "fit", 3).fit(m, datamodule=make_datamodule(photos))
+    return m.eval()
+
+
+def _image(pipe, **kw):
+    return pipe(prompt="a sks can", num_inference_steps=2, height=64, width=64, output_type="np",
+                generator=torch.Generator().manual_seed(0), max_sequence_length=77, **kw).images
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("model", ["tiny-sd3", "tiny-flux"])
+def test_flow_lora_exports_load_into_a_fresh_pipeline_and_give_the_trained_image(model, photos, tmp_path, tiny_sd3_dir,
+                                                                                  tiny_flux_dir):
+    """The transformer's and the CLIP text encoder's LoRA in the diffusers format (peft keys, with its config):
+    `load_lora_weights` into the base pipeline reproduces the fine-tuned module's image exactly."""
+    m = _trained(model, photos, tmp_path, rank=4, alpha=8, text_encoder_rank=4)
+    paths = export_lora(m, tmp_path / "lora")
+    base = tiny_sd3_dir if model == "tiny-sd3" else tiny_flux_dir
+    cls = m.backbone.pipeline_class("text2img")
+    pipe = cls.from_pretrained(base)
+    before = _image(pipe)
+    tuned = _image(cls(**m.backbone.pipeline_parts(m.parts()), scheduler=pipe.scheduler))
+    pipe.load_lora_weights(tmp_path / "lora")
+    after = _image(pipe)
+    assert abs(before - tuned).max() > 1e-3 and abs(after - tuned).max() < 1e-5
+    keys = set(load_file(paths["diffusers"]))
+    assert any(k.startswith("transformer.") and k.endswith("lora_A.weight") for k in keys)
+    assert any(k.startswith("text_encoder.") for k in keys)
+
+
+@pytest.mark.integration
+def test_flux_kohya_file_fuses_qkv_as_the_original_and_diffusers_reads_it(photos, tmp_path, tiny_flux_dir):
+    """`lora_unet_double_blocks_0_img_attn_qkv`: the q, k, v adapters stacked (down) and block-diagonal (up), a part
+    without LoRA zero; diffusers' reader of kohya Flux files gives the fine-tuned image. (Its reader fixes the single
+    blocks' sizes at FLUX.1's, so the tiny check adapts the double block only.)"""
+    from diffusers import FluxPipeline
+
+    targets = ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_k", "transformer_blocks.0.attn.to_v",
+               "transformer_blocks.0.attn.add_k_proj", "transformer_blocks.0.attn.to_out.0"]
+    m = _trained("tiny-flux", photos, tmp_path, rank=4, alpha=2, targets=targets)
+    path = export_lora(m, tmp_path / "lora")["kohya"]
+    state = load_file(path)
+    q = "lora_unet_double_blocks_0_img_attn_qkv"
+    assert state[f"{q}.lora_down.weight"].shape == (12, 32) and state[f"{q}.lora_up.weight"].shape == (96, 12)
+    assert state[f"{q}.alpha"].item() == 2 * 3  # alpha / rank kept: 2 / 4 = 6 / 12
+    up = state[f"{q}.lora_up.weight"].float()
+    assert not up[:32, 4:].any() and not up[32:64, :4].any()  # block-diagonal
+    txt = state["lora_unet_double_blocks_0_txt_attn_qkv.lora_up.weight"].float()
+    assert txt[:32].abs().sum() == 0 and txt[64:].abs().sum() == 0 and txt[32:64].abs().sum() > 0  # only k adapted
+    pipe = FluxPipeline.from_pretrained(tiny_flux_dir)
+    tuned = _image(FluxPipeline(**m.backbone.pipeline_parts(m.parts()), scheduler=pipe.scheduler))
+    pipe.load_lora_weights(path)
+    assert abs(_image(pipe) - tuned).max() < 1e-4  # the kohya file is fp16
+
+
+@pytest.mark.integration
+def test_sd3_kohya_file_holds_each_parts_update_in_its_rows(photos, tmp_path, tiny_sd3_dir):
+    """SD3's kohya names are the original joint blocks' (`lora_unet_joint_blocks_0_x_block_attn_qkv`, which ComfyUI
+    reads; diffusers has no reader): the fused file's up @ down x alpha / rank is each part's update, stacked."""
+    m = _trained("tiny-sd3", photos, tmp_path, rank=4, alpha=8)
+    state = {k: v.float() for k, v in load_file(export_lora(m, tmp_path / "lora")["kohya"]).items()}
+    key = "lora_unet_joint_blocks_0_x_block_attn_qkv"
+    fused = state[f"{key}.lora_up.weight"] @ state[f"{key}.lora_down.weight"] * state[f"{key}.alpha"] / 12
+    parts = [m.unet.transformer_blocks[0].attn.get_submodule(n) for n in ("to_q", "to_k", "to_v")]
+    each = torch.cat([p.lora_B["default"].weight @ p.lora_A["default"].weight * 2 for p in parts])  # alpha / r = 2
+    assert torch.allclose(fused, each, atol=1e-3)
+    assert "lora_unet_joint_blocks_1_context_block_attn_qkv.lora_down.weight" in state  # last block: k, v only
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("model", ["tiny", "tiny-flux"])
+def test_dora_trains_magnitudes_and_exports_them_in_the_diffusers_format_only(model, photos, tmp_path, capsys,
+                                                                             tiny_dir, tiny_flux_dir):
+    m = _trained(model, photos, tmp_path, rank=4, use_dora=True)
+    assert any("lora_magnitude_vector" in n for n, p in m.named_parameters() if p.requires_grad)
+    paths = export_lora(m, tmp_path / "lora")
+    assert set(paths) == {"diffusers"} and "DoRA" in capsys.readouterr().out
+    assert any("lora_magnitude_vector" in k for k in load_file(paths["diffusers"]))
+    cls = m.backbone.pipeline_class("text2img")
+    pipe = cls.from_pretrained(tiny_dir if model == "tiny" else tiny_flux_dir)
+    tuned = cls(**m.backbone.pipeline_parts(m.parts()), scheduler=pipe.scheduler)
+    kw = m.backbone.sample_kwargs
+    run = lambda p: p(prompt="a sks can", num_inference_steps=2, height=64, width=64, output_type="np",  # noqa: E731
+                      generator=torch.Generator().manual_seed(0), **kw).images
+    want = run(tuned)
+    pipe.load_lora_weights(tmp_path / "lora")
+    assert abs(run(pipe) - want).max() < 1e-5

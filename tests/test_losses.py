@@ -7,7 +7,16 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from dreambooth_pl.losses import diffusion_target, fixed_draws, prior_preservation_loss, q_sample
+from dreambooth_pl.losses import (
+    diffusion_target,
+    fixed_draws,
+    flow_loss_weights,
+    flow_noised,
+    flow_target,
+    prior_preservation_loss,
+    q_sample,
+    timestep_density,
+)
 
 SD_SCHEDULE = dict(
     num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012
@@ -174,3 +183,32 @@ def test_fixed_draws_depend_only_on_each_rows_seed():
     by_hand = torch.stack([torch.randn((4, 2, 2), generator=g) for _ in range(3)])
     assert torch.equal(noise[:, 0], by_hand) and torch.equal(t[:, 0], torch.randint(0, 1000, (3,), generator=g))
     assert not torch.equal(noise[0, 0], noise[1, 0]) and 0 <= t.min() and t.max() < 1000
+
+
+def test_a_mask_weights_the_instance_rows_pixels_and_leaves_the_class_rows():
+    pred, target = torch.zeros(2, 4, 2, 2), torch.ones(2, 4, 2, 2)
+    target[0, :, 0, 0] = 3.0  # the instance row's error is 9 in one cell, 1 elsewhere
+    mask = torch.zeros(1, 1, 2, 2)
+    mask[0, 0, 0, 0] = 1.0
+    _, parts = prior_preservation_loss(pred, target, 1, mask=mask)
+    assert parts["instance"].item() == pytest.approx(9.0) and parts["prior"].item() == pytest.approx(1.0)
+    _, unmasked = prior_preservation_loss(pred, target, 1)
+    assert unmasked["instance"].item() == pytest.approx((9 + 3) / 4)
+    half = torch.full((1, 1, 2, 2), 0.5)  # a uniform mask weights nothing
+    assert prior_preservation_loss(pred, target, 1, mask=half)[1]["instance"].item() == pytest.approx(3.0)
+
+
+def test_flow_matching_pieces_are_diffusers():
+    """x_t and the velocity target as diffusers' SD3 / Flux examples; the weighting and sigma-sampling schemes as
+    diffusers' training_utils (same draws from the same seed)."""
+    from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+
+    x0, eps, s = torch.randn(3, 16, 4, 4), torch.randn(3, 16, 4, 4), torch.tensor([0.1, 0.5, 0.9])
+    assert torch.allclose(flow_noised(x0, eps, s), (1 - s.view(-1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1) * eps)
+    assert torch.equal(flow_target(x0, eps), eps - x0)
+    for scheme in ("logit_normal", "mode", "none"):
+        torch.manual_seed(0)
+        want = compute_density_for_timestep_sampling(scheme, 5, logit_mean=0.0, logit_std=1.0, mode_scale=1.29)
+        assert torch.allclose(timestep_density(scheme, 5, torch.Generator().manual_seed(0)), want.clamp(0, 1 - 1e-6))
+    for scheme in ("sigma_sqrt", "cosmap", "logit_normal"):
+        assert torch.allclose(flow_loss_weights(scheme, s), compute_loss_weighting_for_sd3(scheme, s).float())

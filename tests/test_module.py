@@ -573,12 +573,49 @@ def test_teacher_prior_equals_the_mse_to_the_frozen_base_prediction(tiny_dir, ph
     assert loss.item() == pytest.approx(parts["instance"].item() + 0.5 * expected.item(), rel=1e-5)
 
 
-def test_teacher_prior_refuses_class_images(tiny_dir, photos):
+def test_teacher_prior_with_class_images_constrains_the_class_latents_too(tiny_dir, photos):
+    """With class images, the teacher rows are each photo's noisy latents and each class image's, both with the class
+    prompt, and their target is the base model's prediction (the class images' noise is not the target)."""
     m = DreamBoothModule(pretrained="tiny", prior_loss="teacher")
-    dm = make_datamodule(photos)  # with class images
+    with torch.no_grad():
+        for p in m.unet.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    dm = make_datamodule(photos)  # with class images: rows [0, B) photos, [B, 2B) class images
     dm.setup("fit")
-    with pytest.raises(ValueError, match="data.with_prior_preservation: false"):
-        m.compute_loss(next(iter(dm.train_dataloader())))
+    batch = next(iter(dm.train_dataloader()))
+    n = batch["num_instance"]
+    torch.manual_seed(4)
+    _, parts = m.compute_loss(batch)
+    torch.manual_seed(4)
+    base = load_components(str(tiny_dir)).unet
+    with torch.no_grad():
+        latents = m.vae.encode(batch["pixel_values"]).latent_dist.sample() * m.vae.config.scaling_factor  # (2B, ...)
+        noise = torch.randn(latents.shape)
+        t = torch.randint(0, 1000, (latents.shape[0],))
+        noisy = m.noise_scheduler.add_noise(latents, noise, t)
+        rows = torch.cat([torch.arange(n), torch.arange(n, 2 * n)])  # photos, then class images
+        cls = m.encode_prompts(["a can"] * len(rows)).hidden
+        student = m.unet(noisy[rows], t[rows], encoder_hidden_states=cls).sample
+        teacher = base(noisy[rows], t[rows], encoder_hidden_states=cls).sample
+    assert parts["prior"].item() == pytest.approx((student - teacher).pow(2).mean().item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("text", ["lora", "full"])
+def test_the_teacher_is_conditioned_by_the_base_text_encoder_while_it_trains(tiny_dir, text):
+    """A training text encoder (its LoRA, or all of it) conditions the student; the teacher rows get the base encoder's
+    class-prompt states, also after the encoder has moved."""
+    kw = dict(lora=LoraSettings(text_encoder_rank=4)) if text == "lora" else dict(train_text_encoder=True)
+    m = DreamBoothModule(pretrained="tiny", prior_loss="teacher", **kw)
+    base = DreamBoothModule(pretrained="tiny")
+    with torch.no_grad():
+        for p in m.text_encoder.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))  # the encoder has trained
+    want = base.encode_prompts(["a can"]).hidden
+    assert not torch.allclose(m.encode_prompts(["a can"]).hidden, want, atol=1e-4)  # the student's states moved
+    assert torch.allclose(m.teacher_conditioning(["a can"]).hidden, want, atol=1e-6)
+    assert torch.allclose(m.encode_prompts(["a can"]).hidden, m.encode_prompts(["a can"]).hidden)  # adapters back on
+    assert not torch.allclose(m.encode_prompts(["a can"]).hidden, want, atol=1e-4)
 
 
 def test_fused_adamw_with_gradient_clipping_is_refused_naming_both_keys(tiny_dir, photos, tmp_path):
@@ -587,10 +624,10 @@ def test_fused_adamw_with_gradient_clipping_is_refused_naming_both_keys(tiny_dir
         make_trainer(tmp_path, 1, gradient_clip_val=1.0).fit(m, datamodule=make_datamodule(photos))
 
 
-def test_fsdp_is_refused_with_one_clear_message(tiny_dir):
-    module = DreamBoothModule(pretrained=str(tiny_dir))
+def test_ema_under_fsdp_is_refused_with_one_clear_message(tiny_dir):
+    module = DreamBoothModule(pretrained=str(tiny_dir), optim=Optimization(ema_decay=0.99))
     module._trainer = SimpleNamespace(strategy=FSDPStrategy())
-    with pytest.raises(ValueError, match="fsdp is not supported.*use ddp"):
+    with pytest.raises(ValueError, match="ema_decay with trainer.strategy: fsdp.*ema_decay: null"):
         module.setup("fit")
 
 
@@ -612,3 +649,33 @@ def test_every_schedule_warms_up_from_zero_and_is_diffusers(tiny_dir, name):
         assert lrs[4:] == pytest.approx([1e-3] * 16)
     else:
         assert lrs[-1] < 1e-3 * 0.2 and all(b <= a + 1e-12 for a, b in zip(lrs[4:-1], lrs[5:], strict=True))  # decays
+
+
+# ------------------------------------------------------------------------------------------------ quantised base
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny-flux"])
+def test_int8_base_weights_under_lora_train_the_adapters_only(model, photos, tmp_path, tiny_dir, tiny_flux_dir):
+    """quantize_base: int8 (torchao weight-only) stores every frozen Linear of the denoiser and the text encoders as
+    int8; the fp32 adapters train, and the base weights do not move."""
+    pytest.importorskip("torchao")
+    m = DreamBoothModule(pretrained=model, optim=Optimization(learning_rate=1e-2), lora=LoraSettings(rank=4),
+                         speed=SpeedSettings(quantize_base="int8"))
+    frozen = [mod for mod in m.unet.modules() if isinstance(mod, torch.nn.Linear) and not mod.weight.requires_grad]
+    assert frozen and {type(mod.weight).__name__ for mod in frozen} == {"Int8Tensor"}
+    assert all(p.dtype == torch.float32 for p in m.trainable_parameters())
+    before = [p.detach().clone() for p in m.trainable_parameters()]
+    base = frozen[0].weight.dequantize().clone()
+    make_trainer(tmp_path, 2).fit(m, datamodule=make_datamodule(photos))
+    assert all(not torch.equal(a, b) for a, b in zip(before, m.trainable_parameters(), strict=True))
+    assert torch.equal(frozen[0].weight.dequantize(), base)
+
+
+def test_quantised_base_needs_lora_and_says_what_this_machine_lacks(tiny_dir):
+    with pytest.raises(ValueError, match="quantize_base=int8 quantises the frozen base weights.*lora.rank"):
+        DreamBoothModule(pretrained="tiny", speed=SpeedSettings(quantize_base="int8"))
+    with pytest.raises(MissingPackageError, match="nf4 is bitsandbytes' 4-bit format.*CUDA"):
+        DreamBoothModule(pretrained="tiny", lora=LoraSettings(rank=4), speed=SpeedSettings(quantize_base="nf4"))
+    if not torch.cuda.is_available():
+        with pytest.raises(MissingPackageError, match="fp8 needs a GPU with fp8 arithmetic"):
+            DreamBoothModule(pretrained="tiny", lora=LoraSettings(rank=4), speed=SpeedSettings(quantize_base="fp8"))

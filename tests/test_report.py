@@ -7,6 +7,7 @@ import math
 
 import pytest
 
+from dreambooth_pl.evaluation import PAPER_ROWS
 from dreambooth_pl.report import aggregate, mean_ci, metric_table, t975, write_report
 
 
@@ -22,7 +23,7 @@ def test_aggregate_table_over_subjects(tmp_path):
     for name, dino in (("a", 0.6), ("b", 0.7), ("c", 0.8)):
         f = tmp_path / name / "metrics.json"
         f.parent.mkdir()
-        f.write_text(json.dumps({"subject": name, "calibrated": True, "stages": {
+        f.write_text(json.dumps({"subject": name, "calibrated": True, "reference": PAPER_ROWS, "stages": {
             "base": {"metrics": {"dino": dino - 0.2}}, "final": {"metrics": {"dino": dino, "clip_t": 0.3}}}}))
         files.append(f)
     text = aggregate(files, tmp_path / "bench.md").read_text()
@@ -30,7 +31,10 @@ def test_aggregate_table_over_subjects(tmp_path):
     assert f"| DreamBooth (ours) | 0.700 ± {half:.3f} | – | 0.300 ± 0.000 |" in text
     assert f"| Base model | 0.500 ± {half:.3f} |" in text
     assert "Subjects: a, b, c" in text and "Uncalibrated" not in text
-    assert "0.668" in text  # the paper's row for reference
+    assert "0.668" in text  # the paper's row for reference, beside scores on its encoders' scale
+    for f in files:  # the toy world's judge: its scores mean something else, so no paper row beside them
+        f.write_text(f.read_text().replace(json.dumps(PAPER_ROWS), "{}"))
+    assert "0.668" not in aggregate(files, tmp_path / "world.md").read_text()
 
 
 def test_metric_table_formats_missing_as_dash():
@@ -69,3 +73,13 @@ def test_report_says_which_step_was_exported(tmp_path):
         write_report(tmp_path).read_text()
     (tmp_path / "exported.json").write_text(json.dumps({"step": 800, "weights": "last"}))
     assert "Exported model (`model/`): the last step, 800." in write_report(tmp_path).read_text()
+
+
+def test_wilson_interval_matches_its_definition_and_stays_in_0_1():
+    from dreambooth_pl.report import wilson
+
+    rate, lo, hi = wilson(8, 10)
+    # Wilson (1927): (p + z^2/2n -+ z sqrt(p(1-p)/n + z^2/4n^2)) / (1 + z^2/n), z = 1.96
+    assert rate == 0.8 and lo == pytest.approx(0.4902, abs=1e-4) and hi == pytest.approx(0.9433, abs=1e-4)
+    assert wilson(0, 20)[1] == 0.0 and 0 < wilson(0, 20)[2] < 0.2 and wilson(20, 20)[2] == 1.0
+    assert all(math.isnan(v) for v in wilson(0, 0))

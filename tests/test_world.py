@@ -24,7 +24,7 @@ def scenes(n: int, seed: int = 0) -> list[world.Scene]:
 def test_vocabulary_sizes_meet_the_issue():
     assert len(VOCAB["shapes"]) >= 5 and len(VOCAB["palette"]) >= 8 and len(VOCAB["scenes"]) >= 3
     assert len(world.SUBJECTS) >= 4 and len(VOCAB["markings"]) >= 4
-    assert {t["category"] for t in world.TEMPLATES} == {"recontextualization", "property", "pose"}
+    assert {t["category"] for t in world.TEMPLATES} == {"recontextualization", "seen", "property", "pose"}
     assert all(t["instruction"] and "{0} {1}" in t["template"] for t in world.TEMPLATES)
     # Every colour any part uses comes from the one palette.
     used = VOCAB["object_colors"] + VOCAB["marking_colors"] + VOCAB["flat_backgrounds"]
@@ -72,7 +72,8 @@ def test_size_and_position_follow_their_names():
 
 def test_subjects_are_held_out_of_random_scenes():
     seen = {(s.shape, s.color, s.marking) for s in scenes(3000, seed=2)}
-    assert not seen & world.HELD_OUT
+    assert not seen & world.HELD_OUT and len(world.HELD_OUT) == len(world.SUBJECTS) == 4
+    assert not set(world.SUBJECTS) & set(world.VALIDATION_SUBJECTS)
     assert len(seen) > 100  # everything else does appear
     assert all(s.background != s.color for s in scenes(500, seed=3))
 
@@ -82,6 +83,8 @@ def test_full_caption_names_every_attribute_and_partial_captions_drop_some():
     assert world.caption(sc) == "a small purple star with a yellow band at night in the top left"
     dots = dataclasses.replace(sc, marking="dots", background="cyan")
     assert world.caption(dots) == "a small purple star with yellow dots on a cyan background in the top left"
+    plain = dataclasses.replace(sc, marking="none", marking_color="none")  # no words (the committed models' captions)
+    assert world.caption(plain) == "a small purple star at night in the top left"
     rng = np.random.default_rng(0)
     partial = [world.caption(sc, rng) for _ in range(200)]
     assert all(" star" in c for c in partial) and "a star" in partial and len(set(partial)) > 20
@@ -106,10 +109,12 @@ def test_edits_change_one_attribute_and_keep_the_seed():
 
 def test_write_dataset_has_the_dreambench_layout(tmp_path):
     root = world.write_dataset(tmp_path / "world", photos=3)
-    assert [r["subject_name"] for r in world.read_subjects(root)] == list(world.SUBJECTS)
-    assert all(r["type"] == "world" and r["class"] == world.SUBJECTS[r["subject_name"]]["shape"] for r in world.read_subjects(root))
+    rows = world.read_subjects(root)
+    assert [r["subject_name"] for r in rows] == list(world.ALL_SUBJECTS)
+    assert [r["split"] for r in rows] == ["reported"] * 4 + ["validation"] * 4
+    assert all(r["type"] == "world" and r["class"] == world.ALL_SUBJECTS[r["subject_name"]]["shape"] for r in rows)
     assert (root / "prompts_world.txt").read_text().splitlines() == [t["template"] for t in world.TEMPLATES]
-    for name in world.SUBJECTS:
+    for name in world.ALL_SUBJECTS:
         photos = list_images(root / "dataset" / name, min_size=64)  # what every command reads
         assert len(photos) == 3 and all(Image.open(p).size == (64, 64) for p in photos)
     again = world.write_dataset(tmp_path / "again", photos=3)
@@ -123,3 +128,19 @@ def test_subject_scenes_keep_the_subject_and_vary_the_rest(name):
     assert all(s.identity() == tuple(world.SUBJECTS[name][k] for k in ("shape", "color", "marking", "marking_color"))
                for s in ss)
     assert len({s.background for s in ss}) > 3 and len({s.position for s in ss}) > 3 and len({s.size for s in ss}) == 3
+
+
+def test_photos_use_no_context_a_template_asks_for_and_the_seen_templates_ask_the_photos_own():
+    """Every recontextualisation template's background and every pose template's position is new to the photos; the
+    'seen' templates ask for backgrounds every subject's photos show."""
+    rng = np.random.default_rng(0)
+    asked = {k: {t["change"][k] for t in world.TEMPLATES if t["category"] != "seen" and k in t["change"]}
+             for k in ("background", "position")}
+    for name, spec in world.ALL_SUBJECTS.items():
+        photos = [world.photo_scene(name, i, rng) for i in range(5)]
+        assert all(p.identity() == tuple(spec[k] for k in world.IDENTITY) for p in photos)
+        assert not {p.background for p in photos} & asked["background"]
+        assert not {p.position for p in photos} & asked["position"]
+        assert all(p.background != spec["color"] for p in photos)
+        seen = {t["change"]["background"] for t in world.TEMPLATES if t["category"] == "seen"}
+        assert seen <= {p.background for p in photos}

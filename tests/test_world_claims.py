@@ -12,17 +12,17 @@ from dreambooth_pl.judge import load_judge
 from dreambooth_pl.world_claims import (
     ClaimsSettings,
     base_follows_prompts,
-    category_means,
+    counts,
     finetune,
+    fit_config,
+    judge_reads,
     measure_samples,
+    over_subjects,
     sample_subject,
-    score_reads,
     subject_prompts,
     summarize,
     wanted,
 )
-
-pytestmark = pytest.mark.integration  # fits and samples the committed world models (~2 min)
 
 STAR = world.SUBJECTS["purple_star"]
 NIGHT = next(t for t in world.TEMPLATES if t["template"] == "a {0} {1} at night")
@@ -38,37 +38,61 @@ def test_wanted_applies_the_template_change_to_the_subject():
     assert wanted("purple_star", NIGHT) == {**STAR, "background": "at night"}
     assert wanted("purple_star", BLUE)["color"] == "blue" and wanted("purple_star", BLUE)["marking"] == "band"
     assert subject_prompts("red_ball")[0] == (world.TEMPLATES[0], "a sks ball at night")
+    assert subject_prompts("black_ring")[0][1] == "a sks ring at night"  # validation subjects too
 
 
-def test_score_reads_counts_subject_context_and_pose():
+def test_judge_reads_gives_each_images_subject_context_and_pose():
     reads = [read(), read(color="red"), read(background="on grass"), read(color="red", background="on grass")]
-    got = score_reads(reads, wanted("purple_star", NIGHT), NIGHT["change"],
+    got = judge_reads(reads, wanted("purple_star", NIGHT), NIGHT["change"],
                       poses=[{"size": "small", "position": "center"}] * 3 + [{"size": "large", "position": "center"}])
-    assert got == {"subject": 0.5, "context": 0.5, "context_given_subject": 0.5, "pose_kept": 0.75}
-    none = score_reads([read(color="red")], wanted("purple_star", NIGHT), NIGHT["change"])
-    assert none["subject"] == 0.0 and math.isnan(none["context_given_subject"]) and "pose_kept" not in none
+    assert got == {"subject": [True, False, True, False], "context": [True, True, False, False],
+                   "pose_kept": [True, True, True, False]}
+    assert "pose_kept" not in judge_reads([read()], wanted("purple_star", NIGHT), NIGHT["change"])
 
 
 def test_property_change_counts_the_new_colour_as_the_subject():
-    got = score_reads([read(color="blue"), read()], wanted("purple_star", BLUE), BLUE["change"])
-    assert got["subject"] == 0.5 and got["context"] == 0.5
+    got = judge_reads([read(color="blue"), read()], wanted("purple_star", BLUE), BLUE["change"])
+    assert got == {"subject": [True, False], "context": [True, False]}
 
 
-def run_with(value: float, class_is_subject: float = 0.0) -> dict:
-    rows = {t["template"]: {"subject": value, "context": 1 - value, "context_given_subject": value}
+def run_with(subject: str, hits: int, n: int = 4, class_hits: int = 0) -> dict:
+    """A run whose every template has `hits` of `n` images the subject (and the context on the others)."""
+    rows = {t["template"]: {"subject": [i < hits for i in range(n)], "context": [i >= hits or i == 0 for i in range(n)]}
             for t in world.TEMPLATES}
-    return {"templates": rows, "class_is_subject": class_is_subject, "class_colours": 7}
+    return {"subject": subject, "templates": rows,
+            "class": {"is_subject": [i < class_hits for i in range(8)], "colours": ["red", "blue"] * 4}}
 
 
-def test_category_means_and_summary_over_runs():
-    r = run_with(0.25)
-    assert category_means(r, "subject") == {c: 0.25 for c in ("recontextualization", "property", "pose")}
-    assert math.isnan(category_means(r, "pose_kept")["pose"])
-    s = summarize({"class_images": [run_with(0.2, 0.1), run_with(0.4, 0.3)]})["class_images"]
-    mean, half = s["subject"]["recontextualization"]
-    sd = math.sqrt(2 * 0.1**2 / 1)  # sample standard deviation of 0.2 and 0.4
-    assert mean == pytest.approx(0.3) and half == pytest.approx(12.706 * sd / math.sqrt(2))  # Student t, df 1
-    assert s["class_is_subject"][0] == pytest.approx(0.2) and s["class_colours"] == (7, 0.0)
+def test_counts_pool_a_categorys_templates_and_context_given_subject_counts_subject_images():
+    r = run_with("purple_star", 1)
+    n_unseen = sum(t["category"] == "recontextualization" for t in world.TEMPLATES)
+    assert counts(r, "subject", "recontextualization") == (n_unseen, 4 * n_unseen)
+    assert counts(r, "context_given_subject", "recontextualization") == (n_unseen, n_unseen)  # image 0: both
+    assert counts(r, "pose_kept", "pose") == (0, 0)
+
+
+def test_seeds_are_averaged_within_a_subject_and_the_ci_is_over_subjects():
+    runs = [run_with("a", 1), run_with("a", 3), run_with("b", 2), run_with("b", 2)]  # subject means 0.5 and 0.5
+    got = over_subjects(runs, lambda r: counts(r, "subject", "property"))
+    assert got["mean"] == 0.5 and got["ci"] == 0.0 and got["subjects"] == 2  # t over the two subject means
+    assert got["pooled"][0] == 0.5 and got["images"] == 4 * 4 * 3 and 0.3 < got["pooled"][1] < 0.5 < got["pooled"][2]
+    runs = [run_with("a", 1), run_with("b", 3)]
+    got = over_subjects(runs, lambda r: counts(r, "subject", "property"))
+    assert got["mean"] == 0.5 and got["ci"] == pytest.approx(12.706 * math.sqrt(2 * 0.25**2) / math.sqrt(2))
+
+
+def test_summary_has_every_category_metric_and_the_drift_figures():
+    s = summarize({"class_images": [run_with("a", 2, class_hits=2), run_with("b", 2, class_hits=4)]})["class_images"]
+    assert set(s["subject"]) == {"recontextualization", "seen", "property", "pose"}
+    assert s["class_is_subject"]["mean"] == pytest.approx(0.375) and s["class_colours"]["mean"] == 2
+
+
+def test_a_fine_tune_reads_world_yaml_and_the_variant():
+    cfg = fit_config("green_box", "no_prior", 3, ClaimsSettings(fit_args=("--trainer.max_steps", "7")))
+    assert cfg.model.pretrained == "world" and cfg.data.subject == "green_box" and cfg.seed_everything == 3
+    assert not cfg.data.with_prior_preservation and cfg.trainer.max_steps == 7
+    teacher = fit_config("green_box", "teacher", 0, ClaimsSettings())
+    assert teacher.model.prior_loss == "teacher" and not teacher.data.with_prior_preservation
 
 
 # ------------------------------------------------------------------------------------------------ the claims
@@ -85,7 +109,7 @@ def judge():
 
 @pytest.fixture(scope="module")
 def base_parts():
-    return components.load_components(SETTINGS.model)
+    return components.load_components(fit_config("purple_star", "class_images", 0, SETTINGS).model.pretrained)
 
 
 @pytest.fixture(scope="module")
@@ -131,20 +155,36 @@ def test_claim_base_model_gets_every_attribute_of_full_prompts(base_follows):
 RC = "recontextualization"
 
 
+def rate(run: dict, metric: str, category: str = RC) -> float:
+    """The share of one run's images of a category with `metric` true."""
+    k, n = counts(run, metric, category)
+    return k / n if n else float("nan")
+
+
+# Not reached since the photos stopped sharing backgrounds and positions with the templates (issue 18, item 1): with
+# the committed models and world.yaml's recipe, 0-5% of the unseen-background images are judged the subject (the
+# overlap had made it 25%). Expected to pass after the world's models and recipe are retrained.
+@pytest.mark.xfail(strict=True, reason="not reached: 0-5% of unseen-background images judged the subject (milestone 30%)")
 def test_claim_dreambooth_learns_the_subject(measured):
-    base, tuned = category_means(measured["base"], "subject")[RC], category_means(measured["class_images"], "subject")[RC]
+    base, tuned = rate(measured["base"], "subject"), rate(measured["class_images"], "subject")
     assert base <= 0.05, base
     assert tuned >= 0.3, tuned  # from none of the images to a third or more (the issue's target is 70%: below)
-    assert category_means(measured["class_images"], "context_given_subject")[RC] >= 0.7
+    assert rate(measured["class_images"], "context_given_subject") >= 0.7
 
 
-@pytest.mark.xfail(strict=True, reason="not reached: 25-50% of recontextualisation images judged the subject (target 70%)")
+@pytest.mark.xfail(strict=True, reason="not reached: 0-5% of unseen-background images judged the subject (target 70%)")
 def test_claim_dreambooth_subject_share_reaches_70_percent(measured):
-    assert category_means(measured["class_images"], "subject")[RC] >= 0.7
+    assert rate(measured["class_images"], "subject") >= 0.7
 
 
+# Not measurable with the committed models since the photos stopped sharing the templates' contexts: without the
+# prior, 0 of 16 "a star" images are the subject on this seed (the subject is not learnt enough to drift). Was met
+# before (36% -> 0%); expected to pass again after the world's retraining.
+@pytest.mark.xfail(strict=True, reason="not measurable: lambda = 0 drifts in 0 of 16 class images on this seed")
 def test_claim_prior_preservation_prevents_language_drift(measured):
-    drift, kept = measured["no_prior"], measured["class_images"]
-    assert drift["class_is_subject"] > 0, "without the prior no class image is the subject: nothing to prevent"
-    assert kept["class_is_subject"] <= 0.5 * drift["class_is_subject"]
-    assert kept["class_colours"] >= drift["class_colours"]
+    drift, kept = measured["no_prior"]["class"], measured["class_images"]["class"]
+    share = {k: sum(c["is_subject"]) / len(c["is_subject"]) for k, c in (("drift", drift), ("kept", kept))}
+    assert share["drift"] > 0, "without the prior no class image is the subject: nothing to prevent"
+    assert share["kept"] <= 0.5 * share["drift"], share
+    # Body colours of "a <shape>" (λ = 1 against λ = 0) are compared over subjects and seeds by `make world-claims`:
+    # 16 images of one seed differ by a colour or two either way.

@@ -32,6 +32,15 @@ def test_sd_folder_loads_and_samples_64px(sd_parts):
     assert StableDiffusionPipeline.from_pretrained(str(wm.SD_DIR), safety_checker=None).unet.config.sample_size == 8
 
 
+def test_sd_folder_samples_with_plain_diffusers_defaults():
+    """`StableDiffusionPipeline.from_pretrained(folder)("a red star")`, nothing else set: every part loads in one dtype
+    (the configs say float32 though the weights are stored fp16) and the call runs."""
+    pipe = StableDiffusionPipeline.from_pretrained(str(wm.SD_DIR), safety_checker=None)
+    assert {p.dtype for m in (pipe.unet, pipe.vae, pipe.text_encoder) for p in m.parameters()} == {torch.float32}
+    image = pipe("a red star", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (64, 64)
+
+
 def test_vae_reconstructs_renders(sd_parts):
     rng = np.random.default_rng(7)
     scenes = [world.random_scene(rng) for _ in range(16)]

@@ -1,0 +1,75 @@
+"""dreambooth_pl.world_ablations: the numbers of one point, their summary over subjects, the figures and the report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dreambooth_pl import world
+from dreambooth_pl.world_ablations import (
+    AblationSettings,
+    Snapshots,
+    _summarize,
+    ablations_markdown,
+    plot_ablations,
+    point,
+)
+
+
+def measured(hits: int, drift: int) -> dict:
+    """A judged model: `hits` of 4 images of every template the subject (image 0 always in context), `drift` of 8
+    class-prompt images the subject, two body colours."""
+    rows = {t["template"]: {"subject": [i < hits for i in range(4)], "context": [i == 0 for i in range(4)]}
+            for t in world.TEMPLATES}
+    return {"subject": "black_ring", "templates": rows,
+            "class": {"is_subject": [i < drift for i in range(8)], "colours": ["red", "blue"] * 4}}
+
+
+def test_a_point_reads_unseen_backgrounds_drift_and_diversity():
+    assert point(measured(3, 2)) == {"subject": 0.75, "context": 0.25, "drift": 0.25, "diversity": 2.0}
+
+
+def test_points_average_seeds_within_a_subject_then_ci_over_subjects():
+    got = _summarize({"a": [{"subject": 0.2}, {"subject": 0.4}], "b": [{"subject": 0.5}]})
+    mean, half = got["subject"]
+    assert mean == pytest.approx(0.4) and half == pytest.approx(12.706 * 0.1 * 2**0.5 / 2**0.5)
+
+
+def summary() -> dict:
+    one = {"subject": (0.5, 0.1), "context": (0.9, 0.05), "drift": (0.1, 0.1), "diversity": (5.0, 1.0)}
+    trade = {"change_right": (0.8, 0.1), "subject_kept": (0.6, 0.1)}
+    return {"steps": {"100": one, "800": one}, "lambda": {"0.0": one, "1.0": one}, "lr": {"0.3": one, "1.0": one},
+            "class_images": {"25": one, "200": one}, "prior": {"class_images": one, "teacher": one},
+            "guidance": {"5.0": trade}, "ip2p": {"5.0/1.5": trade}}
+
+
+def test_the_figures_and_the_report_show_every_axis_and_the_trade_off(tmp_path):
+    figures = plot_ablations(summary(), {}, tmp_path / "figures")
+    assert set(figures) == {"steps", "lambda", "lr", "class_images", "prior", "tradeoff"}
+    assert all(Path(p).stat().st_size > 5000 for p in figures.values())  # PNGs with content
+    payload = {"settings": {**AblationSettings().__dict__, "subjects": ["black_ring"], "seeds": [0]},
+               "default": {"steps": 800, "learning_rate": 5e-4, "class_images": 200, "guidance": 5.0},
+               "summary": summary(), "git_sha": "abc", "wall_seconds": 60.0}
+    text = ablations_markdown(payload, figures, tmp_path)
+    assert "## prior weight λ" in text and "| 0.0 | 0.50 ± 0.10 | 0.90 ± 0.05 |" in text
+    assert "| InstructPix2Pix | 5.0/1.5 | 0.80 ± 0.10 | 0.60 ± 0.10 |" in text and "figures/ablation_tradeoff.png" in text
+
+
+def test_snapshots_measure_once_at_each_asked_step_in_eval_mode():
+    seen = []
+
+    class Module:
+        training = True
+
+        def eval(self):
+            self.training = False
+
+        def train(self):
+            self.training = True
+
+    m = Module()
+    cb = Snapshots((2, 4), lambda module, step: seen.append((step, module.training)))
+    for step in (1, 2, 2, 3, 4):  # gradient accumulation repeats a step
+        cb.on_train_batch_end(type("T", (), {"global_step": step})(), m, None, None, 0)
+    assert seen == [(2, False), (4, False)] and m.training
