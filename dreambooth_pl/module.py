@@ -5,7 +5,7 @@ SD 1.x/2.x and SDXL run through the same code: `backbones` says how prompts cond
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -452,15 +452,21 @@ class DreamBoothModule(pl.LightningModule):
         trains = self.text_encoder_trains and self.training
         if not self.text_encoder_trains and self.speed.cache_text_embeddings:
             # A frozen text encoder maps the two prompts of a run to the same states every step: encode once.
-            missing = sorted({p for p in prompts if p not in self._text_cache})
-            if missing:
-                with torch.no_grad():  # states to keep across steps: no graph (under FSDP a frozen weight can share
-                    cond = self._encode(missing)  # a flat parameter that requires grad)
-                for i, p in enumerate(missing):
-                    self._text_cache[p] = cond.rows(slice(i, i + 1))
-            return Conditioning.cat([self._text_cache[p] for p in prompts])
+            return self._cached_conditioning(self._text_cache, prompts, self._encode)
         with nullcontext() if trains else torch.no_grad():
             return self._encode(prompts)
+
+    @staticmethod
+    def _cached_conditioning(cache: dict[str, Conditioning], prompts: list[str],
+                             encode: Callable[[list[str]], Conditioning]) -> Conditioning:
+        """`prompts`' conditioning, one cached row per prompt; `encode` runs once on the prompts not in `cache`."""
+        missing = sorted({p for p in prompts if p not in cache})
+        if missing:
+            with torch.no_grad():  # states to keep across steps: no graph (under FSDP a frozen weight can share
+                cond = encode(missing)  # a flat parameter that requires grad)
+            for i, p in enumerate(missing):
+                cache[p] = cond.rows(slice(i, i + 1))
+        return Conditioning.cat([cache[p] for p in prompts])
 
     def _encode(self, prompts: list[str]) -> Conditioning:
         tokenizers = [getattr(self, name) for name in self.backbone.tokenizers]
@@ -613,22 +619,19 @@ class DreamBoothModule(pl.LightningModule):
         """The base model's conditioning of `prompts` for the teacher rows (cached per prompt): the frozen text encoder
         as it is; a LoRA-adapted one with its adapters off; a fully trained one as pretrained (loaded again once from
         `pretrained`, so a resumed fit gets the base states too)."""
-        missing = sorted({p for p in prompts if p not in self._teacher_text})
-        if missing:
-            with torch.no_grad():
-                if not self.text_encoder_trains:
-                    cond = self._encode(missing)
-                elif self.lora.text_encoder_rank:
-                    with adapters_off(*self.trainable_text_encoders):
-                        cond = self._encode(missing)
-                else:
-                    base = self.source().load()
-                    encoders = [getattr(base, name).to(self.device).eval() for name in self.backbone.text_encoders]
-                    tokenizers = [getattr(base, name) for name in self.backbone.tokenizers]
-                    cond = self.backbone.encode(tokenizers, encoders, missing, self.device).to(self.unet.dtype)
-            for i, p in enumerate(missing):
-                self._teacher_text[p] = cond.rows(slice(i, i + 1))
-        return Conditioning.cat([self._teacher_text[p] for p in prompts])
+        return self._cached_conditioning(self._teacher_text, prompts, self._encode_with_base_text_encoders)
+
+    def _encode_with_base_text_encoders(self, prompts: list[str]) -> Conditioning:
+        """`prompts` through the text encoders as pretrained (see `teacher_conditioning`)."""
+        if not self.text_encoder_trains:
+            return self._encode(prompts)
+        if self.lora.text_encoder_rank:
+            with adapters_off(*self.trainable_text_encoders):
+                return self._encode(prompts)
+        base = self.source().load()
+        encoders = [getattr(base, name).to(self.device).eval() for name in self.backbone.text_encoders]
+        tokenizers = [getattr(base, name) for name in self.backbone.tokenizers]
+        return self.backbone.encode(tokenizers, encoders, prompts, self.device).to(self.unet.dtype)
 
     @contextmanager
     def base_unet(self) -> Iterator[torch.nn.Module]:
