@@ -48,6 +48,7 @@ class AblationSettings:
         steps: fine-tuning steps at which one fit is sampled (its last one also ends the other axes' fits)
         prior_weights: λ values (0 = no prior)
         lr_factors: learning rates as multiples of world.yaml's
+        text_encoder_lr_factors: the text encoder's learning rates as multiples of world.yaml's (0 = frozen)
         class_images: numbers of class images
         guidance: DreamBooth's sampling guidance scales (for the trade-off)
         ip2p_guidance: InstructPix2Pix text guidance scales
@@ -62,6 +63,7 @@ class AblationSettings:
     steps: tuple[int, ...] = (100, 200, 400, 800)
     prior_weights: tuple[float, ...] = (0.0, 0.3, 1.0, 3.0)
     lr_factors: tuple[float, ...] = (0.3, 1.0, 3.0)
+    text_encoder_lr_factors: tuple[float, ...] = (0.0, 0.1)
     class_images: tuple[int, ...] = (25, 50, 100, 200)
     guidance: tuple[float, ...] = (1.5, 3.0, 5.0, 7.5)
     ip2p_guidance: tuple[float, ...] = (2.0, 5.0, 7.5)
@@ -105,12 +107,14 @@ def run_ablations(a: AblationSettings = AblationSettings(), out: str | Path = "o
                        class_prompt_images=a.class_prompt_images, data_root=a.data_root)
     default = fit_config(a.subjects[0], "class_images", 0, s)
     lr, n_class, steps = default.model.optim.learning_rate, default.data.num_class_images, max(a.steps)
+    te = (default.model.optim.text_encoder_learning_rate or lr) / lr if default.model.train_text_encoder else 0.0
     judge, ip2p = load_judge(), load_ip2p(s.ip2p_model)
     proto = protocol(s)
     fits = [("lambda", w) for w in a.prior_weights if w != 1.0] + [("lr", f) for f in a.lr_factors if f != 1.0] + \
-        [("class_images", c) for c in a.class_images if c != n_class] + [("prior", "teacher")]
+        [("class_images", c) for c in a.class_images if c != n_class] + [("prior", "teacher")] + \
+        [("text_encoder", f) for f in a.text_encoder_lr_factors if f != te]
     results: dict[str, dict] = {"steps": {}, "lambda": {}, "lr": {}, "class_images": {}, "prior": {},
-                                "guidance": {}, "ip2p": {}}
+                                "text_encoder": {}, "guidance": {}, "ip2p": {}}
     bar = tqdm(total=len(a.subjects) * len(a.seeds) * (len(fits) + 2), desc="ablations (fits)", unit="fit")
 
     def add(axis: str, value, subject: str, numbers: dict) -> None:
@@ -128,7 +132,8 @@ def run_ablations(a: AblationSettings = AblationSettings(), out: str | Path = "o
             module, _ = finetune(subject, "class_images", seed, main, callbacks=[Snapshots(a.steps, snap)])
             bar.update()
             at_default = results["steps"][str(steps)][subject][-1]
-            for axis, value in (("lambda", 1.0), ("lr", 1.0), ("class_images", n_class), ("prior", "class_images")):
+            for axis, value in (("lambda", 1.0), ("lr", 1.0), ("class_images", n_class), ("prior", "class_images"),
+                                ("text_encoder", te)):
                 add(axis, value, subject, at_default)
             for g in a.guidance:  # DreamBooth's side of the trade-off: the same fine-tune, other guidance
                 m = measure_samples(judge, subject, sample_subject(module.parts(), subject, s, seed,
@@ -141,11 +146,7 @@ def run_ablations(a: AblationSettings = AblationSettings(), out: str | Path = "o
                     add("ip2p", f"{tg}/{ig}", subject, _change_and_subject(m))
             bar.update()
             for axis, value in fits:
-                args = {"lambda": ("--model.prior_loss_weight", str(value), *(("--data.with_prior_preservation", "false")
-                                                                               if value == 0 else ())),
-                        "lr": ("--model.optim.learning_rate", str(lr * value)),
-                        "class_images": ("--data.num_class_images", str(value)),
-                        "prior": ()}[axis]
+                args = fit_args(axis, value, lr)
                 variant = "teacher" if axis == "prior" else "class_images"
                 module, _ = finetune(subject, variant, seed, dataclasses.replace(main, fit_args=(*main.fit_args, *args)))
                 add(axis, value, subject, point(measure_samples(judge, subject, sample_subject(
@@ -160,6 +161,20 @@ def run_ablations(a: AblationSettings = AblationSettings(), out: str | Path = "o
     figures = plot_ablations(summary, payload["default"], out / "figures")
     log_wandb(payload, figures, out)
     return write_text(out / "ablations.md", ablations_markdown(payload, figures, out))
+
+
+def fit_args(axis: str, value, lr: float) -> tuple[str, ...]:
+    """The fit arguments of one ablation point over world.yaml's (`lr`: its learning rate)."""
+    if axis == "lambda":
+        return ("--model.prior_loss_weight", str(value), *(("--data.with_prior_preservation", "false") if value == 0 else ()))
+    if axis == "lr":
+        return ("--model.optim.learning_rate", str(lr * value))
+    if axis == "class_images":
+        return ("--data.num_class_images", str(value))
+    if axis == "text_encoder":
+        return ("--model.train_text_encoder", str(value > 0).lower(), "--model.optim.text_encoder_learning_rate",
+                str(lr * value or lr))
+    return ()  # prior: the teacher variant, no extra argument
 
 
 def _change_and_subject(m: dict) -> dict[str, float]:
@@ -179,7 +194,8 @@ def _summarize(by_subject: dict[str, list[dict]]) -> dict[str, tuple[float, floa
 
 
 AXES = {"steps": "fine-tuning steps", "lambda": "prior weight λ", "lr": "learning rate (× world.yaml's)",
-        "class_images": "class images", "prior": "prior"}
+        "class_images": "class images", "prior": "prior",
+        "text_encoder": "text-encoder learning rate (× world.yaml's; 0 = frozen)"}
 CURVES = {"subject": "subject share (unseen backgrounds)", "context": "background right (unseen)",
           "drift": "\"a <shape>\" judged the subject (drift)", "diversity": "body colours of \"a <shape>\""}
 
@@ -248,6 +264,14 @@ def log_wandb(payload: dict, figures: dict[str, Path], out: Path) -> None:
         finish_wandb()
 
 
+def _axis_order(value: str) -> tuple:
+    """Rows of an axis in numeric order (the default is measured first), names after numbers."""
+    try:
+        return (0, float(value), "")
+    except ValueError:
+        return (1, 0.0, value)
+
+
 def ablations_markdown(p: dict, figures: dict[str, Path], out: Path) -> str:
     """ablations.md: the settings, a table and a figure per axis, the trade-off."""
     a, d = p["settings"], p["default"]
@@ -262,8 +286,8 @@ def ablations_markdown(p: dict, figures: dict[str, Path], out: Path) -> str:
         if not values:
             continue
         lines.append(f"## {label}\n\n| {label} | " + " | ".join(CURVES.values()) + " |\n|---|" + "---:|" * len(CURVES) + "\n")
-        lines += [f"| {v} | " + " | ".join(f"{r[c][0]:.2f} ± {r[c][1]:.2f}" for c in CURVES) + " |\n"
-                  for v, r in values.items()]
+        lines += [f"| {v} | " + " | ".join(f"{values[v][c][0]:.2f} ± {values[v][c][1]:.2f}" for c in CURVES) + " |\n"
+                  for v in sorted(values, key=_axis_order)]
         lines.append(f"\n![{axis}]({figures[axis].relative_to(out)})\n\n")
     lines.append("## InstructPix2Pix against DreamBooth: change right and subject kept\n\n| method | setting | change right | "
                  "subject kept |\n|---|---|---:|---:|\n")

@@ -248,7 +248,7 @@ def train_vae(recipe: VAERecipe = VAERecipe(), seed: int = 0, device: str = "cpu
         w = edge_weights(x, recipe.edge_weight)  # (B, 1, c, c)
         rec = (w * ((y - x).abs() + (y - x).pow(2))).mean() / w.mean()
         kl = post.kl().mean() / post.mean[0].numel()  # per latent element
-        thumb = F.mse_loss(post.mean[:, :3], F.avg_pool2d(x, 8))
+        thumb = F.mse_loss(post.mean[:, :3], F.avg_pool2d(x, x.shape[-1] // post.mean.shape[-1]))  # one pixel per latent cell
         for k, v in (("reconstruction", rec), ("kl", kl), ("thumbnail", thumb)):
             parts[k].append(v.item())
         fade = max(0.0, 1 - len(parts["kl"]) / max(1.0, recipe.thumbnail_until * recipe.steps))

@@ -12,6 +12,7 @@ from dreambooth_pl.world_ablations import (
     Snapshots,
     _summarize,
     ablations_markdown,
+    fit_args,
     plot_ablations,
     point,
 )
@@ -39,20 +40,23 @@ def test_points_average_seeds_within_a_subject_then_ci_over_subjects():
 def summary() -> dict:
     one = {"subject": (0.5, 0.1), "context": (0.9, 0.05), "drift": (0.1, 0.1), "diversity": (5.0, 1.0)}
     trade = {"change_right": (0.8, 0.1), "subject_kept": (0.6, 0.1)}
-    return {"steps": {"100": one, "800": one}, "lambda": {"0.0": one, "1.0": one}, "lr": {"0.3": one, "1.0": one},
+    return {"steps": {"100": one, "800": one}, "lambda": {"1.0": one, "0.0": {**one, "subject": (0.2, 0.1)}}, "lr": {"0.3": one, "1.0": one},
             "class_images": {"25": one, "200": one}, "prior": {"class_images": one, "teacher": one},
+            "text_encoder": {"0.0": one, "0.1": one},
             "guidance": {"5.0": trade}, "ip2p": {"5.0/1.5": trade}}
 
 
 def test_the_figures_and_the_report_show_every_axis_and_the_trade_off(tmp_path):
     figures = plot_ablations(summary(), {}, tmp_path / "figures")
-    assert set(figures) == {"steps", "lambda", "lr", "class_images", "prior", "tradeoff"}
+    assert set(figures) == {"steps", "lambda", "lr", "class_images", "prior", "text_encoder", "tradeoff"}
     assert all(Path(p).stat().st_size > 5000 for p in figures.values())  # PNGs with content
     payload = {"settings": {**AblationSettings().__dict__, "subjects": ["black_ring"], "seeds": [0]},
                "default": {"steps": 800, "learning_rate": 5e-4, "class_images": 200, "guidance": 5.0},
                "summary": summary(), "git_sha": "abc", "wall_seconds": 60.0}
     text = ablations_markdown(payload, figures, tmp_path)
-    assert "## prior weight λ" in text and "| 0.0 | 0.50 ± 0.10 | 0.90 ± 0.05 |" in text
+    assert "## text-encoder learning rate" in text
+    lam = text[text.index("## prior weight λ"):text.index("## learning rate")]
+    assert lam.index("| 0.0 | 0.20 ± 0.10 | 0.90 ± 0.05 |") < lam.index("| 1.0 | 0.50 ± 0.10")  # numeric order
     assert "| InstructPix2Pix | 5.0/1.5 | 0.80 ± 0.10 | 0.60 ± 0.10 |" in text and "figures/ablation_tradeoff.png" in text
 
 
@@ -73,3 +77,12 @@ def test_snapshots_measure_once_at_each_asked_step_in_eval_mode():
     for step in (1, 2, 2, 3, 4):  # gradient accumulation repeats a step
         cb.on_train_batch_end(type("T", (), {"global_step": step})(), m, None, None, 0)
     assert seen == [(2, False), (4, False)] and m.training
+
+
+def test_fit_args_of_every_axis_including_the_teacher_prior():
+    assert fit_args("lambda", 0.0, 5e-4) == ("--model.prior_loss_weight", "0.0", "--data.with_prior_preservation", "false")
+    assert fit_args("lr", 3.0, 5e-4) == ("--model.optim.learning_rate", "0.0015")
+    assert fit_args("class_images", 25, 5e-4) == ("--data.num_class_images", "25")
+    assert fit_args("text_encoder", 0.1, 5e-4)[:2] == ("--model.train_text_encoder", "true")
+    assert float(fit_args("text_encoder", 0.1, 5e-4)[3]) == pytest.approx(5e-5)
+    assert fit_args("prior", "teacher", 5e-4) == ()  # a string value: the other axes' arithmetic never runs on it

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
 import pytest
 
 from dreambooth_pl import components, world
@@ -16,6 +17,7 @@ from dreambooth_pl.world_claims import (
     finetune,
     fit_config,
     judge_reads,
+    marking_cells,
     measure_samples,
     over_subjects,
     sample_subject,
@@ -53,6 +55,16 @@ def test_judge_reads_gives_each_images_subject_context_and_pose():
 def test_property_change_counts_the_new_colour_as_the_subject():
     got = judge_reads([read(color="blue"), read()], wanted("purple_star", BLUE), BLUE["change"])
     assert got == {"subject": [True, False], "context": [True, False]}
+
+
+def test_marking_cells_split_marking_and_colour_reads_by_marking_and_size():
+    rng = np.random.default_rng(0)
+    scenes = [world.random_scene(rng, marking="dots", size="small", marking_color="white"),
+              world.random_scene(rng, marking="dots", size="small", marking_color="white"),
+              world.random_scene(rng, marking="band", size="large", marking_color="red")]
+    reads = [{"marking": "dots", "marking_color": "white"}, {"marking": "dots", "marking_color": "red"},
+             {"marking": "band", "marking_color": "red"}]
+    assert marking_cells(reads, scenes) == {"band": {"large": 1.0}, "dots": {"small": 0.5}}
 
 
 def run_with(subject: str, hits: int, n: int = 4, class_hits: int = 0) -> dict:
