@@ -65,9 +65,9 @@ class Scene:
 
 
 IDENTITY = ("shape", "color", "marking", "marking_color")  # what makes a subject itself (Scene.identity)
-# Never in pretraining. The validation subjects are not held out of the committed models' pretraining (they came
-# after it): held out from the next `make world`, with the no-op edits and "plain" captions that wait for it too.
-HELD_OUT = {(s["shape"], s["color"], s["marking"]) for s in SUBJECTS.values()}
+# Never in pretraining (VAE, text-to-image, InstructPix2Pix's inputs and edit targets): the reported subjects and the
+# validation subjects, so that tuning on the latter is as blind as reporting on the former.
+HELD_OUT = {(s["shape"], s["color"], s["marking"]) for s in ALL_SUBJECTS.values()}
 
 
 def place(size: str, position: str, rng: np.random.Generator) -> tuple[float, float, float]:
@@ -186,9 +186,9 @@ def render(scene: Scene) -> Image.Image:
 
 
 def phrases(scene: Scene) -> dict[str, str]:
-    """Each attribute as the words a caption uses for it (no marking: no words; the committed models were trained
-    on these captions, so saying "plain" waits for the next `make world`)."""
-    mark = "" if scene.marking == "none" else (
+    """Each attribute as the words a caption uses for it; no marking is said ("plain"), so a caption that drops the
+    marking leaves it to the prior instead of implying "plain"."""
+    mark = "plain" if scene.marking == "none" else (
         f"with {scene.marking_color} dots" if scene.marking == "dots" else f"with a {scene.marking_color} {scene.marking}")
     bg = f"on a {scene.background} background" if scene.background in PALETTE else scene.background
     return {"size": scene.size, "color": scene.color, "shape": scene.shape, "marking": mark, "background": bg,
@@ -196,28 +196,36 @@ def phrases(scene: Scene) -> dict[str, str]:
 
 
 CAPTION_ORDER = ("size", "color", "shape", "marking", "background", "position")
+PLAIN_ORDER = ("size", "marking", "color", "shape", "background", "position")  # "a small plain red star"
 
 
 def caption(scene: Scene, rng: np.random.Generator | None = None, keep: float = 0.5) -> str:
-    """'a [size] [colour] shape [marking] [background] [position]'; each bracket kept with probability `keep`
+    """'a [size] [plain] [colour] shape [marking] [background] [position]'; each bracket kept with probability `keep`
     (all of them without `rng`), so partial prompts sample the prior over the attributes left out."""
     p = phrases(scene)
     use = {k: rng is None or k == "shape" or rng.random() < keep for k in p}
-    return " ".join(["a"] + [p[k] for k in CAPTION_ORDER if use[k] and p[k]])
+    order = PLAIN_ORDER if scene.marking == "none" else CAPTION_ORDER
+    return " ".join(["a"] + [p[k] for k in order if use[k]])
 
 
 EDITS = ("background", "color", "pose")
 
 
-def random_edit(scene: Scene, rng: np.random.Generator) -> tuple[str, Scene]:
-    """An instruction and the scene it asks for: one attribute changed, everything else (the seed too) kept."""
+def random_edit(scene: Scene, rng: np.random.Generator, no_op: float = 0.0,
+                held_out: set = HELD_OUT) -> tuple[str, Scene]:
+    """An instruction and the scene it asks for: one attribute changed, everything else (the seed too) kept; with
+    probability `no_op` the no-op instruction and the scene itself. A colour change never makes a `held_out`
+    subject."""
+    if no_op and rng.random() < no_op:
+        return NO_OP, scene
     kind = str(rng.choice(EDITS))
     if kind == "background":
         bg = str(rng.choice([b for b in BACKGROUNDS if b not in (scene.background, scene.color)]))
         text = f"make the background {bg}" if bg in PALETTE else f"put it {bg}"
         return text, dataclasses.replace(scene, background=bg)
     if kind == "color":
-        c = str(rng.choice([c for c in VOCAB["object_colors"] if c not in (scene.color, scene.marking_color, scene.background)]))
+        c = str(rng.choice([c for c in VOCAB["object_colors"] if c not in (scene.color, scene.marking_color, scene.background)
+                            and (scene.shape, c, scene.marking) not in held_out]))
         return f"make it {c}", dataclasses.replace(scene, color=c)
     size = str(rng.choice(list(VOCAB["sizes"])))
     pos = str(rng.choice([p for p in VOCAB["positions"] if p != scene.position]))

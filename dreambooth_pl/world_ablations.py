@@ -171,9 +171,9 @@ def fit_args(axis: str, value, lr: float) -> tuple[str, ...]:
         return ("--model.optim.learning_rate", str(lr * value))
     if axis == "class_images":
         return ("--data.num_class_images", str(value))
-    if axis == "text_encoder":
-        return ("--model.train_text_encoder", str(value > 0).lower(), "--model.optim.text_encoder_learning_rate",
-                str(lr * value or lr))
+    if axis == "text_encoder":  # 0: frozen
+        return ("--model.train_text_encoder", "true", "--model.optim.text_encoder_learning_rate", str(lr * value)) \
+            if value else ("--model.train_text_encoder", "false")
     return ()  # prior: the teacher variant, no extra argument
 
 

@@ -101,16 +101,22 @@ def protocol(s: ClaimsSettings) -> Protocol:
 # ------------------------------------------------------------------------------------------------ judge, base model
 
 
-def judge_accuracy(judge: Judge, n: int = 1000, seed: int = 10_000, vae=None) -> dict[str, dict]:
-    """The judge on `n` held-out renders (a fifth of them the subjects): per attribute, the share read right; with
-    `vae`, of their round trips through it (encode, decode), which is all a generated image can be, also the share
-    whose marking and its colour are read right per marking x size (`marking_cells`)."""
+def judge_accuracy(judge: Judge, n: int = 1000, seed: int = 10_000) -> dict[str, float]:
+    """Per attribute: the share of `n` held-out renders (a fifth of them the subjects) the judge reads right."""
+    return evaluate_judge(judge, eval_scenes(seed, n, subject_share=0.2))
+
+
+def round_trip_reads(judge: Judge, vae, n: int = 1000, seed: int = 10_000) -> tuple[list[world.Scene], list[dict]]:
+    """The same held-out scenes and the judge's readings of their round trips through `vae` (encode, decode), which
+    is all a generated image can be."""
     scenes = eval_scenes(seed, n, subject_share=0.2)
-    if vae is None:
-        return {"attributes": evaluate_judge(judge, scenes)}
-    reads = judge.read(round_trip(vae, [world.render(sc) for sc in scenes]))
-    return {"attributes": {a: float(np.mean([r[a] == getattr(sc, a) for r, sc in zip(reads, scenes, strict=True)]))
-                           for a in world.ATTRIBUTES}, "markings": marking_cells(reads, scenes)}
+    return scenes, judge.read(round_trip(vae, [world.render(sc) for sc in scenes]))
+
+
+def read_rates(reads: list[dict], scenes: list[world.Scene]) -> dict[str, float]:
+    """Per attribute: the share of readings that match their scene."""
+    return {a: float(np.mean([r[a] == getattr(sc, a) for r, sc in zip(reads, scenes, strict=True)]))
+            for a in world.ATTRIBUTES}
 
 
 def marking_cells(reads: list[dict], scenes: list[world.Scene]) -> dict[str, dict[str, float]]:
@@ -143,8 +149,7 @@ def base_follows_prompts(parts: components.SDComponents, judge: Judge, s: Claims
     images = sample(parts, [world.caption(sc) for sc in scenes], list(range(len(scenes))), protocol(s), batch_size=50)
     reads = judge.read(images)
     right = [all(r[a] == getattr(sc, a) for a in world.ATTRIBUTES) for r, sc in zip(reads, scenes, strict=True)]
-    per_attr = {a: float(np.mean([r[a] == getattr(sc, a) for r, sc in zip(reads, scenes, strict=True)]))
-                for a in world.ATTRIBUTES}
+    per_attr = read_rates(reads, scenes)
     colours = {}
     for shape in world.VOCAB["shapes"]:
         ims = sample(parts, [f"a {shape}"] * s.class_prompt_images, list(range(s.class_prompt_images)), protocol(s))
@@ -354,9 +359,9 @@ def run_claims(s: ClaimsSettings = ClaimsSettings(), out: str | Path = "outputs/
         world.write_dataset(s.data_root)
     judge = load_judge()
     base_parts = components.load_components(fit_config(s.subjects[0], "class_images", 0, s).model.pretrained)
-    trips = judge_accuracy(judge, s.judge_renders, vae=base_parts.vae)
-    accuracy = {"renders": judge_accuracy(judge, s.judge_renders)["attributes"], "vae_round_trips": trips["attributes"],
-                "vae_markings": trips["markings"]}
+    scenes, reads = round_trip_reads(judge, base_parts.vae, s.judge_renders)
+    accuracy = {"renders": judge_accuracy(judge, s.judge_renders), "vae_round_trips": read_rates(reads, scenes),
+                "vae_markings": marking_cells(reads, scenes)}
     base = base_follows_prompts(base_parts, judge, s)
     base["identifier_cosine"] = {sub: identifier_cosine(base_parts, world.ALL_SUBJECTS[sub]["shape"]) for sub in s.subjects}
     ip2p = load_ip2p(s.ip2p_model)

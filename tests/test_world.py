@@ -72,7 +72,8 @@ def test_size_and_position_follow_their_names():
 
 def test_subjects_are_held_out_of_random_scenes():
     seen = {(s.shape, s.color, s.marking) for s in scenes(3000, seed=2)}
-    assert not seen & world.HELD_OUT and len(world.HELD_OUT) == len(world.SUBJECTS) == 4
+    # Reported and validation subjects alike: tuning on the validation ones is as blind as reporting the others.
+    assert not seen & world.HELD_OUT and len(world.HELD_OUT) == len(world.ALL_SUBJECTS) == 8
     assert not set(world.SUBJECTS) & set(world.VALIDATION_SUBJECTS)
     assert len(seen) > 100  # everything else does appear
     assert all(s.background != s.color for s in scenes(500, seed=3))
@@ -83,8 +84,8 @@ def test_full_caption_names_every_attribute_and_partial_captions_drop_some():
     assert world.caption(sc) == "a small purple star with a yellow band at night in the top left"
     dots = dataclasses.replace(sc, marking="dots", background="cyan")
     assert world.caption(dots) == "a small purple star with yellow dots on a cyan background in the top left"
-    plain = dataclasses.replace(sc, marking="none", marking_color="none")  # no words (the committed models' captions)
-    assert world.caption(plain) == "a small purple star at night in the top left"
+    plain = dataclasses.replace(sc, marking="none", marking_color="none")  # no marking is said, before the colour
+    assert world.caption(plain) == "a small plain purple star at night in the top left"
     rng = np.random.default_rng(0)
     partial = [world.caption(sc, rng) for _ in range(200)]
     assert all(" star" in c for c in partial) and "a star" in partial and len(set(partial)) > 20
@@ -105,6 +106,18 @@ def test_edits_change_one_attribute_and_keep_the_seed():
         else:
             assert changed == {"background"}
     assert len(kinds) == 3
+
+
+def test_no_op_edits_give_the_scene_back_and_colour_edits_never_make_a_held_out_subject():
+    rng = np.random.default_rng(6)
+    edits = [(sc, *world.random_edit(sc, rng, no_op=0.2)) for sc in scenes(1000, seed=7)]
+    no_ops = [(sc, new) for sc, text, new in edits if text == world.NO_OP]
+    assert 120 < len(no_ops) < 280 and all(new == sc for sc, new in no_ops)
+    # A yellow band on a star one colour edit from purple_star: the edit never paints it purple.
+    star = world.Scene("star", "red", "band", "yellow", "gray", "small", "top", 20.0, 20.0, 10.0)
+    colours = {world.random_edit(star, rng)[1].color for _ in range(300)}
+    assert "purple" not in colours and len(colours) >= 4
+    assert all((new.shape, new.color, new.marking) not in world.HELD_OUT for _, _, new in edits)
 
 
 def test_write_dataset_has_the_dreambench_layout(tmp_path):
