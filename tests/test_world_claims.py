@@ -189,10 +189,7 @@ def test_claim_dreambooth_subject_share_reaches_70_percent(measured):
     assert rate(measured["class_images"], "subject") >= 0.7
 
 
-# Not measurable with the committed models since the photos stopped sharing the templates' contexts: without the
-# prior, 0 of 16 "a star" images are the subject on this seed (the subject is not learnt enough to drift). Was met
-# before (36% -> 0%); expected to pass again after the world's retraining.
-@pytest.mark.xfail(strict=True, reason="not measurable: lambda = 0 drifts in 0 of 16 class images on this seed")
+# Met with the retrained world (make world-claims: 20% -> 0% of "a <shape>" images judged the subject).
 def test_claim_prior_preservation_prevents_language_drift(measured):
     drift, kept = measured["no_prior"]["class"], measured["class_images"]["class"]
     share = {k: sum(c["is_subject"]) / len(c["is_subject"]) for k, c in (("drift", drift), ("kept", kept))}

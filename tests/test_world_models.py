@@ -85,6 +85,13 @@ def _tiny_stages(seed: int) -> tuple[dict, dict, dict, torch.Tensor]:
     return vae_losses, t2i_losses, ip2p_losses, ip2p.conv_in.weight.detach().clone()
 
 
+def test_edit_pairs_hold_the_recipes_share_of_no_op_edits():
+    pairs = wm.edit_pairs(2000, np.random.default_rng(0), no_op=wm.WorldRecipe().ip2p.no_op)
+    no_ops = [(a, b) for a, text, b in pairs if text == world.NO_OP]
+    assert 0.07 < len(no_ops) / len(pairs) < 0.13 and all(a == b for a, b in no_ops)
+    assert not any(text == world.NO_OP for _, text, _ in wm.edit_pairs(500, np.random.default_rng(0)))
+
+
 @pytest.mark.integration
 def test_stages_are_deterministic_on_a_tiny_budget():
     first, again, other = _tiny_stages(0), _tiny_stages(0), _tiny_stages(1)
