@@ -64,7 +64,7 @@ class AblationSettings:
     prior_weights: tuple[float, ...] = (0.0, 0.3, 1.0, 3.0)
     lr_factors: tuple[float, ...] = (0.3, 1.0, 3.0)
     text_encoder_lr_factors: tuple[float, ...] = (0.0, 0.1)
-    class_images: tuple[int, ...] = (25, 50, 100, 200)
+    class_images: tuple[int, ...] = (24, 96, 192)  # world.yaml's 48 joins them as the default point: a doubling series
     guidance: tuple[float, ...] = (1.5, 3.0, 5.0, 7.5)
     ip2p_guidance: tuple[float, ...] = (2.0, 5.0, 7.5)
     ip2p_image_guidance: tuple[float, ...] = (1.0, 1.5, 2.5)
@@ -200,6 +200,16 @@ CURVES = {"subject": "subject share (unseen backgrounds)", "context": "backgroun
           "drift": "\"a <shape>\" judged the subject (drift)", "diversity": "body colours of \"a <shape>\""}
 
 
+BOUNDS = {"subject": (0.0, 1.0), "context": (0.0, 1.0), "drift": (0.0, 1.0), "diversity": (0.0, float("inf")),
+          "subject_kept": (0.0, 1.0), "change_right": (0.0, 1.0)}
+
+
+def error_bars(points: list[tuple[float, float]], low: float, high: float) -> list[list[float]]:
+    """Matplotlib's (2, N) error bars of (mean, half-width) points, cut to [low, high]: a rate's t interval over four
+    subjects can reach below 0 or above 1, which no rate can."""
+    return [[m - max(low, m - h) for m, h in points], [min(high, m + h) - m for m, h in points]]
+
+
 def plot_ablations(summary: dict, default: dict, folder: Path) -> dict[str, Path]:
     """One figure per axis (the four numbers with their CIs) and the trade-off plot."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -215,11 +225,14 @@ def plot_ablations(summary: dict, default: dict, folder: Path) -> dict[str, Path
         for j, (curve, title) in enumerate(CURVES.items()):
             ax = fig.add_subplot(1, 4, j + 1)
             ys = [values[keys[i]][curve] for i in order]
-            ax.errorbar([xs[i] for i in order], [y[0] for y in ys], yerr=[y[1] for y in ys], marker="o", capsize=3)
+            ax.errorbar([xs[i] for i in order], [y[0] for y in ys], yerr=error_bars(ys, *BOUNDS[curve]), marker="o",
+                        capsize=3)
             if axis == "prior":
                 ax.set_xticks(xs, keys)
             elif axis in ("steps", "class_images", "lr"):
                 ax.set_xscale("log")
+                ax.minorticks_off()  # log minor labels (2×10², 3×10², ...) overlap: label the measured points only
+                ax.set_xticks(xs, [f"{x:g}" for x in xs])
             ax.set_title(title, fontsize=8)
             ax.set_xlabel(label, fontsize=8)
         fig.tight_layout()
@@ -231,7 +244,8 @@ def plot_ablations(summary: dict, default: dict, folder: Path) -> dict[str, Path
                               ("DreamBooth (guidance)", "guidance", "o")):
         pts = summary.get(key, {})
         ax.errorbar([v["subject_kept"][0] for v in pts.values()], [v["change_right"][0] for v in pts.values()],
-                    xerr=[v["subject_kept"][1] for v in pts.values()], yerr=[v["change_right"][1] for v in pts.values()],
+                    xerr=error_bars([v["subject_kept"] for v in pts.values()], *BOUNDS["subject_kept"]),
+                    yerr=error_bars([v["change_right"] for v in pts.values()], *BOUNDS["change_right"]),
                     fmt=marker, capsize=2, label=name)
         for lab, v in pts.items():
             ax.annotate(lab, (v["subject_kept"][0], v["change_right"][0]), fontsize=6)

@@ -12,6 +12,7 @@ from dreambooth_pl.world_ablations import (
     Snapshots,
     _summarize,
     ablations_markdown,
+    error_bars,
     fit_args,
     plot_ablations,
     point,
@@ -58,6 +59,14 @@ def test_the_figures_and_the_report_show_every_axis_and_the_trade_off(tmp_path):
     lam = text[text.index("## prior weight λ"):text.index("## learning rate")]
     assert lam.index("| 0.0 | 0.20 ± 0.10 | 0.90 ± 0.05 |") < lam.index("| 1.0 | 0.50 ± 0.10")  # numeric order
     assert "| InstructPix2Pix | 5.0/1.5 | 0.80 ± 0.10 | 0.60 ± 0.10 |" in text and "figures/ablation_tradeoff.png" in text
+
+
+def test_error_bars_stop_at_the_bounds_of_a_rate():
+    # (mean, half-width): 0.25 ± 0.42 would reach -0.17; 0.9 ± 0.2 would reach 1.1; 0.5 ± 0.1 stays symmetric.
+    low, high = error_bars([(0.25, 0.42), (0.9, 0.2), (0.5, 0.1)], 0.0, 1.0)
+    assert low == pytest.approx([0.25, 0.2, 0.1]) and high == pytest.approx([0.42, 0.1, 0.1])
+    low, high = error_bars([(3.0, 5.0)], 0.0, float("inf"))  # a count: no upper bound
+    assert low == [3.0] and high == [5.0]
 
 
 def test_snapshots_measure_once_at_each_asked_step_in_eval_mode():
