@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import pytorch_lightning as pl
 from matplotlib.figure import Figure
@@ -45,7 +46,8 @@ class AblationSettings:
     Args:
         subjects: world subjects (default: the validation ones)
         seeds: seeds per subject (paired across every point)
-        steps: fine-tuning steps at which one fit is sampled (its last one also ends the other axes' fits)
+        steps: fine-tuning steps at which one fit is sampled (must include world.yaml's max_steps, where the other
+            axes' fits end and the guidance trade-off is sampled; steps past it look for the overfitting point)
         prior_weights: λ values (0 = no prior)
         lr_factors: learning rates as multiples of world.yaml's
         text_encoder_lr_factors: the text encoder's learning rates as multiples of world.yaml's (0 = frozen)
@@ -60,7 +62,7 @@ class AblationSettings:
 
     subjects: tuple[str, ...] = tuple(world.VALIDATION_SUBJECTS)
     seeds: tuple[int, ...] = (0,)
-    steps: tuple[int, ...] = (100, 200, 400, 800)
+    steps: tuple[int, ...] = (100, 200, 400, 800, 1600, 3200)
     prior_weights: tuple[float, ...] = (0.0, 0.3, 1.0, 3.0)
     lr_factors: tuple[float, ...] = (0.3, 1.0, 3.0)
     text_encoder_lr_factors: tuple[float, ...] = (0.0, 0.1)
@@ -106,7 +108,10 @@ def run_ablations(a: AblationSettings = AblationSettings(), out: str | Path = "o
     s = ClaimsSettings(subjects=a.subjects, images_per_prompt=a.images_per_prompt,
                        class_prompt_images=a.class_prompt_images, data_root=a.data_root)
     default = fit_config(a.subjects[0], "class_images", 0, s)
-    lr, n_class, steps = default.model.optim.learning_rate, default.data.num_class_images, max(a.steps)
+    lr, n_class, steps = default.model.optim.learning_rate, default.data.num_class_images, default.trainer.max_steps
+    if steps not in a.steps:
+        raise ValueError(f"AblationSettings.steps {a.steps} must include world.yaml's max_steps ({steps}): the other "
+                         "axes' default point is the steps curve's point there")
     te = (default.model.optim.text_encoder_learning_rate or lr) / lr if default.model.train_text_encoder else 0.0
     judge, ip2p = load_judge(), load_ip2p(s.ip2p_model)
     proto = protocol(s)
@@ -127,23 +132,27 @@ def run_ablations(a: AblationSettings = AblationSettings(), out: str | Path = "o
             def snap(module, step, subject=subject, seed=seed):
                 add("steps", step, subject, point(measure_samples(judge, subject, sample_subject(
                     module.parts(), subject, s, seed, proto))))
+                if step == steps:  # world.yaml's fit: DreamBooth's side of the trade-off, at other guidance scales
+                    for g in a.guidance:
+                        m = measure_samples(judge, subject, sample_subject(
+                            module.parts(), subject, s, seed, dataclasses.replace(proto, guidance_scale=g)))
+                        add("guidance", g, subject, {**point(m), **_change_and_subject(m)})
 
             main = dataclasses.replace(s, fit_args=("--trainer.max_steps", str(steps)))
-            module, _ = finetune(subject, "class_images", seed, main, callbacks=[Snapshots(a.steps, snap)])
+            # One fit runs on past world.yaml's steps, sampled at each of `a.steps` (a constant learning rate after
+            # the warm-up, so a snapshot is the fit of that length); the other axes' fits stop at world.yaml's.
+            finetune(subject, "class_images", seed, dataclasses.replace(s, fit_args=("--trainer.max_steps",
+                     str(max(a.steps)))), callbacks=[Snapshots(a.steps, snap)])
             bar.update()
             at_default = results["steps"][str(steps)][subject][-1]
             for axis, value in (("lambda", 1.0), ("lr", 1.0), ("class_images", n_class), ("prior", "class_images"),
                                 ("text_encoder", te)):
                 add(axis, value, subject, at_default)
-            for g in a.guidance:  # DreamBooth's side of the trade-off: the same fine-tune, other guidance
-                m = measure_samples(judge, subject, sample_subject(module.parts(), subject, s, seed,
-                                                                   dataclasses.replace(proto, guidance_scale=g)))
-                add("guidance", g, subject, {**point(m), **_change_and_subject(m)})
             for tg in a.ip2p_guidance:
                 for ig in a.ip2p_image_guidance:
                     m, _, _ = ip2p_subject(ip2p, judge, subject, s, seed, out / "ablations" / "ip2p" /
                                            f"{subject}_{seed}_{tg}_{ig}", guidance=tg, image_guidance=ig)
-                    add("ip2p", f"{tg}/{ig}", subject, _change_and_subject(m))
+                    add("ip2p", f"{tg}/{ig}", subject, {**_change_and_subject(m), **_photo_kept(m)})
             bar.update()
             for axis, value in fits:
                 args = fit_args(axis, value, lr)
@@ -185,6 +194,16 @@ def _change_and_subject(m: dict) -> dict[str, float]:
         x, y = counts(m, "context", c)
         k, n, kc, nc = k + a, n + b, kc + x, nc + y
     return {"change_right": kc / nc, "subject_kept": k / n}
+
+
+def _photo_kept(m: dict) -> dict[str, float]:
+    """InstructPix2Pix: the photo's pose (size and position) kept on background and colour edits, and the no-op
+    instruction giving the photo back (the claims' two targets for it)."""
+    k = n = 0
+    for c in ("recontextualization", "seen", "property"):
+        a, b = counts(m, "pose_kept", c)
+        k, n = k + a, n + b
+    return {"pose_kept": k / n, "no_op": float(np.mean(m["no_op"]))}
 
 
 def _summarize(by_subject: dict[str, list[dict]]) -> dict[str, tuple[float, float]]:
@@ -238,24 +257,37 @@ def plot_ablations(summary: dict, default: dict, folder: Path) -> dict[str, Path
         fig.tight_layout()
         paths[axis] = folder / f"ablation_{axis}.png"
         fig.savefig(paths[axis])
+    paths["tradeoff"] = folder / "ablation_tradeoff.png"
+    tradeoff_figure(summary).savefig(paths["tradeoff"])
+    return paths
+
+
+def tradeoff_figure(summary: dict) -> Figure:
+    """Change right against subject kept: InstructPix2Pix at each guidance pair, DreamBooth at each guidance."""
     fig = Figure(figsize=(5.5, 4.5), dpi=100)
     ax = fig.subplots()
-    for name, key, marker in (("InstructPix2Pix (text / image guidance)", "ip2p", "^"),
-                              ("DreamBooth (guidance)", "guidance", "o")):
-        pts = summary.get(key, {})
-        ax.errorbar([v["subject_kept"][0] for v in pts.values()], [v["change_right"][0] for v in pts.values()],
-                    xerr=error_bars([v["subject_kept"] for v in pts.values()], *BOUNDS["subject_kept"]),
-                    yerr=error_bars([v["change_right"] for v in pts.values()], *BOUNDS["change_right"]),
-                    fmt=marker, capsize=2, label=name)
-        for lab, v in pts.items():
-            ax.annotate(lab, (v["subject_kept"][0], v["change_right"][0]), fontsize=6)
+    # InstructPix2Pix's points crowd one corner (it changes everything and keeps no subject), so each guidance pair
+    # gets its own colour and a legend entry instead of a label beside it; DreamBooth's points are labelled in place.
+    ip2p = summary.get("ip2p", {})
+    colours = matplotlib.colormaps["viridis"](np.linspace(0, 0.9, max(len(ip2p), 1)))
+    for (lab, v), colour in zip(ip2p.items(), colours, strict=False):
+        ax.errorbar([v["subject_kept"][0]], [v["change_right"][0]],
+                    xerr=error_bars([v["subject_kept"]], *BOUNDS["subject_kept"]),
+                    yerr=error_bars([v["change_right"]], *BOUNDS["change_right"]),
+                    fmt="^", color=colour, capsize=2, label=f"InstructPix2Pix {lab} (text / image guidance)")
+    pts = summary.get("guidance", {})
+    ax.errorbar([v["subject_kept"][0] for v in pts.values()], [v["change_right"][0] for v in pts.values()],
+                xerr=error_bars([v["subject_kept"] for v in pts.values()], *BOUNDS["subject_kept"]),
+                yerr=error_bars([v["change_right"] for v in pts.values()], *BOUNDS["change_right"]),
+                fmt="o", color="tab:red", capsize=2, label="DreamBooth (guidance beside each point)")
+    for lab, v in pts.items():
+        ax.annotate(lab, (v["subject_kept"][0], v["change_right"][0]), xytext=(4, 2), textcoords="offset points",
+                    fontsize=7)
     ax.set_xlabel("subject kept")
     ax.set_ylabel("change right")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6, loc="lower right")
     ax.set_title("change right against subject kept (mean ± 95% CI over subjects)", fontsize=8)
-    paths["tradeoff"] = folder / "ablation_tradeoff.png"
-    fig.savefig(paths["tradeoff"])
-    return paths
+    return fig
 
 
 def log_wandb(payload: dict, figures: dict[str, Path], out: Path) -> None:
@@ -308,6 +340,13 @@ def ablations_markdown(p: dict, figures: dict[str, Path], out: Path) -> str:
     for name, key in (("InstructPix2Pix", "ip2p"), ("DreamBooth", "guidance")):
         lines += [f"| {name} | {v} | {r['change_right'][0]:.2f} ± {r['change_right'][1]:.2f} | "
                   f"{r['subject_kept'][0]:.2f} ± {r['subject_kept'][1]:.2f} |\n" for v, r in p["summary"][key].items()]
+    ip2p = p["summary"]["ip2p"]
+    if ip2p and "pose_kept" in next(iter(ip2p.values())):
+        lines.append("\nInstructPix2Pix's own targets at each guidance pair: the photo's pose (size and position) kept on "
+                     "background and colour edits (≥ 0.80), the no-op instruction giving the photo back.\n\n"
+                     "| text / image guidance | pose kept | no-op gives the photo |\n|---|---:|---:|\n")
+        lines += [f"| {v} | {r['pose_kept'][0]:.2f} ± {r['pose_kept'][1]:.2f} | {r['no_op'][0]:.2f} ± "
+                  f"{r['no_op'][1]:.2f} |\n" for v, r in ip2p.items()]
     lines.append(f"\n![trade-off]({figures['tradeoff'].relative_to(out)})\n")
     return "".join(lines)
 

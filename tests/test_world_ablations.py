@@ -10,12 +10,15 @@ from dreambooth_pl import world
 from dreambooth_pl.world_ablations import (
     AblationSettings,
     Snapshots,
+    _photo_kept,
     _summarize,
     ablations_markdown,
     error_bars,
     fit_args,
     plot_ablations,
     point,
+    run_ablations,
+    tradeoff_figure,
 )
 
 
@@ -44,7 +47,7 @@ def summary() -> dict:
     return {"steps": {"100": one, "800": one}, "lambda": {"1.0": one, "0.0": {**one, "subject": (0.2, 0.1)}}, "lr": {"0.3": one, "1.0": one},
             "class_images": {"25": one, "200": one}, "prior": {"class_images": one, "teacher": one},
             "text_encoder": {"0.0": one, "0.1": one},
-            "guidance": {"5.0": trade}, "ip2p": {"5.0/1.5": trade}}
+            "guidance": {"5.0": trade}, "ip2p": {"5.0/1.5": {**trade, "pose_kept": (0.7, 0.1), "no_op": (0.1, 0.05)}}}
 
 
 def test_the_figures_and_the_report_show_every_axis_and_the_trade_off(tmp_path):
@@ -59,6 +62,7 @@ def test_the_figures_and_the_report_show_every_axis_and_the_trade_off(tmp_path):
     lam = text[text.index("## prior weight λ"):text.index("## learning rate")]
     assert lam.index("| 0.0 | 0.20 ± 0.10 | 0.90 ± 0.05 |") < lam.index("| 1.0 | 0.50 ± 0.10")  # numeric order
     assert "| InstructPix2Pix | 5.0/1.5 | 0.80 ± 0.10 | 0.60 ± 0.10 |" in text and "figures/ablation_tradeoff.png" in text
+    assert "| 5.0/1.5 | 0.70 ± 0.10 | 0.10 ± 0.05 |" in text  # InstructPix2Pix's pose kept and no-op
 
 
 def test_error_bars_stop_at_the_bounds_of_a_rate():
@@ -95,3 +99,27 @@ def test_fit_args_of_every_axis_including_the_teacher_prior():
     assert fit_args("text_encoder", 0.1, 5e-4)[:2] == ("--model.train_text_encoder", "true")
     assert float(fit_args("text_encoder", 0.1, 5e-4)[3]) == pytest.approx(5e-5)
     assert fit_args("prior", "teacher", 5e-4) == ()  # a string value: the other axes' arithmetic never runs on it
+
+
+def test_every_instructpix2pix_guidance_pair_gets_its_own_legend_entry():
+    trade = {"change_right": (0.95, 0.05), "subject_kept": (0.02, 0.02)}
+    s = {"ip2p": {"2.0/1.0": trade, "5.0/1.5": trade, "7.5/2.5": trade}, "guidance": {"1.5": trade, "5.0": trade}}
+    ax = tradeoff_figure(s).axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert [x for x in labels if x.startswith("InstructPix2Pix")] == [
+        f"InstructPix2Pix {k} (text / image guidance)" for k in s["ip2p"]]
+    assert sum(x.startswith("DreamBooth") for x in labels) == 1
+    assert [a.get_text() for a in ax.texts] == ["1.5", "5.0"]  # DreamBooth's guidance labelled in place
+
+
+def test_the_steps_axis_must_include_world_yaml_steps(tmp_path):
+    # world.yaml's 800 steps is where every other axis's fit ends: a steps axis without it has no default point.
+    with pytest.raises(ValueError, match="max_steps"):
+        run_ablations(AblationSettings(steps=(100, 1600), data_root=str(tmp_path / "world")), tmp_path / "out")
+
+
+def test_instructpix2pix_pose_is_counted_on_background_and_colour_edits_only():
+    # Pose kept on every background and property template, never on the pose templates (which ask for a new pose).
+    rows = {t["template"]: {"subject": [False], "context": [True], "pose_kept": [t["category"] != "pose"]}
+            for t in world.TEMPLATES}
+    assert _photo_kept({"templates": rows, "no_op": [True, False, False, False]}) == {"pose_kept": 1.0, "no_op": 0.25}
