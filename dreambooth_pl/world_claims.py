@@ -130,6 +130,19 @@ def marking_cells(reads: list[dict], scenes: list[world.Scene]) -> dict[str, dic
 
 
 @torch.no_grad()
+def subject_photo_reads(judge: Judge, vae, subjects: Iterable[str], data_root: str | Path) -> dict[str, dict]:
+    """Per subject, (judged the subject, photos) of its photos as they are and after a round trip through `vae`:
+    the round trips are the most a fine-tune on them can draw."""
+    out = {}
+    for subject in subjects:
+        spec = world.ALL_SUBJECTS[subject]
+        photos = [load_image(p) for p in list_images(Path(data_root) / "dataset" / subject)]
+        out[subject] = {name: [sum(all(r[a] == spec[a] for a in IDENTITY) for r in judge.read(ims)), len(ims)]
+                        for name, ims in (("photos", photos), ("round_trips", round_trip(vae, photos)))}
+    return out
+
+
+@torch.no_grad()
 def round_trip(vae, images: list[Image.Image], batch_size: int = 250) -> list[Image.Image]:
     """Images through the VAE and back (posterior mean), as 8-bit images."""
     out = []
@@ -361,7 +374,8 @@ def run_claims(s: ClaimsSettings = ClaimsSettings(), out: str | Path = "outputs/
     base_parts = components.load_components(fit_config(s.subjects[0], "class_images", 0, s).model.pretrained)
     scenes, reads = round_trip_reads(judge, base_parts.vae, s.judge_renders)
     accuracy = {"renders": judge_accuracy(judge, s.judge_renders), "vae_round_trips": read_rates(reads, scenes),
-                "vae_markings": marking_cells(reads, scenes)}
+                "vae_markings": marking_cells(reads, scenes),
+                "subject_photos": subject_photo_reads(judge, base_parts.vae, s.subjects, s.data_root)}
     base = base_follows_prompts(base_parts, judge, s)
     base["identifier_cosine"] = {sub: identifier_cosine(base_parts, world.ALL_SUBJECTS[sub]["shape"]) for sub in s.subjects}
     ip2p = load_ip2p(s.ip2p_model)
@@ -425,6 +439,12 @@ def _claims_head(p: dict) -> list[str]:
         lines += [f"| {m} | " + " | ".join(f"{by[z]:.2f}" if z in by else "–" for z in sizes) + " |\n"
                   for m, by in cells.items()]
         lines.append("\n")
+    photos = acc.get("subject_photos", {})
+    if photos:
+        lines.append("Each subject's photos judged the subject, as they are and after a VAE round trip (what a fine-tune "
+                     "on them can draw at most): " + ", ".join(
+                         f"{k} {v['photos'][0]}/{v['photos'][1]} → {v['round_trips'][0]}/{v['round_trips'][1]}"
+                         for k, v in photos.items()) + ".\n\n")
     n_col = {k: len(v) for k, v in base["colours"].items()}
     rate, lo, hi = base["all_right_pooled"]
     lines.append(f"## 2. The base model follows prompts (targets: every attribute right in >= 80% of images of held-out full "

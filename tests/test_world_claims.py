@@ -12,6 +12,7 @@ from dreambooth_pl import components, world
 from dreambooth_pl.judge import load_judge
 from dreambooth_pl.world_claims import (
     ClaimsSettings,
+    _claims_head,
     base_follows_prompts,
     counts,
     finetune,
@@ -21,6 +22,7 @@ from dreambooth_pl.world_claims import (
     measure_samples,
     over_subjects,
     sample_subject,
+    subject_photo_reads,
     subject_prompts,
     summarize,
     wanted,
@@ -146,6 +148,24 @@ def measured(base_parts, judge, world_data) -> dict:
 def base_follows(base_parts, judge) -> dict:
     """The base model on 100 held-out full prompts and on "a <shape>" for every shape, judged."""
     return base_follows_prompts(base_parts, judge, SETTINGS)
+
+
+def test_claims_md_gives_each_subjects_photo_round_trips():
+    rates = {a: 0.99 for a in world.ATTRIBUTES}
+    p = {"judge_accuracy": {"renders": rates, "vae_round_trips": rates,
+                            "subject_photos": {"purple_star": {"photos": [5, 5], "round_trips": [4, 5]}}},
+         "base": {"colours": {"star": ["red"] * 6}, "all_right_pooled": (0.2, 0.1, 0.3), "all_right": 0.2,
+                  "per_attribute": rates}}
+    assert "purple_star 5/5 → 4/5" in "".join(_claims_head(p))
+
+
+def test_subject_photos_are_the_subject_and_the_vae_loses_small_dots(judge, base_parts, world_data):
+    got = subject_photo_reads(judge, base_parts.vae, ["purple_star", "white_box"], world_data.data_root)
+    assert got["purple_star"]["photos"] == [5, 5]  # the judge reads a reported subject's photos right
+    # white_box's red dots are finer than one 8 px latent cell: most of its round trips are no longer the subject,
+    # which caps what any fine-tune on them can draw.
+    assert got["white_box"]["round_trips"][0] < got["white_box"]["photos"][0]
+    assert got["white_box"]["round_trips"][1] == 5
 
 
 def test_claim_base_model_follows_shape_colour_background_and_size_words(base_follows):
