@@ -163,6 +163,8 @@ def _parse_wandb_log(run_dir: Path) -> dict:
             pos += left
             continue
         _, length, typ = struct.unpack("<IHB", data[pos : pos + 7])
+        if pos + 7 + length > len(data):  # a record still being written (a loaded machine): read_wandb_run reads again
+            break
         payload, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
         if typ == 1:
             records.append(payload)
