@@ -26,6 +26,7 @@ from .judge import load_judge
 from .loggers import git_sha
 from .report import mean_ci
 from .world_claims import (
+    CATEGORIES,
     ClaimsSettings,
     counts,
     finetune,
@@ -186,24 +187,22 @@ def fit_args(axis: str, value, lr: float) -> tuple[str, ...]:
     return ()  # prior: the teacher variant, no extra argument
 
 
+def _pooled(m: dict, metric: str, categories: tuple[str, ...]) -> float:
+    """The share of images with `metric` true over every template of `categories`."""
+    k, n = np.sum([counts(m, metric, c) for c in categories], axis=0)
+    return float(k / n)
+
+
 def _change_and_subject(m: dict) -> dict[str, float]:
     """Over every edit-like template (backgrounds, colours, poses): the asked change right, the subject kept."""
-    k = n = kc = nc = 0
-    for c in ("recontextualization", "seen", "property", "pose"):
-        a, b = counts(m, "subject", c)
-        x, y = counts(m, "context", c)
-        k, n, kc, nc = k + a, n + b, kc + x, nc + y
-    return {"change_right": kc / nc, "subject_kept": k / n}
+    return {"change_right": _pooled(m, "context", CATEGORIES), "subject_kept": _pooled(m, "subject", CATEGORIES)}
 
 
 def _photo_kept(m: dict) -> dict[str, float]:
     """InstructPix2Pix: the photo's pose (size and position) kept on background and colour edits, and the no-op
     instruction giving the photo back (the claims' two targets for it)."""
-    k = n = 0
-    for c in ("recontextualization", "seen", "property"):
-        a, b = counts(m, "pose_kept", c)
-        k, n = k + a, n + b
-    return {"pose_kept": k / n, "no_op": float(np.mean(m["no_op"]))}
+    kept_pose = tuple(c for c in CATEGORIES if c != "pose")
+    return {"pose_kept": _pooled(m, "pose_kept", kept_pose), "no_op": float(np.mean(m["no_op"]))}
 
 
 def _summarize(by_subject: dict[str, list[dict]]) -> dict[str, tuple[float, float]]:
