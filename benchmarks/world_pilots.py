@@ -10,6 +10,14 @@ Variants:
     plain: the committed architecture (does more training help?)
     text:  + a pooled text embedding added to the time embedding (`addition_embed_type="text"`, +7.7k params)
     attn8: + cross-attention at 8x8 too (+150k params, about 2x the step time)
+
+Recipe options (DiffusionRecipe's): --text-aux (attributes read off the pooled text state), --object-weight (the
+object's latent cells weigh more). --from-scratch trains the variant with `make world`'s own text-to-image stage
+instead of continuing (judged after only). --stage ip2p continues the committed InstructPix2Pix UNet and judges it on
+300 held-out renders (background and colour edits: pose kept, change right; the no-op: the render back):
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/world_pilots.py --from-scratch --variant attn8 --lr 1e-3 --steps 3000
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/world_pilots.py --stage ip2p --steps 4000
 """
 
 from __future__ import annotations
@@ -61,38 +69,127 @@ def judged(parts: components.SDComponents, judge) -> dict:
             "colours": {k: len(v) for k, v in r["colours"].items()}}
 
 
+@torch.no_grad()
+def ip2p_judged(parts: components.SDComponents, judge, n: int = 300, seed: int = 30_000) -> dict:
+    """InstructPix2Pix (`parts`) on `n` held-out renders at the claims' 5 / 1.5 guidance, 25 steps: one background or
+    colour edit each (pose kept, change right, identity as asked) and the no-op instruction (the render back)."""
+    rng = np.random.default_rng(seed)
+    scenes = [world.random_scene(rng) for _ in range(n)]
+    edits = []
+    for sc in scenes:
+        text, new = world.random_edit(sc, rng)
+        while new.size != sc.size or new.position != sc.position:  # background and colour edits only
+            text, new = world.random_edit(sc, rng)
+        edits.append((text, new))
+    photos = [world.render(sc) for sc in scenes] * 2
+    prompts = [t for t, _ in edits] + [world.NO_OP] * n
+    pipe = components.pipeline(parts, kind="instruct_pix2pix")
+    pipe.set_progress_bar_config(disable=True)
+    images = []
+    for i in range(0, len(prompts), 50):
+        images += pipe(prompt=prompts[i : i + 50], image=photos[i : i + 50], num_inference_steps=25, guidance_scale=5.0,
+                       image_guidance_scale=1.5, output_type="pil",
+                       generator=[torch.Generator().manual_seed(k) for k in range(i, min(i + 50, len(prompts)))]).images
+    reads = judge.read(images)
+    edit, no_op = reads[:n], reads[n:]
+    pairs = list(zip(edit, scenes, edits, strict=True))
+    return {"pose_kept": float(np.mean([r["size"] == sc.size and r["position"] == sc.position for r, sc, _ in pairs])),
+            "change_right": float(np.mean([r["background"] == new.background and r["color"] == new.color
+                                           for r, _, (_, new) in pairs])),
+            "identity_as_asked": float(np.mean([all(r[a] == getattr(new, a) for a in world.IDENTITY)
+                                                for r, _, (_, new) in pairs])),
+            "no_op": float(np.mean([all(r[a] == getattr(sc, a) for a in world.ATTRIBUTES)
+                                    for r, sc in zip(no_op, scenes, strict=True)])),
+            "no_op_per_attribute": {a: float(np.mean([r[a] == getattr(sc, a) for r, sc in zip(no_op, scenes, strict=True)]))
+                                    for a in world.ATTRIBUTES}}
+
+
+def ip2p_pilot(judge, a: argparse.Namespace, start: float) -> None:
+    """Continue the committed InstructPix2Pix UNet for `a.steps` steps of `make world`'s stage on fresh edits."""
+    ip2p = components.load_components("world-ip2p")
+    ip2p = dataclasses.replace(ip2p, vae=ip2p.vae.float(), text_encoder=ip2p.text_encoder.float(),
+                               unet=ip2p.unet.float().eval())
+    res = {"stage": "ip2p", "steps": a.steps, "lr": a.lr, "before": ip2p_judged(ip2p, judge)}
+    print("before", res["before"], flush=True)
+    recipe = dataclasses.replace(wm.WorldRecipe().ip2p, steps=a.steps, lr=a.lr)
+    unet, losses = wm.train_ip2p(ip2p.vae, ip2p.tokenizer, ip2p.text_encoder, None, recipe, seed=7, init=ip2p.unet)
+    res.update(loss=losses["loss"], after=ip2p_judged(dataclasses.replace(ip2p, unet=unet), judge),
+               minutes=(time.perf_counter() - start) / 60)
+    print("after", res["after"], flush=True)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(res, indent=1))
+
+
+def scratch(parts: components.SDComponents, judge, a: argparse.Namespace, start: float) -> None:
+    """`make world`'s text-to-image stage from scratch over the committed VAE, in the variant's UNet, `a.steps` steps."""
+    recipe = dataclasses.replace(wm.WorldRecipe().text2img, steps=a.steps, lr=a.lr, text_aux_weight=a.text_aux,
+                                 object_weight=a.object_weight)
+    _, te, unet, losses = wm.train_text2img(parts.vae.float(), recipe, seed=0,
+                                            unet_config={**wm.UNET_CONFIG, **VARIANTS[a.variant]})
+    parts = dataclasses.replace(parts, text_encoder=te, unet=unet)
+    res = {"variant": a.variant, "from_scratch": True, "steps": a.steps, "lr": a.lr, "text_aux": a.text_aux,
+           "object_weight": a.object_weight, "loss": losses["loss"], "after": judged(parts, judge),
+           "minutes": (time.perf_counter() - start) / 60}
+    print("after", res["after"], flush=True)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(res, indent=1))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--variant", choices=list(VARIANTS), default="plain")
     p.add_argument("--steps", type=int, default=4000, help="more training steps")
     p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (the build's is 1e-3)")
+    p.add_argument("--text-aux", type=float, default=0.0,
+                   help="text_aux_weight: + this x the attributes read off the pooled text state (fresh heads)")
+    p.add_argument("--object-weight", type=float, default=0.0,
+                   help="object_weight: a latent cell's loss weighs 1 + this x the share of it the object covers")
+    p.add_argument("--stage", choices=["text2img", "ip2p"], default="text2img",
+                   help="ip2p: continue the committed InstructPix2Pix UNet instead (pose kept, no-op on held-out renders)")
+    p.add_argument("--from-scratch", action="store_true",
+                   help="train a fresh text encoder and UNet (the variant's) with make world's own stage, not continue")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="outputs/world/pilot.json", help="the figures, as JSON")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     start = time.perf_counter()
+    if a.stage == "ip2p":
+        ip2p_pilot(load_judge(), a, start)
+        return
     parts, judge = components.load_components("world"), load_judge()
+    if a.from_scratch:
+        scratch(parts, judge, a, start)
+        return
     parts = dataclasses.replace(parts, unet=grafted(parts.unet.float(), a.variant).eval())
-    res = {"variant": a.variant, "steps": a.steps, "lr": a.lr, "before": judged(parts, judge)}
+    res = {"variant": a.variant, "steps": a.steps, "lr": a.lr, "text_aux": a.text_aux, "object_weight": a.object_weight,
+           "before": judged(parts, judge)}
     print("before", res["before"], flush=True)
     vae, te, unet = parts.vae.float(), parts.text_encoder.float(), parts.unet
     te.train().requires_grad_(True)
     unet.train().requires_grad_(True)
-    recipe = wm.DiffusionRecipe(steps=a.steps, lr=a.lr, warmup=100)
+    recipe = wm.DiffusionRecipe(steps=a.steps, lr=a.lr, warmup=100, text_aux_weight=a.text_aux,
+                                object_weight=a.object_weight)
     rng, gen = np.random.default_rng([7, 2]), torch.Generator().manual_seed(9)  # fresh scenes, not the build's seeds
     scenes = [world.random_scene(rng) for _ in range(recipe.examples)]
     mean, std = wm.encode(vae, scenes)  # (N, 4, 8, 8) each
+    cover = wm.object_cover(scenes) if a.object_weight else None  # (N, 1, 8, 8)
+    heads = torch.nn.ModuleDict({k: torch.nn.Linear(wm.TEXT_CONFIG["hidden_size"], len(v) + 1)
+                                 for k, v in world.ATTRIBUTES.items()} if a.text_aux else {})
     sched = DDPMScheduler.from_config(wm.SCHEDULER_CONFIG)
 
     def step_loss() -> torch.Tensor:
         idx = torch.from_numpy(rng.integers(0, len(scenes), recipe.batch_size))
         captions = [wm.caption_for(scenes[i], rng, recipe) for i in idx.tolist()]
         z0 = wm.draw_latents(mean[idx], std[idx], vae.config.scaling_factor, gen)
-        states = te(wm.token_ids(parts.tokenizer, captions))[0]  # (B, 32, 32)
-        return wm.diffusion_loss(unet, sched, z0, states, gen, recipe.min_snr_gamma)
+        out = te(wm.token_ids(parts.tokenizer, captions))  # states (B, 32, 32), pooled (B, 32)
+        cell_weight = None if cover is None else 1 + a.object_weight * cover[idx]
+        loss = wm.diffusion_loss(unet, sched, z0, out[0], gen, recipe.min_snr_gamma, cell_weight=cell_weight)
+        if a.text_aux:
+            loss = loss + a.text_aux * wm.text_attribute_loss(heads, out.pooler_output, captions)
+        return loss
 
     groups = [{"params": list(unet.parameters()), "lr": a.lr, "weight_decay": recipe.weight_decay},
-              {"params": list(te.parameters()), "lr": a.lr, "weight_decay": 0.0}]
+              {"params": [*te.parameters(), *heads.parameters()], "lr": a.lr, "weight_decay": 0.0}]
     curve = wm.fit(groups, step_loss, a.steps, recipe.warmup, recipe.ema_decay, f"pilot {a.variant}")
     te.eval()
     unet.eval()

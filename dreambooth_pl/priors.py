@@ -153,14 +153,29 @@ def write_settings(folder: Path, settings: PriorSettings) -> None:
     write_text(Path(folder) / SETTINGS, json.dumps({"key": settings.key(), "settings": settings.identity()}, indent=2))
 
 
-def write_manifest(folder: Path, settings: PriorSettings, indices: list[int]) -> None:
-    """One JSON line per image: index, file, seed and the settings key."""
-    s = settings.sampling
+def made_on(dev: torch.device) -> str:
+    """Where images are made, for the manifest: on the CPU the thread count changes the kernels' sums, so the pixels
+    can differ by a grey level between 1 and 2 threads (measured on the toy world)."""
+    if dev.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(dev)})"
+    return f"{dev.type} ({torch.get_num_threads()} threads)"
+
+
+def write_manifest(folder: Path, settings: PriorSettings, indices: list[int], made: dict[int, str] | None = None) -> None:
+    """One JSON line per image: index, file, seed, the settings key and where it was made (`made`: this run's
+    images; the others keep what the folder's manifest said)."""
+    s, path = settings.sampling, Path(folder) / MANIFEST
+    old = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                old[json.loads(line)["index"]] = json.loads(line).get("made_on")
+    where = {**old, **(made or {})}
     lines = [json.dumps({"index": i, "file": image_path(folder, i).name, "seed": s.seed + i,
                          "key": settings.key(), "prompt": settings.prompt, "sampler": s.sampler,
                          "steps": s.steps, "guidance_scale": s.guidance_scale,
-                         "resolution": settings.resolution}) for i in sorted(indices)]
-    write_text(Path(folder) / MANIFEST, "\n".join(lines) + ("\n" if lines else ""))
+                         "resolution": settings.resolution, "made_on": where.get(i)}) for i in sorted(indices)]
+    write_text(path, "\n".join(lines) + ("\n" if lines else ""))
 
 
 def auto_batch_size(resolution: int, device: torch.device) -> int:
@@ -289,6 +304,7 @@ def generate(
     check_folder(folder, settings)
     valid, missing = scan(folder, settings, num_images)
     write_settings(folder, settings)
+    made: dict[int, str] = {}
     if missing:
         tk = dict(trainer_kwargs or {})
         if device is not None:
@@ -300,10 +316,11 @@ def generate(
         # steps whether its class images were made now or found in the cache.
         with torch.random.fork_rng(devices=[dev.index or 0] if dev.type == "cuda" else []):
             _make(settings, folder, num_images, missing, dev, tk, use_trainer=device is None)
+        made = dict.fromkeys(missing, made_on(dev))
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     valid_now, still_missing = scan(folder, settings, num_images)
-    write_manifest(folder, settings, valid_now)
+    write_manifest(folder, settings, valid_now, made)
     if still_missing:
         raise RuntimeError(f"class-image generation left {len(still_missing)} images missing in {folder}; rerun to make them")
     return PriorResult(folder=folder, reused=len(valid), made=len(valid_now) - len(valid))

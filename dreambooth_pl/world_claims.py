@@ -119,6 +119,15 @@ def read_rates(reads: list[dict], scenes: list[world.Scene]) -> dict[str, float]
             for a in world.ATTRIBUTES}
 
 
+def confusion(reads: list[dict], scenes: list[world.Scene], attribute: str) -> dict[str, dict[str, int]]:
+    """Asked -> read -> images: which values of `attribute` the model draws for each one a prompt asks for."""
+    out: dict[str, dict[str, int]] = {v: {} for v in world.ATTRIBUTES[attribute]}
+    for r, sc in zip(reads, scenes, strict=True):
+        row = out[getattr(sc, attribute)]
+        row[r[attribute]] = row.get(r[attribute], 0) + 1
+    return {k: dict(sorted(v.items(), key=lambda kv: -kv[1])) for k, v in out.items() if v}
+
+
 def marking_cells(reads: list[dict], scenes: list[world.Scene]) -> dict[str, dict[str, float]]:
     """Per marking, per size: the share of images whose marking and marking colour are both read right (a thin marking
     on a small object is what an 8 px latent cell blurs first)."""
@@ -168,7 +177,8 @@ def base_follows_prompts(parts: components.SDComponents, judge: Judge, s: Claims
         ims = sample(parts, [f"a {shape}"] * s.class_prompt_images, list(range(s.class_prompt_images)), protocol(s))
         colours[shape] = sorted({r["color"] for r in judge.read(ims)})
     return {"all_right": float(np.mean(right)), "all_right_pooled": wilson(int(sum(right)), len(right)),
-            "per_attribute": per_attr, "colours": colours, "examples": images[:8],
+            "per_attribute": per_attr, "marking_confusion": confusion(reads, scenes, "marking"),
+            "colours": colours, "examples": images[:8],
             "example_prompts": [world.caption(sc) for sc in scenes[:8]]}
 
 
@@ -453,6 +463,10 @@ def _claims_head(p: dict) -> list[str]:
                  + ", ".join(f"{a} {v:.2f}" for a, v in base["per_attribute"].items())
                  + ".\n\nBody colours of \"a <shape>\" images: " + ", ".join(f"{k} {v}" for k, v in n_col.items())
                  + f" ({_verdict(min(n_col.values()) >= 6)}).\n\n")
+    if "marking_confusion" in base:
+        lines.append("Marking asked → drawn (as the judge reads it): " + "; ".join(
+            f"{asked}: " + ", ".join(f"{read} {n}" for read, n in row.items())
+            for asked, row in base["marking_confusion"].items()) + ".\n\n")
     cos = base.get("identifier_cosine", {})
     if cos:
         lines.append("The identifier before fine-tuning: cosine of the text states of \"a sks <shape>\" and \"a <shape>\": "

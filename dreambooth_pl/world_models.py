@@ -119,6 +119,8 @@ class DiffusionRecipe:
     keep: tuple[float, float] = (0.2, 1.0)  # each caption keeps each attribute with p ~ U(keep)
     text_aux_weight: float = 0.0  # text encoder: + this x cross-entropy of the named attributes read off its pooled
     # output (heads dropped after training): a direct signal that makes its states carry the attributes early
+    object_weight: float = 0.0  # text-to-image: a latent cell's loss weighs 1 + this x the share of it the object
+    # covers, so the few cells that carry shape and marking are not outweighed by the background's
     no_op: float = 0.0  # InstructPix2Pix: share of edit triples that are the no-op instruction and the photo itself
 
 
@@ -325,10 +327,18 @@ def token_ids(tokenizer: CLIPTokenizer, texts: Sequence[str]) -> Tensor:
                      return_tensors="pt").input_ids
 
 
+def object_cover(scenes: Sequence[world.Scene], cells: int = 8) -> Tensor:
+    """(N, 1, cells, cells): the share of each latent cell's pixels the scene's object covers."""
+    masks = np.stack([world.shape_mask(s.shape, s.x, s.y, s.radius) for s in scenes])  # (N, 64, 64) bool
+    k = world.SIZE // cells
+    return torch.from_numpy(masks.reshape(len(scenes), 1, cells, k, cells, k).mean(axis=(3, 5), dtype=np.float32))
+
+
 def diffusion_loss(unet: UNet2DConditionModel, sched: DDPMScheduler, z0: Tensor, text: Tensor, gen: torch.Generator,
-                   gamma: float, image: Tensor | None = None) -> Tensor:
+                   gamma: float, image: Tensor | None = None, cell_weight: Tensor | None = None) -> Tensor:
     """Min-SNR-weighted epsilon loss on (B, 4, 8, 8) scaled latents; `image` (B, 4, 8, 8) is concatenated to the
-    noisy latents (InstructPix2Pix), `text` (B, TEXT_LENGTH, D) is cross-attended."""
+    noisy latents (InstructPix2Pix), `text` (B, TEXT_LENGTH, D) is cross-attended, `cell_weight` (B, 1, 8, 8)
+    weighs each latent cell's squared error."""
     dev = z0.device
     noise = torch.randn(z0.shape, generator=gen).to(dev)
     t = torch.randint(0, sched.config.num_train_timesteps, (z0.shape[0],), generator=gen).to(dev)
@@ -337,7 +347,10 @@ def diffusion_loss(unet: UNet2DConditionModel, sched: DDPMScheduler, z0: Tensor,
     abar = sched.alphas_cumprod.to(dev)[t]
     snr = abar / (1 - abar)
     weight = snr.clamp(max=gamma) / snr  # min-SNR-gamma: the easy low-noise steps stop dominating
-    return (weight * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
+    err = (pred - noise).pow(2)  # (B, 4, 8, 8)
+    if cell_weight is not None:
+        err = err * cell_weight.to(dev)
+    return (weight * err.mean(dim=(1, 2, 3))).mean()
 
 
 def draw_latents(mean: Tensor, std: Tensor, scale: float, gen: torch.Generator) -> Tensor:
@@ -354,17 +367,19 @@ def caption_for(scene: world.Scene, rng: np.random.Generator, recipe: DiffusionR
 
 
 def train_text2img(vae: AutoencoderKL, recipe: DiffusionRecipe = DiffusionRecipe(), seed: int = 0, device: str = "cpu",
-                   progress: bool = True) -> tuple[CLIPTokenizer, CLIPTextModel, UNet2DConditionModel, dict]:
-    """The text encoder and UNet, trained together from scratch on captioned renders encoded by `vae`.
-    Returns the tokenizer, both models (EMA weights, fp16-rounded) and the final losses."""
+                   progress: bool = True, unet_config: dict | None = None,
+                   ) -> tuple[CLIPTokenizer, CLIPTextModel, UNet2DConditionModel, dict]:
+    """The text encoder and UNet (`unet_config`, default UNET_CONFIG), trained together from scratch on captioned
+    renders encoded by `vae`. Returns the tokenizer, both models (EMA weights, fp16-rounded) and the final losses."""
     dev = torch.device(device)
     tokenizer = world_tokenizer()
     rng, gen = np.random.default_rng([seed, 2]), torch.Generator().manual_seed(seed + 2)
     scenes = [world.random_scene(rng) for _ in range(recipe.examples)]
     mean, std = encode(vae, scenes, progress=progress)  # (N, 4, 8, 8) each
     scale = vae.config.scaling_factor
+    cover = object_cover(scenes, mean.shape[-1]) if recipe.object_weight else None  # (N, 1, 8, 8)
     text_encoder = seeded(lambda: CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG)), seed + 1).to(dev).train()
-    unet = seeded(lambda: UNet2DConditionModel(**UNET_CONFIG), seed + 2).to(dev).train()
+    unet = seeded(lambda: UNet2DConditionModel(**(unet_config or UNET_CONFIG)), seed + 2).to(dev).train()
     # One head per attribute on the pooled text state: its classes, then "not named" (the last index).
     heads = seeded(lambda: nn.ModuleDict({k: nn.Linear(TEXT_CONFIG["hidden_size"], len(v) + 1)
                                           for k, v in world.ATTRIBUTES.items()} if recipe.text_aux_weight else {}),
@@ -377,7 +392,8 @@ def train_text2img(vae: AutoencoderKL, recipe: DiffusionRecipe = DiffusionRecipe
         captions = [caption_for(scenes[i], rng, recipe) for i in idx.tolist()]
         z0 = draw_latents(mean[idx], std[idx], scale, gen).to(dev)
         out = text_encoder(token_ids(tokenizer, captions).to(dev))  # states (B, 32, 32) and pooled (B, 32), with grad
-        loss = diffusion_loss(unet, sched, z0, out[0], gen, recipe.min_snr_gamma)
+        cell_weight = None if cover is None else 1 + recipe.object_weight * cover[idx]
+        loss = diffusion_loss(unet, sched, z0, out[0], gen, recipe.min_snr_gamma, cell_weight=cell_weight)
         parts["diffusion"].append(loss.item())
         if recipe.text_aux_weight:
             aux = text_attribute_loss(heads, out.pooler_output, captions)
@@ -436,9 +452,10 @@ def dropped(n: int, rng: np.random.Generator, r: DiffusionRecipe) -> tuple[Tenso
 
 def train_ip2p(vae: AutoencoderKL, tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, unet: UNet2DConditionModel,
                recipe: DiffusionRecipe = WorldRecipe().ip2p, seed: int = 0, device: str = "cpu",
-               progress: bool = True) -> tuple[UNet2DConditionModel, dict]:
-    """The InstructPix2Pix UNet on edit triples, through the frozen text encoder and VAE; the image condition is
-    the input render's unscaled posterior mode, as the diffusers pipeline feeds it. Returns it and its final loss."""
+               progress: bool = True, init: UNet2DConditionModel | None = None) -> tuple[UNet2DConditionModel, dict]:
+    """The InstructPix2Pix UNet (from `unet`, or continuing `init`) on edit triples, through the frozen text encoder
+    and VAE; the image condition is the input render's unscaled posterior mode, as the diffusers pipeline feeds it.
+    Returns it and its final loss."""
     dev = torch.device(device)
     rng, gen = np.random.default_rng([seed, 3]), torch.Generator().manual_seed(seed + 3)
     pairs = edit_pairs(recipe.examples, rng, recipe.no_op)
@@ -448,7 +465,7 @@ def train_ip2p(vae: AutoencoderKL, tokenizer: CLIPTokenizer, text_encoder: CLIPT
     which = torch.tensor([1 + instructions.index(p[1]) for p in pairs])  # row of `states`; row 0 is ""
     with torch.no_grad():
         states = text_encoder(token_ids(tokenizer, ["", *instructions]).to(dev))[0]  # (1 + I, 32, 32)
-    model = ip2p_unet_from(unet).to(dev).train()
+    model = (ip2p_unet_from(unet) if init is None else init).to(dev).train()
     sched = DDPMScheduler.from_config(SCHEDULER_CONFIG)
 
     def step_loss() -> Tensor:

@@ -45,6 +45,7 @@ def test_exact_count_manifest_and_no_temp_files(tiny_dir, tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "p" / priors.MANIFEST).read_text().splitlines()]
     assert [(x["index"], x["seed"]) for x in lines] == [(i, i) for i in range(6)]
     assert {x["key"] for x in lines} == {settings().key()}
+    assert {x["made_on"] for x in lines} == {f"cpu ({torch.get_num_threads()} threads)"}
     assert not [p for p in (tmp_path / "p").iterdir() if p.name.startswith(".")]
     assert all(Image.open(p).size == (64, 64) for p in (tmp_path / "p").glob("*.png"))
 
@@ -66,6 +67,17 @@ def test_rerun_makes_only_missing_and_remakes_corrupt(tiny_dir, tmp_path):
         assert (folder / name).stat().st_mtime_ns == mtimes[name]  # untouched
     r = generate(settings(batch_size=2), 8, folder=folder, device="cpu")
     assert (r.reused, r.made) == (6, 2)
+
+
+def test_manifest_keeps_where_earlier_images_were_made(tmp_path):
+    s = settings()
+    priors.write_manifest(tmp_path, s, [0, 1], {0: "cpu (1 threads)", 1: "cpu (1 threads)"})
+    priors.write_manifest(tmp_path, s, [0, 1, 2], {1: "cpu (2 threads)", 2: "cpu (2 threads)"})  # 1 remade, 2 new
+    lines = [json.loads(x) for x in (tmp_path / priors.MANIFEST).read_text().splitlines()]
+    assert [x["made_on"] for x in lines] == ["cpu (1 threads)", "cpu (2 threads)", "cpu (2 threads)"]
+    (tmp_path / priors.MANIFEST).write_text('{"index": 0}\nnot json\n')  # an older manifest: no record, no crash
+    priors.write_manifest(tmp_path, s, [0], {})
+    assert json.loads((tmp_path / priors.MANIFEST).read_text())["made_on"] is None
 
 
 def test_mismatched_folder_is_refused_naming_the_setting(tiny_dir, tmp_path):

@@ -14,6 +14,7 @@ from dreambooth_pl.world_claims import (
     ClaimsSettings,
     _claims_head,
     base_follows_prompts,
+    confusion,
     counts,
     finetune,
     fit_config,
@@ -157,6 +158,17 @@ def test_claims_md_gives_each_subjects_photo_round_trips():
          "base": {"colours": {"star": ["red"] * 6}, "all_right_pooled": (0.2, 0.1, 0.3), "all_right": 0.2,
                   "per_attribute": rates}}
     assert "purple_star 5/5 → 4/5" in "".join(_claims_head(p))
+    p["base"]["marking_confusion"] = {"band": {"dots": 3, "band": 1}, "stripe": {"band": 2}}
+    assert "Marking asked → drawn (as the judge reads it): band: dots 3, band 1; stripe: band 2." in \
+        "".join(_claims_head(p))
+
+
+def test_confusion_counts_what_is_drawn_for_each_value_asked():
+    rng = np.random.default_rng(0)
+    scenes = [world.random_scene(rng, marking=m) for m in ("band", "band", "stripe", "none")]
+    reads = [{"marking": m} for m in ("dots", "band", "band", "none")]
+    assert confusion(reads, scenes, "marking") == {"band": {"dots": 1, "band": 1}, "stripe": {"band": 1},
+                                                   "none": {"none": 1}}
 
 
 def test_subject_photos_are_the_subject_and_the_vae_loses_small_dots(judge, base_parts, world_data):

@@ -9,7 +9,12 @@ import json
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionInstructPix2PixPipeline, StableDiffusionPipeline
+from diffusers import (
+    DDPMScheduler,
+    StableDiffusionInstructPix2PixPipeline,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
 from transformers import CLIPTokenizer
 
 from dreambooth_pl import components, instructpix2pix, world
@@ -143,3 +148,56 @@ def test_the_tokenizer_is_saved_compactly_and_loads_the_same(tmp_path):
     texts = ["a small red star with white dots on grass in the top left", "", "make it blue"]
     assert len(back) == 49408 and back.model_max_length == wm.TEXT_LENGTH
     assert torch.equal(wm.token_ids(back, texts), wm.token_ids(tok, texts))
+
+
+def test_object_cover_is_the_share_of_each_latent_cell_the_object_fills():
+    rng = np.random.default_rng(0)
+    scenes = [world.random_scene(rng) for _ in range(6)]
+    cover = wm.object_cover(scenes)
+    assert cover.shape == (6, 1, 8, 8) and cover.dtype == torch.float32
+    for sc, c in zip(scenes, cover, strict=True):
+        mask = world.shape_mask(sc.shape, sc.x, sc.y, sc.radius)
+        assert c.sum().item() * 64 == pytest.approx(mask.sum(), abs=1e-3)  # 64 px per 8 x 8 cell
+        assert c[0, int(sc.y) // 8, int(sc.x) // 8] > 0 or sc.shape == "ring"  # the centre cell (a ring's is empty)
+        assert c.min() >= 0 and c.max() <= 1
+
+
+def test_cell_weight_scales_each_latent_cells_share_of_the_loss():
+    sched = DDPMScheduler.from_config(wm.SCHEDULER_CONFIG)
+    unet = wm.seeded(lambda: UNet2DConditionModel(**wm.UNET_CONFIG), 0).eval()
+    z0, text = torch.randn(2, 4, 8, 8), torch.randn(2, wm.TEXT_LENGTH, wm.TEXT_CONFIG["hidden_size"])
+
+    def loss(w=None):
+        return wm.diffusion_loss(unet, sched, z0, text, torch.Generator().manual_seed(0), 5.0, cell_weight=w)
+
+    with torch.no_grad():
+        plain, ones, twice = loss(), loss(torch.ones(2, 1, 8, 8)), loss(torch.full((2, 1, 8, 8), 2.0))
+        zeroed = torch.ones(2, 1, 8, 8)
+        zeroed[:, :, :4] = 0  # the top half of every latent left out
+        half = loss(zeroed)
+    assert ones == plain and twice == pytest.approx(2 * plain.item(), rel=1e-6)
+    assert 0 < half < plain
+
+
+def test_text2img_stage_takes_an_object_weight_and_another_unet_layout():
+    r = wm.tiny_recipe()
+    vae, _ = wm.train_vae(r.vae, progress=False)
+    attn8 = {**wm.UNET_CONFIG, "down_block_types": ("CrossAttnDownBlock2D",) * 2,
+             "up_block_types": ("CrossAttnUpBlock2D",) * 2}
+    weighted = dataclasses.replace(r.text2img, object_weight=4.0)
+    _, _, plain_unet, plain = wm.train_text2img(vae, r.text2img, progress=False)
+    _, _, _, weighted_losses = wm.train_text2img(vae, weighted, progress=False)
+    _, _, unet, _ = wm.train_text2img(vae, r.text2img, progress=False, unet_config=attn8)
+    assert weighted_losses["loss"] != plain["loss"]  # same data and noise: the object's cells weigh more
+    assert list(unet.config.down_block_types) == ["CrossAttnDownBlock2D"] * 2
+    assert not hasattr(plain_unet.down_blocks[0], "attentions")
+
+
+def test_ip2p_stage_continues_a_given_unet(sd_parts):
+    r = wm.tiny_recipe()
+    start = wm.ip2p_unet_from(sd_parts.unet.float())
+    before = {k: v.clone() for k, v in start.state_dict().items()}
+    model, _ = wm.train_ip2p(sd_parts.vae.float(), sd_parts.tokenizer, sd_parts.text_encoder.float(), None, r.ip2p,
+                             progress=False, init=start)
+    assert model is start
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
