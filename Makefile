@@ -43,7 +43,7 @@ install: $(VENV)/.installed ## create .venv and install the project (torch pinne
 
 demo: install world-data ## offline demo on CPU: DreamBooth on a toy-world subject (WORLD_SUBJECT), report, InstructPix2Pix contrast
 	$(MAKE) --no-print-directory experiment MODEL=world SUBJECT=$(WORLD_SUBJECT)
-	HF_HUB_OFFLINE=1 $(PY) -m dreambooth_pl compare outputs/$(WORLD_SUBJECT) --model world-ip2p --steps 25 --guidance 5
+	HF_HUB_OFFLINE=1 $(PY) -m dreambooth_pl compare outputs/$(WORLD_SUBJECT) --model world-ip2p --steps 25 --guidance 5 --image-guidance 5
 
 test: install ## run the test suite (unit + integration tests; no GPU, no network; < 10 min)
 	$(PY) -m pytest -q
@@ -80,7 +80,7 @@ dreambench: install data ## experiment over SUBJECTS="a b c", then one mean ± 9
 # The offline models' own InstructPix2Pix; otherwise the command's default (timbrooks/instruct-pix2pix, or
 # diffusers/sdxl-instructpix2pix-768 for an SDXL run).
 IP2P_MODEL = $(if $(filter tiny tiny-v tiny-sd3 tiny-flux,$(MODEL)),--model tiny-ip2p,$(if $(filter tiny-xl,$(MODEL)),--model tiny-xl-ip2p,$(if $(filter world,$(MODEL)),--model world-ip2p,)))
-IP2P_ARGS = $(if $(filter $(TINY_NAMES),$(MODEL)),--steps 20,$(if $(filter world,$(MODEL)),--steps 25 --guidance 5,))
+IP2P_ARGS = $(if $(filter $(TINY_NAMES),$(MODEL)),--steps 20,$(if $(filter world,$(MODEL)),--steps 25 --guidance 5 --image-guidance 5,))
 compare: install $(SUBJECT_DATA) ## DreamBooth vs InstructPix2Pix on SUBJECT (reuses outputs/SUBJECT; runs the experiment if absent)
 	@[ -f outputs/$(SUBJECT)/metrics.json ] || $(MAKE) --no-print-directory experiment SUBJECT=$(SUBJECT) MODEL=$(MODEL) ARGS='$(ARGS)'
 	$(OFFLINE) $(PY) -m dreambooth_pl compare outputs/$(SUBJECT) $(IP2P_MODEL) $(IP2P_ARGS)

@@ -70,9 +70,11 @@ def judged(parts: components.SDComponents, judge) -> dict:
 
 
 @torch.no_grad()
-def ip2p_judged(parts: components.SDComponents, judge, n: int = 300, seed: int = 30_000) -> dict:
-    """InstructPix2Pix (`parts`) on `n` held-out renders at the claims' 5 / 1.5 guidance, 25 steps: one background or
-    colour edit each (pose kept, change right, identity as asked) and the no-op instruction (the render back)."""
+def ip2p_judged(parts: components.SDComponents, judge, n: int = 300, seed: int = 30_000,
+                guidance: tuple[float, float] = (5.0, 1.5)) -> dict:
+    """InstructPix2Pix (`parts`) on `n` held-out renders at text / image `guidance` (the claims' 5 / 1.5), 25 steps:
+    one background or colour edit each (pose kept, change right, identity as asked) and the no-op instruction (the
+    render back)."""
     rng = np.random.default_rng(seed)
     scenes = [world.random_scene(rng) for _ in range(n)]
     edits = []
@@ -87,8 +89,8 @@ def ip2p_judged(parts: components.SDComponents, judge, n: int = 300, seed: int =
     pipe.set_progress_bar_config(disable=True)
     images = []
     for i in range(0, len(prompts), 50):
-        images += pipe(prompt=prompts[i : i + 50], image=photos[i : i + 50], num_inference_steps=25, guidance_scale=5.0,
-                       image_guidance_scale=1.5, output_type="pil",
+        images += pipe(prompt=prompts[i : i + 50], image=photos[i : i + 50], num_inference_steps=25, guidance_scale=guidance[0],
+                       image_guidance_scale=guidance[1], output_type="pil",
                        generator=[torch.Generator().manual_seed(k) for k in range(i, min(i + 50, len(prompts)))]).images
     reads = judge.read(images)
     edit, no_op = reads[:n], reads[n:]

@@ -70,7 +70,7 @@ class AblationSettings:
     class_images: tuple[int, ...] = (24, 96, 192)  # world.yaml's 48 joins them as the default point: a doubling series
     guidance: tuple[float, ...] = (1.5, 3.0, 5.0, 7.5)
     ip2p_guidance: tuple[float, ...] = (2.0, 5.0, 7.5)
-    ip2p_image_guidance: tuple[float, ...] = (1.0, 1.5, 2.5)
+    ip2p_image_guidance: tuple[float, ...] = (1.0, 1.5, 2.5, 5.0)
     images_per_prompt: int = 2
     class_prompt_images: int = 8
     data_root: str = "data/world"
