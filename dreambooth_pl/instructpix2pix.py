@@ -97,6 +97,28 @@ def plan(prompts: list[EvalPrompt], num_photos: int, images_per_prompt: int = 4,
             for ep in prompts for k in range(images_per_prompt)]
 
 
+EDIT_SETTINGS = "edit_settings.json"  # in an edits folder: the sampling settings its images were made with
+
+
+class EditFolderError(ValueError):
+    """An edits folder holds images made with other sampling settings than the ones asked for."""
+
+
+def check_edit_folder(out: Path, settings: dict, edits: list[Edit]) -> None:
+    """Refuse `out` if it holds edits made with other `settings` (or with unrecorded ones); else record them."""
+    record = out / EDIT_SETTINGS
+    made = [e for e in edits if (out / e.filename).is_file()]
+    if made:
+        old = json.loads(record.read_text()) if record.is_file() else None
+        if old != settings:
+            diff = ("its settings are not recorded (made by an earlier version)" if old is None else
+                    "; ".join(f"{k}: folder has {old.get(k)}, this run asks {v}" for k, v in settings.items()
+                              if old.get(k) != v))
+            raise EditFolderError(f"{out} holds {len(made)} InstructPix2Pix edits made with other settings ({diff}). "
+                                  f"Delete {out} to remake them, or write this run's edits elsewhere.")
+    write_json(record, settings)
+
+
 @dataclass
 class RunStats:
     seconds: float
@@ -108,9 +130,12 @@ class RunStats:
 def run(pipe, edits: list[Edit], photos: list[Image.Image], out: str | Path, resolution: int = 512,
         guidance_scale: float = 7.5, image_guidance_scale: float = 1.5, steps: int = 100,
         batch_size: int = 4) -> RunStats:
-    """Make the missing edits (resumable: existing files are kept), each from its own CPU generator."""
+    """Make the missing edits (resumable: existing files are kept), each from its own CPU generator. A folder whose
+    edits were made with other sampling settings is refused (`EditFolderError`), never silently reused."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    check_edit_folder(out, {"guidance_scale": guidance_scale, "image_guidance_scale": image_guidance_scale,
+                            "steps": steps, "resolution": resolution}, edits)
     todo = [e for e in edits if not (out / e.filename).is_file()]
     inputs = [square(p, resolution) for p in photos]
     cuda = pipe.device.type == "cuda"

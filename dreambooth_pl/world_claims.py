@@ -372,7 +372,8 @@ def run_subject(subject: str, seed: int, s: ClaimsSettings, base_parts, ip2p, ju
         samples[v] = sample_subject(module.parts(), subject, s, seed)
         seconds[v] = fit_s + time.perf_counter() - start
     measured = {v: {**measure_samples(judge, subject, smp), "seed": seed} for v, smp in samples.items()}
-    ip, ip2p_images, seconds["ip2p"] = ip2p_subject(ip2p, judge, subject, s, seed, out / "ip2p" / f"{subject}_{seed}")
+    folder = out / "ip2p" / f"{subject}_{seed}_{s.ip2p_guidance}_{s.ip2p_image_guidance}"  # one per guidance pair
+    ip, ip2p_images, seconds["ip2p"] = ip2p_subject(ip2p, judge, subject, s, seed, folder)
     measured["ip2p"] = {**ip, "seed": seed}
     return {"measured": measured, "seconds": seconds, "samples": samples, "ip2p_images": ip2p_images}
 

@@ -184,7 +184,7 @@ def test_compare_command_uses_the_runs_config(tmp_path, capsys, model_cache):
                              "image_guidance_scale": 1.5, "resolution": 64}
     assert m["subject"] == "toy" and m["model"] == "tiny-ip2p" and m["calibrated"] is False
     assert sorted(p.name for p in (run_dir / "compare" / "instructpix2pix").iterdir()) == [
-        "00_0.png", "00_1.png", "01_0.png", "01_1.png"]
+        "00_0.png", "00_1.png", "01_0.png", "01_1.png", "edit_settings.json"]
     table = tmp_path / "cmp.md"
     cli.main(["compare", str(run_dir), "--aggregate", str(table)])
     assert capsys.readouterr().out.strip() == f"wrote {table}"

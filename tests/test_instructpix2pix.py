@@ -15,7 +15,11 @@ from dreambooth_pl.config import parse_run_config
 from dreambooth_pl.evaluation import EvalPrompt, protocol_prompts
 from dreambooth_pl.instructpix2pix import (
     DEFAULT_MODEL,
+    EDIT_SETTINGS,
     INSTRUCTIONS,
+    Edit,
+    EditFolderError,
+    check_edit_folder,
     compare,
     default_model,
     instruction_for,
@@ -64,7 +68,8 @@ def test_baseline_makes_the_stated_images_and_reruns_identically(ip2p_pipe, tmp_
     a = run(ip2p_pipe, edits, photos, tmp_path / "a", resolution=64, steps=3)
     assert a.images == 6
     names = sorted(p.name for p in (tmp_path / "a").iterdir())
-    assert names == ["00_0.png", "00_1.png", "00_2.png", "01_0.png", "01_1.png", "01_2.png"]
+    assert names == ["00_0.png", "00_1.png", "00_2.png", "01_0.png", "01_1.png", "01_2.png", EDIT_SETTINGS]
+    assert json.loads((tmp_path / "a" / EDIT_SETTINGS).read_text())["steps"] == 3
     run(ip2p_pipe, edits, photos, tmp_path / "b", resolution=64, steps=3)
     for n in names:
         assert (tmp_path / "a" / n).read_bytes() == (tmp_path / "b" / n).read_bytes()
@@ -164,3 +169,18 @@ def test_compare_writes_report_for_all_methods(ip2p_pipe, tmp_path):
     # Rows real | DreamBooth | InstructPix2Pix of 2 images (128 px) under a 24 px title, beside 130 px labels.
     assert Image.open(run_dir / "compare" / "figures" / "prompt_01.png").size == (130 + 2 * 128, 24 + 3 * 128)
     assert len(list((run_dir / "compare" / "wandb").glob("offline-run-*"))) == 1
+
+
+def test_an_edits_folder_made_with_other_settings_is_refused_not_reused(tmp_path):
+    edits = [Edit(0, 10, 0, "make it red"), Edit(0, 11, 1, "make it red")]
+    settings = {"guidance_scale": 5.0, "image_guidance_scale": 1.5, "steps": 25, "resolution": 64}
+    check_edit_folder(tmp_path, settings, edits)  # empty: recorded
+    Image.new("RGB", (64, 64)).save(tmp_path / edits[0].filename)
+    check_edit_folder(tmp_path, settings, edits)  # same settings: resumable
+    with pytest.raises(EditFolderError, match=r"image_guidance_scale: folder has 1.5, this run asks 5.0") as err:
+        check_edit_folder(tmp_path, {**settings, "image_guidance_scale": 5.0}, edits)
+    assert str(tmp_path) in str(err.value) and "Delete" in str(err.value)
+    assert (tmp_path / edits[0].filename).is_file()  # nothing removed
+    (tmp_path / EDIT_SETTINGS).unlink()  # a folder from before the settings were recorded
+    with pytest.raises(EditFolderError, match="not recorded"):
+        check_edit_folder(tmp_path, settings, edits)
