@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import DDPMScheduler, UNet2DConditionModel
+from diffusers import UNet2DConditionModel
 
 from dreambooth_pl import components, world
 from dreambooth_pl import world_models as wm
@@ -67,6 +67,13 @@ def judged(parts: components.SDComponents, judge) -> dict:
     r = base_follows_prompts(parts, judge, ClaimsSettings())
     return {"all_right": r["all_right"], "per_attribute": r["per_attribute"],
             "colours": {k: len(v) for k, v in r["colours"].items()}}
+
+
+def save(res: dict, out: str) -> None:
+    """Print the after-figures and write the pilot's record as JSON."""
+    print("after", res["after"], flush=True)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(res, indent=1))
 
 
 @torch.no_grad()
@@ -117,9 +124,7 @@ def ip2p_pilot(judge, a: argparse.Namespace, start: float) -> None:
     unet, losses = wm.train_ip2p(ip2p.vae, ip2p.tokenizer, ip2p.text_encoder, None, recipe, seed=7, init=ip2p.unet)
     res.update(loss=losses["loss"], after=ip2p_judged(dataclasses.replace(ip2p, unet=unet), judge),
                minutes=(time.perf_counter() - start) / 60)
-    print("after", res["after"], flush=True)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(res, indent=1))
+    save(res, a.out)
 
 
 def scratch(parts: components.SDComponents, judge, a: argparse.Namespace, start: float) -> None:
@@ -132,9 +137,7 @@ def scratch(parts: components.SDComponents, judge, a: argparse.Namespace, start:
     res = {"variant": a.variant, "from_scratch": True, "steps": a.steps, "lr": a.lr, "text_aux": a.text_aux,
            "object_weight": a.object_weight, "loss": losses["loss"], "after": judged(parts, judge),
            "minutes": (time.perf_counter() - start) / 60}
-    print("after", res["after"], flush=True)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(res, indent=1))
+    save(res, a.out)
 
 
 def main() -> None:
@@ -166,40 +169,13 @@ def main() -> None:
     res = {"variant": a.variant, "steps": a.steps, "lr": a.lr, "text_aux": a.text_aux, "object_weight": a.object_weight,
            "before": judged(parts, judge)}
     print("before", res["before"], flush=True)
-    vae, te, unet = parts.vae.float(), parts.text_encoder.float(), parts.unet
-    te.train().requires_grad_(True)
-    unet.train().requires_grad_(True)
     recipe = wm.DiffusionRecipe(steps=a.steps, lr=a.lr, warmup=100, text_aux_weight=a.text_aux,
                                 object_weight=a.object_weight)
-    rng, gen = np.random.default_rng([7, 2]), torch.Generator().manual_seed(9)  # fresh scenes, not the build's seeds
-    scenes = [world.random_scene(rng) for _ in range(recipe.examples)]
-    mean, std = wm.encode(vae, scenes)  # (N, 4, 8, 8) each
-    cover = wm.object_cover(scenes) if a.object_weight else None  # (N, 1, 8, 8)
-    heads = torch.nn.ModuleDict({k: torch.nn.Linear(wm.TEXT_CONFIG["hidden_size"], len(v) + 1)
-                                 for k, v in world.ATTRIBUTES.items()} if a.text_aux else {})
-    sched = DDPMScheduler.from_config(wm.SCHEDULER_CONFIG)
-
-    def step_loss() -> torch.Tensor:
-        idx = torch.from_numpy(rng.integers(0, len(scenes), recipe.batch_size))
-        captions = [wm.caption_for(scenes[i], rng, recipe) for i in idx.tolist()]
-        z0 = wm.draw_latents(mean[idx], std[idx], vae.config.scaling_factor, gen)
-        out = te(wm.token_ids(parts.tokenizer, captions))  # states (B, 32, 32), pooled (B, 32)
-        cell_weight = None if cover is None else 1 + a.object_weight * cover[idx]
-        loss = wm.diffusion_loss(unet, sched, z0, out[0], gen, recipe.min_snr_gamma, cell_weight=cell_weight)
-        if a.text_aux:
-            loss = loss + a.text_aux * wm.text_attribute_loss(heads, out.pooler_output, captions)
-        return loss
-
-    groups = [{"params": list(unet.parameters()), "lr": a.lr, "weight_decay": recipe.weight_decay},
-              {"params": [*te.parameters(), *heads.parameters()], "lr": a.lr, "weight_decay": 0.0}]
-    curve = wm.fit(groups, step_loss, a.steps, recipe.warmup, recipe.ema_decay, f"pilot {a.variant}")
-    te.eval()
-    unet.eval()
-    wm.round_fp16(te, unet)
-    res.update(loss=wm.tail_mean(curve), after=judged(parts, judge), minutes=(time.perf_counter() - start) / 60)
-    print("after", res["after"], flush=True)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(res, indent=1))
+    # seed 7: fresh scenes and noise, not the build's (seed 0); both models are trained in place, so `parts` has them
+    _, te, unet, losses = wm.train_text2img(parts.vae.float(), recipe, seed=7,
+                                            init=(parts.text_encoder.float(), parts.unet))
+    res.update(loss=losses["loss"], after=judged(parts, judge), minutes=(time.perf_counter() - start) / 60)
+    save(res, a.out)
 
 
 if __name__ == "__main__":

@@ -168,8 +168,9 @@ def write_manifest(folder: Path, settings: PriorSettings, indices: list[int], ma
     old = {}
     if path.is_file():
         for line in path.read_text().splitlines():
-            with contextlib.suppress(ValueError, KeyError, TypeError):
-                old[json.loads(line)["index"]] = json.loads(line).get("made_on")
+            with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):
+                record = json.loads(line)
+                old[record["index"]] = record.get("made_on")
     where = {**old, **(made or {})}
     lines = [json.dumps({"index": i, "file": image_path(folder, i).name, "seed": s.seed + i,
                          "key": settings.key(), "prompt": settings.prompt, "sampler": s.sampler,

@@ -368,9 +368,11 @@ def caption_for(scene: world.Scene, rng: np.random.Generator, recipe: DiffusionR
 
 def train_text2img(vae: AutoencoderKL, recipe: DiffusionRecipe = DiffusionRecipe(), seed: int = 0, device: str = "cpu",
                    progress: bool = True, unet_config: dict | None = None,
+                   init: tuple[CLIPTextModel, UNet2DConditionModel] | None = None,
                    ) -> tuple[CLIPTokenizer, CLIPTextModel, UNet2DConditionModel, dict]:
-    """The text encoder and UNet (`unet_config`, default UNET_CONFIG), trained together from scratch on captioned
-    renders encoded by `vae`. Returns the tokenizer, both models (EMA weights, fp16-rounded) and the final losses."""
+    """The text encoder and UNet (`unet_config`, default UNET_CONFIG), trained together from scratch (or continuing
+    `init`, both trained in place) on captioned renders encoded by `vae`. Returns the tokenizer, both models (EMA
+    weights, fp16-rounded) and the final losses."""
     dev = torch.device(device)
     tokenizer = world_tokenizer()
     rng, gen = np.random.default_rng([seed, 2]), torch.Generator().manual_seed(seed + 2)
@@ -378,8 +380,10 @@ def train_text2img(vae: AutoencoderKL, recipe: DiffusionRecipe = DiffusionRecipe
     mean, std = encode(vae, scenes, progress=progress)  # (N, 4, 8, 8) each
     scale = vae.config.scaling_factor
     cover = object_cover(scenes, mean.shape[-1]) if recipe.object_weight else None  # (N, 1, 8, 8)
-    text_encoder = seeded(lambda: CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG)), seed + 1).to(dev).train()
-    unet = seeded(lambda: UNet2DConditionModel(**(unet_config or UNET_CONFIG)), seed + 2).to(dev).train()
+    if init is None:
+        init = (seeded(lambda: CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG)), seed + 1),
+                seeded(lambda: UNet2DConditionModel(**(unet_config or UNET_CONFIG)), seed + 2))
+    text_encoder, unet = (m.to(dev).train().requires_grad_(True) for m in init)
     # One head per attribute on the pooled text state: its classes, then "not named" (the last index).
     heads = seeded(lambda: nn.ModuleDict({k: nn.Linear(TEXT_CONFIG["hidden_size"], len(v) + 1)
                                           for k, v in world.ATTRIBUTES.items()} if recipe.text_aux_weight else {}),

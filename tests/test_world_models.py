@@ -201,3 +201,13 @@ def test_ip2p_stage_continues_a_given_unet(sd_parts):
                              progress=False, init=start)
     assert model is start
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_text2img_stage_continues_given_models_in_place():
+    r = wm.tiny_recipe()
+    vae, _ = wm.train_vae(r.vae, progress=False)
+    _, te, unet, _ = wm.train_text2img(vae, r.text2img, progress=False)
+    before = unet.conv_in.weight.detach().clone()
+    _, te2, unet2, _ = wm.train_text2img(vae, r.text2img, seed=7, progress=False, init=(te, unet))
+    assert te2 is te and unet2 is unet
+    assert not torch.equal(unet.conv_in.weight, before)
