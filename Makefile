@@ -99,8 +99,8 @@ tiny-model: install ## write the tiny random model to cache/models/tiny
 world-data: install ## write the toy world's subjects (photos, subjects.csv, prompts) into data/world
 	$(PY) -m dreambooth_pl world-data --root data/world
 
-world: install ## train the toy world's models from scratch into models/world (VAE, text encoder, UNet, InstructPix2Pix, judge)
-	$(PY) -m dreambooth_pl world-build --out models/world
+world: install ## train the toy world's models from scratch into models/world (ARGS="--reuse vae judge" keeps unchanged stages)
+	$(PY) -m dreambooth_pl world-build --out models/world $(ARGS)
 
 world-claims: install world-data ## measure DreamBooth's claims in the toy world against its judge -> outputs/world/claims.md
 	HF_HUB_OFFLINE=1 $(PY) -m dreambooth_pl world-claims --out outputs/world

@@ -195,11 +195,17 @@ def world_data(a: argparse.Namespace) -> None:
 def add_world_build_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=str(world_model_recipes.WORLD_DIR), help="folder of sd/, ip2p/, judge/, manifest.json")
     p.add_argument("--device", default="cpu", help="torch device to train on (cpu, cuda)")
+    p.add_argument("--reuse", nargs="+", default=[], choices=list(world_model_recipes.STAGES),
+                   help="stages to keep from the build already in --out instead of training them again; refused "
+                        "unless their recipe and every upstream one are unchanged (same seeds, so the same weights)")
 
 
 def world_build(a: argparse.Namespace) -> None:
     """Train the toy world's models from scratch (VAE, text encoder + UNet, InstructPix2Pix UNet, judge)."""
-    m = world_model_recipes.build_world(a.out, a.device)
+    try:
+        m = world_model_recipes.build_world(a.out, a.device, reuse=a.reuse)
+    except world_model_recipes.ReuseError as e:
+        raise SystemExit(f"world-build: {e}") from None
     judge = (m["judge"] or {}).get("accuracy") or {}
     print(f"wrote {Path(a.out)}: {m['weights_bytes'] / 2**20:.1f} MiB of weights in {m['wall_time_s']['total']:.0f} s"
           f" on {a.device}; final losses {json.dumps(m['losses'])}; judge accuracy {json.dumps(judge)}")

@@ -130,13 +130,43 @@ def test_an_interrupted_build_resumes_after_its_last_stage_with_the_same_result(
     monkeypatch.setattr(wm, "train_ip2p", crash)
     with pytest.raises(KeyboardInterrupt):
         wm.build_world(tmp_path / "resumed", recipe=r, progress=False)
-    assert list(wm.done_stages(tmp_path / "resumed", r)) == ["text2img"]
+    assert list(wm.done_stages(tmp_path / "resumed", r)) == ["vae", "text2img"]
     monkeypatch.setattr(wm, "train_ip2p", real_ip2p)
     monkeypatch.setattr(wm, "train_vae", crash)  # the finished stages are not trained again
     resumed = wm.build_world(tmp_path / "resumed", recipe=r, progress=False)
     assert resumed["losses"] == whole["losses"] and resumed["params"] == whole["params"]
     for part in ("sd/unet", "sd/vae", "sd/text_encoder", "ip2p/unet"):
         a, b = (next((tmp_path / run / part).glob("*.safetensors")).read_bytes() for run in ("whole", "resumed"))
+        assert a == b, part
+
+
+@pytest.mark.integration
+def test_a_rebuild_reuses_only_stages_whose_recipe_is_unchanged(tmp_path, monkeypatch):
+    r = wm.tiny_recipe()
+    first = wm.build_world(tmp_path, recipe=r, progress=False)
+    vae_bytes = (tmp_path / "sd" / "vae" / "diffusion_pytorch_model.safetensors").read_bytes()
+    ip2p_steps = dataclasses.replace(r, ip2p=dataclasses.replace(r.ip2p, steps=r.ip2p.steps + 1))
+    with pytest.raises(wm.ReuseError, match="ip2p"):  # its recipe changed: training it again is the only way
+        wm.build_world(tmp_path, recipe=ip2p_steps, progress=False, reuse=["text2img", "ip2p"])
+    t2i_steps = dataclasses.replace(r, text2img=dataclasses.replace(r.text2img, steps=r.text2img.steps + 1))
+    with pytest.raises(wm.ReuseError, match="text2img"):
+        wm.build_world(tmp_path, recipe=t2i_steps, progress=False, reuse=["vae", "text2img"])
+
+    def crash(*a, **k):
+        raise AssertionError("a reused stage was trained again")
+
+    monkeypatch.setattr(wm, "train_vae", crash)
+    second = wm.build_world(tmp_path, recipe=t2i_steps, progress=False, reuse=["vae"])
+    assert (tmp_path / "sd" / "vae" / "diffusion_pytorch_model.safetensors").read_bytes() == vae_bytes
+    assert second["losses"]["vae"] == first["losses"]["vae"] and second["losses"]["text2img"] != first["losses"]["text2img"]
+    assert second["wall_time_s"]["vae"] == first["wall_time_s"]["vae"] and set(second["stage_git_sha"]) == {"vae", "text2img", "ip2p"}
+    assert not (tmp_path / wm.STAGES_FILE).exists() and not (tmp_path / wm.VAE_STAGE).exists()
+    # The reused VAE gives the text-to-image stage the same weights a build from scratch trains.
+    monkeypatch.undo()
+    scratch = wm.build_world(tmp_path / "scratch", recipe=t2i_steps, progress=False)
+    assert scratch["losses"] == second["losses"]
+    for part in ("sd/unet", "sd/text_encoder", "ip2p/unet"):
+        a, b = (next((root / part).glob("*.safetensors")).read_bytes() for root in (tmp_path, tmp_path / "scratch"))
         assert a == b, part
 
 
