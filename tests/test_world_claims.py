@@ -190,8 +190,8 @@ def test_claim_class_prompts_spread_over_six_colours(base_follows):
 
 
 # The issue's target, not reached by the committed models (README, "What the toy world shows"): the markings
-# (stripe / band / dots and their colour) are drawn right in under half of the images, the position in ~56%.
-@pytest.mark.xfail(strict=True, reason="not reached: every attribute right in 16% of images in make world-claims (target 80%)")
+# (stripe / band / dots) are drawn right in 65% of the images, their colour in 56%.
+@pytest.mark.xfail(strict=True, reason="not reached: every attribute right in 31.5% of images in make world-claims (target 80%)")
 def test_claim_base_model_gets_every_attribute_of_full_prompts(base_follows):
     assert base_follows["all_right"] >= 0.8, base_follows["per_attribute"]
 
@@ -208,7 +208,7 @@ def rate(run: dict, metric: str, category: str = RC) -> float:
 # Not reached since the photos stopped sharing backgrounds and positions with the templates (issue 18, item 1): with
 # the committed models and world.yaml's recipe, 0-5% of the unseen-background images are judged the subject (the
 # overlap had made it 25%). Expected to pass after the world's models and recipe are retrained.
-@pytest.mark.xfail(strict=True, reason="not reached on purple_star, one seed (milestone 30%); make world-claims: 34 +- 37% over subjects, with wide spread")
+@pytest.mark.xfail(strict=True, reason="not reached on purple_star, one seed (milestone 30%); make world-claims: 24 +- 41% over subjects, with wide spread")
 def test_claim_dreambooth_learns_the_subject(measured):
     base, tuned = rate(measured["base"], "subject"), rate(measured["class_images"], "subject")
     assert base <= 0.05, base
@@ -216,12 +216,12 @@ def test_claim_dreambooth_learns_the_subject(measured):
     assert rate(measured["class_images"], "context_given_subject") >= 0.7
 
 
-@pytest.mark.xfail(strict=True, reason="not reached: 34 +- 37% of unseen-background images judged the subject in make world-claims (target 70%)")
+@pytest.mark.xfail(strict=True, reason="not reached: 24 +- 41% of unseen-background images judged the subject in make world-claims (target 70%)")
 def test_claim_dreambooth_subject_share_reaches_70_percent(measured):
     assert rate(measured["class_images"], "subject") >= 0.7
 
 
-# Met with the retrained world (make world-claims: 20% -> 0% of "a <shape>" images judged the subject).
+# Met with the retrained world (make world-claims: 27% -> 0% of "a <shape>" images judged the subject).
 def test_claim_prior_preservation_prevents_language_drift(measured):
     drift, kept = measured["no_prior"]["class"], measured["class_images"]["class"]
     share = {k: sum(c["is_subject"]) / len(c["is_subject"]) for k, c in (("drift", drift), ("kept", kept))}

@@ -161,6 +161,8 @@ def test_a_rebuild_reuses_only_stages_whose_recipe_is_unchanged(tmp_path, monkey
     assert second["losses"]["vae"] == first["losses"]["vae"] and second["losses"]["text2img"] != first["losses"]["text2img"]
     assert second["wall_time_s"]["vae"] == first["wall_time_s"]["vae"] and set(second["stage_git_sha"]) == {"vae", "text2img", "ip2p"}
     assert not (tmp_path / wm.STAGES_FILE).exists() and not (tmp_path / wm.VAE_STAGE).exists()
+    assert second["weights_bytes"] == wm.weights_bytes(tmp_path)  # the VAE counted once (not also its .vae copy)
+    assert "_name_or_path" not in (tmp_path / "sd" / "vae" / "config.json").read_text()  # no build-folder path
     # The reused VAE gives the text-to-image stage the same weights a build from scratch trains.
     monkeypatch.undo()
     scratch = wm.build_world(tmp_path / "scratch", recipe=t2i_steps, progress=False)
