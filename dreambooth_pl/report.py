@@ -179,7 +179,8 @@ def write_report(run_dir: str | Path) -> Path:
              "## Scores\n\n", metric_table(rows, keys),
              "\nDINO, CLIP-I: subject fidelity (mean cosine over real×generated pairs). CLIP-T: prompt fidelity "
              "(raw cosine). PRES: similarity of plain class-prompt images to the subject (lower = less drift). "
-             "DIV: mean LPIPS within a prompt (higher = more diverse). Paper rows: DreamBooth Table 1, for reference.\n\n"]
+             "DIV: mean LPIPS within a prompt (higher = more diverse)."
+             + (" Paper rows: DreamBooth Table 1, for reference." if m.get("reference") else "") + "\n\n"]
     series = read_csv_metrics(run_dir)
     loss = plot_series(series, ["train/loss", "train/loss_instance", "train/loss_prior"], fig / "loss.png", "training loss")
     val_loss = plot_series(series, ["val/loss_instance", "val/loss_prior"], fig / "val_loss.png",

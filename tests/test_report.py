@@ -75,6 +75,16 @@ def test_report_says_which_step_was_exported(tmp_path):
     assert "Exported model (`model/`): the last step, 800." in write_report(tmp_path).read_text()
 
 
+def test_report_names_paper_rows_only_when_it_prints_them(tmp_path):
+    stages = {"final": {"step": 800, "metrics": {"dino": 0.6}}}
+    (tmp_path / "metrics.json").write_text(json.dumps({"subject": "can", "stages": stages, "reference": PAPER_ROWS}))
+    text = write_report(tmp_path).read_text()
+    assert "Paper rows: DreamBooth Table 1" in text and "0.668" in text
+    # the toy world's judge: no paper rows beside its scores, so the report does not speak of them
+    (tmp_path / "metrics.json").write_text(json.dumps({"subject": "star", "stages": stages}))
+    assert "Paper rows" not in write_report(tmp_path).read_text()
+
+
 def test_wilson_interval_matches_its_definition_and_stays_in_0_1():
     from dreambooth_pl.report import wilson
 
