@@ -236,7 +236,7 @@ def add_world_ablations_args(p: argparse.ArgumentParser) -> None:
 
 
 def world_ablations(a: argparse.Namespace) -> None:
-    """The ablations as curves in the toy world: steps, λ, learning rate, class images, prior kind; the trade-off."""
+    """The ablations as curves in the toy world (steps, λ, learning rate, class images, prior, text encoder, captions)."""
     s = dataclasses.replace(AblationSettings(), subjects=tuple(a.subjects), seeds=tuple(a.seeds))
     print(f"wrote {run_ablations(s, a.out)}")
 

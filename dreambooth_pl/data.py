@@ -521,6 +521,7 @@ class DreamBoothDataModule(pl.LightningDataModule):
         val_class_images: int = 8,
         val_photos: int = 0,
         masks: bool = True,
+        captions: bool = True,
     ) -> None:
         """The photos, the class images and how batches are made (the `data:` section).
 
@@ -558,6 +559,8 @@ class DreamBoothDataModule(pl.LightningDataModule):
                 0 = val/loss_instance scores the training photos (how well they are fitted, not generalisation)
             masks: weight a photo's loss by its mask, `<photo>_mask.png` beside it (white counts, black does not) or
                 its alpha channel; false = every pixel counts
+            captions: train each photo on its caption (`<photo>.txt` or captions.jsonl beside it) when it has one;
+                false = every photo on the instance prompt, as in the paper
         """
         config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
@@ -684,7 +687,9 @@ class DreamBoothDataModule(pl.LightningDataModule):
                 raise DataError(f"data.val_photos={hp.val_photos} holds out every photo of {s.subject!r} "
                                 f"({len(photos)} in {s.instance_dir}): hold out fewer (0 = none) or add photos")
             self.images_of[s.subject] = photos  # all of them: evaluation compares with every photo
-            captions = list(zip(photos, read_captions(photos, s.identifier, s.instance_prompt), strict=True))
+            texts = read_captions(photos, s.identifier, s.instance_prompt) if hp.captions else \
+                [s.instance_prompt] * len(photos)
+            captions = list(zip(photos, texts, strict=True))
             keep = len(photos) - hp.val_photos
             # Held-out photos, or the training ones: (photo, caption) pairs val/loss_instance scores.
             self.val_photos_of[s.subject] = captions[keep:] or captions

@@ -242,17 +242,29 @@ def apply_change(scene: Scene, change: dict, rng: np.random.Generator) -> Scene:
     return new
 
 
+def photo_caption(scene: Scene, identifier: str = "sks") -> str:
+    """A subject photo's training caption: the identifier, the class noun and the photo's background ("a sks star on
+    a gray background"), so the fine-tune can put the background on the words that name it instead of on the
+    identifier (left uncaptioned, the photos' gray leaks into every context)."""
+    return f"a {identifier} {scene.shape} {phrases(scene)['background']}"
+
+
 # ------------------------------------------------------------------------------------------------ subjects on disk
 
 
 def write_dataset(root: str | Path = "data/world", photos: int = 5, seed: int = 0) -> Path:
-    """The world subjects (reported, then validation) in the DreamBench layout: dataset/<subject>/NN.png,
-    subjects.csv (with a `split` column: reported or validation), prompts_world.txt."""
+    """The world subjects (reported, then validation) in the DreamBench layout: dataset/<subject>/NN.png with their
+    captions.jsonl (`photo_caption`; `data.captions: false` trains on "a sks <shape>" instead), subjects.csv (with a
+    `split` column: reported or validation), prompts_world.txt."""
     root = Path(root)
     rng = np.random.default_rng(seed)
     for name in ALL_SUBJECTS:
+        rows = []
         for i in range(photos):  # varied size, position and background, none of them a template's
-            write_image(render(photo_scene(name, i, rng)), root / "dataset" / name / f"{i:02d}.png")
+            scene = photo_scene(name, i, rng)
+            write_image(render(scene), root / "dataset" / name / f"{i:02d}.png")
+            rows.append(json.dumps({"file": f"{i:02d}.png", "caption": photo_caption(scene)}) + "\n")
+        write_text(root / "dataset" / name / "captions.jsonl", "".join(rows))
     rows = [["subject_name", "class", "type", "split"]] + [
         [n, s["shape"], SUBJECT_TYPE, "reported" if n in SUBJECTS else "validation"] for n, s in ALL_SUBJECTS.items()]
     write_text(root / "subjects.csv", "".join(",".join(r) + "\n" for r in rows))

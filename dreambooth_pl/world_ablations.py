@@ -1,8 +1,9 @@
 """The paper's ablations as curves, in the toy world (`make world-ablations`): how the subject share, the language drift,
 the diversity of the class and the context follow the fine-tuning steps, λ, the learning rate, the number of class
-images and the kind of prior; and the change-right / subject-kept trade-off of InstructPix2Pix over its two guidance
-scales against DreamBooth over its guidance. Run on the validation subjects (what world.yaml's defaults were chosen
-on), with paired seeds: every point of a curve shares the subjects, seeds, photos and sampling noise.
+images, the kind of prior, the text encoder's training and the photos' captions (against the paper's one prompt); and
+the change-right / subject-kept trade-off of InstructPix2Pix over its two guidance scales against DreamBooth over its
+guidance. Run on the validation subjects (what world.yaml's defaults were chosen on), with paired seeds: every point
+of a curve shares the subjects, seeds, photos and sampling noise.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ class AblationSettings:
         lr_factors: learning rates as multiples of world.yaml's
         text_encoder_lr_factors: the text encoder's learning rates as multiples of world.yaml's (0 = frozen)
         class_images: numbers of class images
+        captions: also fit without the photos' captions (every photo "a sks <shape>", as in the paper)
         guidance: DreamBooth's sampling guidance scales (for the trade-off)
         ip2p_guidance: InstructPix2Pix text guidance scales
         ip2p_image_guidance: InstructPix2Pix image guidance scales
@@ -66,8 +68,9 @@ class AblationSettings:
     steps: tuple[int, ...] = (100, 200, 400, 800, 1600, 3200)
     prior_weights: tuple[float, ...] = (0.0, 0.3, 1.0, 3.0)
     lr_factors: tuple[float, ...] = (0.3, 1.0, 3.0)
-    text_encoder_lr_factors: tuple[float, ...] = (0.0, 0.1)
+    text_encoder_lr_factors: tuple[float, ...] = (0.0,)  # world.yaml trains it at 1.0 (the default point): 2 points
     class_images: tuple[int, ...] = (24, 96, 192)  # world.yaml's 48 joins them as the default point: a doubling series
+    captions: bool = True
     guidance: tuple[float, ...] = (1.5, 3.0, 5.0, 7.5)
     ip2p_guidance: tuple[float, ...] = (2.0, 5.0, 7.5)
     ip2p_image_guidance: tuple[float, ...] = (1.0, 1.5, 2.5, 5.0)
@@ -118,9 +121,9 @@ def run_ablations(a: AblationSettings = AblationSettings(), out: str | Path = "o
     proto = protocol(s)
     fits = [("lambda", w) for w in a.prior_weights if w != 1.0] + [("lr", f) for f in a.lr_factors if f != 1.0] + \
         [("class_images", c) for c in a.class_images if c != n_class] + [("prior", "teacher")] + \
-        [("text_encoder", f) for f in a.text_encoder_lr_factors if f != te]
+        [("text_encoder", f) for f in a.text_encoder_lr_factors if f != te] + [("captions", "off")] * a.captions
     results: dict[str, dict] = {"steps": {}, "lambda": {}, "lr": {}, "class_images": {}, "prior": {},
-                                "text_encoder": {}, "guidance": {}, "ip2p": {}}
+                                "text_encoder": {}, "captions": {}, "guidance": {}, "ip2p": {}}
     bar = tqdm(total=len(a.subjects) * len(a.seeds) * (len(fits) + 2), desc="ablations (fits)", unit="fit")
 
     def add(axis: str, value, subject: str, numbers: dict) -> None:
@@ -147,7 +150,7 @@ def run_ablations(a: AblationSettings = AblationSettings(), out: str | Path = "o
             bar.update()
             at_default = results["steps"][str(steps)][subject][-1]
             for axis, value in (("lambda", 1.0), ("lr", 1.0), ("class_images", n_class), ("prior", "class_images"),
-                                ("text_encoder", te)):
+                                ("text_encoder", te), ("captions", "on")):
                 add(axis, value, subject, at_default)
             for tg in a.ip2p_guidance:
                 for ig in a.ip2p_image_guidance:
@@ -184,6 +187,8 @@ def fit_args(axis: str, value, lr: float) -> tuple[str, ...]:
     if axis == "text_encoder":  # 0: frozen
         return ("--model.train_text_encoder", "true", "--model.optim.text_encoder_learning_rate", str(lr * value)) \
             if value else ("--model.train_text_encoder", "false")
+    if axis == "captions":  # off: the paper's one instance prompt for every photo
+        return ("--data.captions", "false")
     return ()  # prior: the teacher variant, no extra argument
 
 
@@ -213,7 +218,9 @@ def _summarize(by_subject: dict[str, list[dict]]) -> dict[str, tuple[float, floa
 
 AXES = {"steps": "fine-tuning steps", "lambda": "prior weight λ", "lr": "learning rate (× world.yaml's)",
         "class_images": "class images", "prior": "prior",
-        "text_encoder": "text-encoder learning rate (× world.yaml's; 0 = frozen)"}
+        "text_encoder": "text-encoder learning rate (× world.yaml's; 0 = frozen)",
+        "captions": "photo captions (on: world.yaml's; off: \"a sks <shape>\")"}
+CATEGORICAL = ("prior", "captions")  # axes whose values are names, not numbers
 CURVES = {"subject": "subject share (unseen backgrounds)", "context": "background right (unseen)",
           "drift": "\"a <shape>\" judged the subject (drift)", "diversity": "body colours of \"a <shape>\""}
 
@@ -237,7 +244,7 @@ def plot_ablations(summary: dict, default: dict, folder: Path) -> dict[str, Path
         if not values:
             continue
         keys = list(values)
-        xs = list(range(len(keys))) if axis == "prior" else [float(k) for k in keys]
+        xs = list(range(len(keys))) if axis in CATEGORICAL else [float(k) for k in keys]
         order = sorted(range(len(keys)), key=lambda i: xs[i])
         fig = Figure(figsize=(10, 2.8), dpi=100)
         for j, (curve, title) in enumerate(CURVES.items()):
@@ -245,7 +252,7 @@ def plot_ablations(summary: dict, default: dict, folder: Path) -> dict[str, Path
             ys = [values[keys[i]][curve] for i in order]
             ax.errorbar([xs[i] for i in order], [y[0] for y in ys], yerr=error_bars(ys, *BOUNDS[curve]), marker="o",
                         capsize=3)
-            if axis == "prior":
+            if axis in CATEGORICAL:
                 ax.set_xticks(xs, keys)
             elif axis in ("steps", "class_images", "lr"):
                 ax.set_xscale("log")

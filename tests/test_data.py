@@ -592,6 +592,9 @@ def test_captions_from_txt_and_jsonl_reach_the_batch_and_class_rows_keep_the_cla
     batch = collate([dm.dataset[i] for i in range(4)])
     assert batch["prompts"][:4] == dm.instance_captions  # the prompts the text encoder gets
     assert batch["prompts"][4:] == ["a can"] * 4
+    off = make_datamodule(photos, captions=False)  # the paper's recipe: one instance prompt for every photo
+    off.setup("fit")
+    assert off.instance_captions == ["a sks can"] * 4
 
 
 def test_a_caption_without_the_identifier_is_refused_naming_the_photo(photos):

@@ -83,6 +83,8 @@ def test_every_world_subject_has_a_config():
         assert (cfg.data.class_noun, cfg.data.subject_type) == (spec["shape"], world.SUBJECT_TYPE)
         assert cfg.data.instance_dir == f"data/world/dataset/{name}" and cfg.model.pretrained == "world"
         assert cfg.eval.encoders == "world" and cfg.eval.prompts_dir == "data/world" and cfg.data.resolution == world.SIZE
+        # The recipe the README measures: the photos' captions (make world-data) and the text encoder trained.
+        assert cfg.data.captions and cfg.model.train_text_encoder
 
 
 def test_every_dreambench_subject_has_a_config():

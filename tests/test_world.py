@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from dreambooth_pl import world
-from dreambooth_pl.data import list_images
+from dreambooth_pl.data import list_images, read_captions
 
 VOCAB = json.loads(resources.files("dreambooth_pl").joinpath("world_vocabulary.json").read_text())
 
@@ -130,6 +130,13 @@ def test_write_dataset_has_the_dreambench_layout(tmp_path):
     for name in world.ALL_SUBJECTS:
         photos = list_images(root / "dataset" / name, min_size=64)  # what every command reads
         assert len(photos) == 3 and all(Image.open(p).size == (64, 64) for p in photos)
+        # Each photo's caption names its own background (read back by the data module's reader): "a sks star on a
+        # gray background" for a photo whose flat background is the palette's gray.
+        shape = world.ALL_SUBJECTS[name]["shape"]
+        for photo, text in zip(photos, read_captions(photos, "sks", "a sks shape"), strict=True):
+            bg = text.removeprefix(f"a sks {shape} on a ").removesuffix(" background")
+            pixels = np.asarray(Image.open(photo).convert("RGB")).reshape(-1, 3)
+            assert (pixels == world.PALETTE[bg]).all(axis=1).mean() > 0.25, (photo, text)
     again = world.write_dataset(tmp_path / "again", photos=3)
     assert (again / "dataset" / "red_ball" / "01.png").read_bytes() == (root / "dataset" / "red_ball" / "01.png").read_bytes()
 

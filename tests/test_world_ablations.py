@@ -46,19 +46,20 @@ def summary() -> dict:
     trade = {"change_right": (0.8, 0.1), "subject_kept": (0.6, 0.1)}
     return {"steps": {"100": one, "800": one}, "lambda": {"1.0": one, "0.0": {**one, "subject": (0.2, 0.1)}}, "lr": {"0.3": one, "1.0": one},
             "class_images": {"25": one, "200": one}, "prior": {"class_images": one, "teacher": one},
-            "text_encoder": {"0.0": one, "0.1": one},
+            "text_encoder": {"0.0": one, "0.1": one}, "captions": {"on": one, "off": {**one, "context": (0.3, 0.1)}},
             "guidance": {"5.0": trade}, "ip2p": {"5.0/1.5": {**trade, "pose_kept": (0.7, 0.1), "no_op": (0.1, 0.05)}}}
 
 
 def test_the_figures_and_the_report_show_every_axis_and_the_trade_off(tmp_path):
     figures = plot_ablations(summary(), {}, tmp_path / "figures")
-    assert set(figures) == {"steps", "lambda", "lr", "class_images", "prior", "text_encoder", "tradeoff"}
+    assert set(figures) == {"steps", "lambda", "lr", "class_images", "prior", "text_encoder", "captions", "tradeoff"}
     assert all(Path(p).stat().st_size > 5000 for p in figures.values())  # PNGs with content
     payload = {"settings": {**AblationSettings().__dict__, "subjects": ["black_ring"], "seeds": [0]},
                "default": {"steps": 800, "learning_rate": 5e-4, "class_images": 200, "guidance": 5.0},
                "summary": summary(), "git_sha": "abc", "wall_seconds": 60.0}
     text = ablations_markdown(payload, figures, tmp_path)
     assert "## text-encoder learning rate" in text
+    assert "| off | 0.50 ± 0.10 | 0.30 ± 0.10 |" in text  # the captions axis: names, not numbers
     lam = text[text.index("## prior weight λ"):text.index("## learning rate")]
     assert lam.index("| 0.0 | 0.20 ± 0.10 | 0.90 ± 0.05 |") < lam.index("| 1.0 | 0.50 ± 0.10")  # numeric order
     assert "| InstructPix2Pix | 5.0/1.5 | 0.80 ± 0.10 | 0.60 ± 0.10 |" in text and "figures/ablation_tradeoff.png" in text
@@ -98,6 +99,7 @@ def test_fit_args_of_every_axis_including_the_teacher_prior():
     assert fit_args("class_images", 25, 5e-4) == ("--data.num_class_images", "25")
     assert fit_args("text_encoder", 0.1, 5e-4)[:2] == ("--model.train_text_encoder", "true")
     assert float(fit_args("text_encoder", 0.1, 5e-4)[3]) == pytest.approx(5e-5)
+    assert fit_args("captions", "off", 5e-4) == ("--data.captions", "false")  # the paper's one prompt
     assert fit_args("prior", "teacher", 5e-4) == ()  # a string value: the other axes' arithmetic never runs on it
 
 
