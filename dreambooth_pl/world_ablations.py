@@ -219,7 +219,7 @@ def _summarize(by_subject: dict[str, list[dict]]) -> dict[str, tuple[float, floa
 AXES = {"steps": "fine-tuning steps", "lambda": "prior weight λ", "lr": "learning rate (× world.yaml's)",
         "class_images": "class images", "prior": "prior",
         "text_encoder": "text-encoder learning rate (× world.yaml's; 0 = frozen)",
-        "captions": "photo captions (on: world.yaml's; off: \"a sks <shape>\")"}
+        "captions": "captions (off: one prompt)"}  # short: it labels each of the figure's four x axes
 CATEGORICAL = ("prior", "captions")  # axes whose values are names, not numbers
 CURVES = {"subject": "subject share (unseen backgrounds)", "context": "background right (unseen)",
           "drift": "\"a <shape>\" judged the subject (drift)", "diversity": "body colours of \"a <shape>\""}
