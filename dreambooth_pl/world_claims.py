@@ -238,7 +238,7 @@ def judge_reads(reads: list[dict], want: dict[str, str], change: Iterable[str],
     change = list(change)
     out = {"subject": [all(r[a] == want[a] for a in IDENTITY) for r in reads],
            "context": [all(r[k] == want[k] for k in change) for r in reads],
-           **{f"right_{a}": [r[a] == want[a] for r in reads] for a in IDENTITY}}
+           **{part: [r[a] == want[a] for r in reads] for part, a in zip(PARTS, IDENTITY, strict=True)}}
     if poses is not None:
         out["pose_kept"] = [r["size"] == p["size"] and r["position"] == p["position"]
                             for r, p in zip(reads, poses, strict=True)]
@@ -501,7 +501,7 @@ def _claims_dreambooth(p: dict) -> list[str]:
                  "subject's, pooled over all images)\n\n| method | " + " | ".join(a.replace("_", " ") for a in IDENTITY) +
                  " |\n|---|" + "---:|" * len(IDENTITY) + "\n")
     lines += [f"| {VARIANT_LABELS[m]} | " + " | ".join(f"{sm[m][part][rc]['pooled'][0]:.0%}" for part in PARTS) + " |\n"
-              for m in METHODS if m in sm and PARTS[0] in sm[m]]
+              for m in METHODS if m in sm]
     lines.append("\n")
     ok = sm["base"]["subject"][rc]["mean"] <= 0.05 and sm["class_images"]["subject"][rc]["mean"] >= 0.7 and \
         sm["class_images"]["context_given_subject"][rc]["mean"] >= 0.7
