@@ -27,6 +27,10 @@ OFFLINE = $(if $(filter $(TINY_NAMES) world,$(MODEL)),HF_HUB_OFFLINE=1)
 # The demo's subject: yellow_heart is the one DreamBooth learns best in make world-claims (README, "What the toy
 # world shows"); WORLD_SUBJECT=purple_star shows the hardest.
 WORLD_SUBJECT ?= yellow_heart
+# The tests run one intra-op thread per process (tests/conftest.py), so two pytest-xdist workers use both cores of a
+# 2-core machine; --dist loadfile keeps each file's module fixtures (the world claims' fine-tunes) in one worker.
+TEST_WORKERS ?= 2
+PYTEST = $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 # A toy-world subject (subject_type: world in its YAML) needs the world's photos (made offline), not the DreamBench download.
 SUBJECT_DATA = $(if $(shell grep -s "subject_type: world" experiments/subjects/$(SUBJECT).yaml),world-data,data)
 
@@ -47,11 +51,11 @@ demo: install world-data ## offline demo on CPU: DreamBooth on a toy-world subje
 	$(MAKE) --no-print-directory experiment MODEL=world SUBJECT=$(WORLD_SUBJECT)
 	HF_HUB_OFFLINE=1 $(PY) -m dreambooth_pl compare outputs/$(WORLD_SUBJECT) --model world-ip2p --steps 25 --guidance 5 --image-guidance 5
 
-test: install ## run the test suite (unit + integration tests; no GPU, no network; < 10 min)
-	$(PY) -m pytest -q
+test: install ## run the test suite (unit + integration tests; no GPU, no network; < 10 min; TEST_WORKERS=2 processes)
+	$(PYTEST)
 
 test-unit: install ## run the unit tests alone (~1.5 min on 2 cores): no fit, no CLI run, no subprocess, no world claims
-	$(PY) -m pytest -q -m "not slow and not gpu and not integration"
+	$(PYTEST) -m "not slow and not gpu and not integration"
 
 test-slow: install ## run the slow tests too (SD 1.5 / 2.1 / SDXL-size random components on CPU, ~20 GB RAM)
 	$(PY) -m pytest -q -m "slow or not slow"

@@ -65,15 +65,18 @@ class AblationSettings:
 
     subjects: tuple[str, ...] = tuple(world.VALIDATION_SUBJECTS)
     seeds: tuple[int, ...] = (0,)
-    steps: tuple[int, ...] = (100, 200, 400, 800, 1600, 3200)
+    # 1,600 already shows the overfitting past world.yaml's 800 (3,200 went further down; README): the 60 min budget
+    steps: tuple[int, ...] = (100, 200, 400, 800, 1600)
     prior_weights: tuple[float, ...] = (0.0, 0.3, 1.0, 3.0)
     lr_factors: tuple[float, ...] = (0.3, 1.0, 3.0)
     text_encoder_lr_factors: tuple[float, ...] = (0.0,)  # world.yaml trains it at 1.0 (the default point): 2 points
-    class_images: tuple[int, ...] = (24, 96, 192)  # world.yaml's 48 joins them as the default point: a doubling series
+    # world.yaml's 48 joins it as the default point. 24 / 96 / 192 showed no trend in three runs (README); one fit per
+    # point and subject is ~72 s, and the grid keeps to the 60 min budget on four subjects.
+    class_images: tuple[int, ...] = (96,)
     captions: bool = True
     guidance: tuple[float, ...] = (1.5, 3.0, 5.0, 7.5)
     ip2p_guidance: tuple[float, ...] = (2.0, 5.0, 7.5)
-    ip2p_image_guidance: tuple[float, ...] = (1.0, 1.5, 2.5, 5.0)
+    ip2p_image_guidance: tuple[float, ...] = (1.0, 2.5, 5.0)
     images_per_prompt: int = 2
     class_prompt_images: int = 8
     data_root: str = "data/world"
@@ -257,7 +260,7 @@ def plot_ablations(summary: dict, default: dict, folder: Path) -> dict[str, Path
             elif axis in ("steps", "class_images", "lr"):
                 ax.set_xscale("log")
                 ax.minorticks_off()  # log minor labels (2×10², 3×10², ...) overlap: label the measured points only
-                ax.set_xticks(xs, [f"{x:g}" for x in xs], rotation=45, fontsize=7)  # 800, 1600, 3200 crowd
+                ax.set_xticks(xs, [f"{x:g}" for x in xs], rotation=45, fontsize=7)  # 800 and 1600 crowd
             ax.set_title(title, fontsize=8)
             ax.set_xlabel(label, fontsize=8)
         fig.tight_layout()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -88,11 +89,12 @@ def test_priors_takes_fits_arguments_and_makes_the_class_images_fit_reuses(monke
     args = ["--config", "experiments/base.yaml", "--config", "experiments/tiny.yaml", "--data.class_noun", "can",
             "--data.num_class_images", "2", "--data.val_class_images", "1", "--data.prior.steps", "2",
             "--trainer.accelerator", "cpu"]
-    cli.main(["priors", *args])
     # base.yaml + tiny.yaml: the tiny model at 64 px, DPM++ with guidance 7.5, seeds 0..2 -- fit's cache folder.
     settings = PriorSettings(model=ModelSource("tiny"), prompt="a can", resolution=64,
                              sampling=PriorSampling(sampler="dpm++", steps=2, guidance_scale=7.5, seed=0))
     folder = default_folder(settings)
+    shutil.rmtree(folder, ignore_errors=True)  # the session cache is shared: another test may have made these
+    cli.main(["priors", *args])
     assert capsys.readouterr().out.splitlines()[-1] == f"3 class images in {folder} (0 reused, 3 made)"  # after the bar
     assert [Image.open(folder / f"{i:05d}.png").size for i in range(3)] == [(64, 64)] * 3
     cli.main(["priors", *args])
@@ -112,6 +114,7 @@ def test_priors_makes_each_subjects_class_images_for_a_several_subject_config(mo
     """`make experiment` on a `data.subjects` config: priors makes one class folder per class noun, the ones fit
     then pairs each subject with."""
     monkeypatch.chdir(REPO)
+    monkeypatch.setenv("DREAMBOOTH_PL_CACHE", str(tmp_path / "cache"))  # a fresh cache (the tiny model is rebuilt, seeded)
     spec = tmp_path / "two.yaml"
     spec.write_text(f"data:\n  subject: pair\n  subjects:\n"
                     f"    - {{subject: ball, class_noun: toy, instance_dir: {photos['instance']}, identifier: sks}}\n"

@@ -35,6 +35,17 @@ def test_every_target_has_a_help_line():
     assert targets <= phony
 
 
+def test_the_suite_runs_in_two_workers_that_keep_a_files_fixtures_together_and_the_slow_tier_in_one():
+    """The tests run one intra-op thread per process (conftest), so `make test` uses both cores with two workers; a
+    file stays in one worker so its module fixtures (the world claims' fine-tunes) run once. The slow tier's
+    real-size components need ~20 GB: one process."""
+    for target in ("test", "test-unit"):
+        (line,) = [c for c in dry_run(target) if "-m pytest" in c]
+        assert "-n 2 --dist loadfile" in line, line
+    (slow,) = [c for c in dry_run("test-slow") if "-m pytest" in c]
+    assert " -n " not in slow, slow
+
+
 def test_experiment_is_one_command_that_gets_the_overrides():
     """`make experiment ... ARGS=...`: one `experiment` call (priors -> fit -> report inside, one parse), so an override
     reaches the class images as well as the fit."""

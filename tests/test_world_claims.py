@@ -137,8 +137,9 @@ def test_a_fine_tune_reads_world_yaml_and_the_variant():
 
 
 # ------------------------------------------------------------------------------------------------ the claims
-# On the committed world models (models/world), one subject and one seed: about a minute of CPU in all. The figures
-# of every subject and seed, with their CIs, are `make world-claims`'s (README, "What the toy world shows").
+# On the committed world models (models/world), one subject and one seed: about 3 min of one core in all (two 800-step
+# fine-tunes that train the text encoder). The figures of every subject and seed, with their CIs, are
+# `make world-claims`'s (README, "What the toy world shows").
 
 SETTINGS = ClaimsSettings(base_prompts=100)
 
