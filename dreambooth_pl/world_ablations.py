@@ -71,7 +71,7 @@ class AblationSettings:
     lr_factors: tuple[float, ...] = (0.3, 1.0, 3.0)
     text_encoder_lr_factors: tuple[float, ...] = (0.0,)  # world.yaml trains it at 1.0 (the default point): 2 points
     # world.yaml's 48 joins it as the default point. 24 / 96 / 192 showed no trend in three runs (README); one fit per
-    # point and subject is ~72 s, and the grid keeps to the 60 min budget on four subjects.
+    # point and subject is ~72 s; this grid took 56.8 min on four subjects (2026-12-07, README).
     class_images: tuple[int, ...] = (96,)
     captions: bool = True
     guidance: tuple[float, ...] = (1.5, 3.0, 5.0, 7.5)
