@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import pytest
@@ -86,6 +85,7 @@ def test_priors_takes_fits_arguments_and_makes_the_class_images_fit_reuses(monke
     """priors reads the class-image settings from fit's own arguments (overrides included) through the data module,
     so it makes exactly the folder (training images, then the held-out ones) that fit then reads."""
     monkeypatch.chdir(REPO)
+    monkeypatch.setenv("DREAMBOOTH_PL_CACHE", str(tmp_path / "cache"))  # a fresh cache (the tiny model is rebuilt, seeded)
     args = ["--config", "experiments/base.yaml", "--config", "experiments/tiny.yaml", "--data.class_noun", "can",
             "--data.num_class_images", "2", "--data.val_class_images", "1", "--data.prior.steps", "2",
             "--trainer.accelerator", "cpu"]
@@ -93,7 +93,6 @@ def test_priors_takes_fits_arguments_and_makes_the_class_images_fit_reuses(monke
     settings = PriorSettings(model=ModelSource("tiny"), prompt="a can", resolution=64,
                              sampling=PriorSampling(sampler="dpm++", steps=2, guidance_scale=7.5, seed=0))
     folder = default_folder(settings)
-    shutil.rmtree(folder, ignore_errors=True)  # the session cache is shared: another test may have made these
     cli.main(["priors", *args])
     assert capsys.readouterr().out.splitlines()[-1] == f"3 class images in {folder} (0 reused, 3 made)"  # after the bar
     assert [Image.open(folder / f"{i:05d}.png").size for i in range(3)] == [(64, 64)] * 3
