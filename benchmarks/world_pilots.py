@@ -12,12 +12,13 @@ Variants:
     attn8: + cross-attention at 8x8 too (+150k params, about 2x the step time)
 
 Recipe options (DiffusionRecipe's): --text-aux (attributes read off the pooled text state), --object-weight (the
-object's latent cells weigh more). --from-scratch trains the variant with `make world`'s own text-to-image stage
-instead of continuing (judged after only). --stage ip2p continues the committed InstructPix2Pix UNet and judges it on
-300 held-out renders (background and colour edits: pose kept, change right; the no-op: the render back):
+object's latent cells weigh more), --min-snr (the loss weighting; 1e9 is the plain epsilon loss). --from-scratch trains
+the variant with `make world`'s own text-to-image stage instead of continuing (judged after only). --stage ip2p
+continues the committed InstructPix2Pix UNet (--no-op: the share of no-op edit triples) and judges it on 300 held-out
+renders at --guidance (background and colour edits: pose kept, change right; the no-op: the render back):
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/world_pilots.py --from-scratch --variant attn8 --lr 1e-3 --steps 3000
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/world_pilots.py --stage ip2p --steps 4000
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/world_pilots.py --stage ip2p --steps 2000 --no-op 0.3
 """
 
 from __future__ import annotations
@@ -78,8 +79,8 @@ def save(res: dict, out: str) -> None:
 
 @torch.no_grad()
 def ip2p_judged(parts: components.SDComponents, judge, n: int = 300, seed: int = 30_000,
-                guidance: tuple[float, float] = (5.0, 1.5)) -> dict:
-    """InstructPix2Pix (`parts`) on `n` held-out renders at text / image `guidance` (the claims' 5 / 1.5), 25 steps:
+                guidance: tuple[float, float] = (5.0, 5.0)) -> dict:
+    """InstructPix2Pix (`parts`) on `n` held-out renders at text / image `guidance` (the claims' 5 / 5), 25 steps:
     one background or colour edit each (pose kept, change right, identity as asked) and the no-op instruction (the
     render back)."""
     rng = np.random.default_rng(seed)
@@ -118,11 +119,15 @@ def ip2p_pilot(judge, a: argparse.Namespace, start: float) -> None:
     ip2p = components.load_components("world-ip2p")
     ip2p = dataclasses.replace(ip2p, vae=ip2p.vae.float(), text_encoder=ip2p.text_encoder.float(),
                                unet=ip2p.unet.float().eval())
-    res = {"stage": "ip2p", "steps": a.steps, "lr": a.lr, "before": ip2p_judged(ip2p, judge)}
+    guidance = tuple(a.guidance)
+    res = {"stage": "ip2p", "steps": a.steps, "lr": a.lr, "no_op_share": a.no_op, "min_snr_gamma": a.min_snr,
+           "guidance": guidance,
+           "before": ip2p_judged(ip2p, judge, guidance=guidance)}
     print("before", res["before"], flush=True)
-    recipe = dataclasses.replace(wm.WorldRecipe().ip2p, steps=a.steps, lr=a.lr)
+    recipe = dataclasses.replace(wm.WorldRecipe().ip2p, steps=a.steps, lr=a.lr, min_snr_gamma=a.min_snr,
+                                 **({} if a.no_op is None else {"no_op": a.no_op}))
     unet, losses = wm.train_ip2p(ip2p.vae, ip2p.tokenizer, ip2p.text_encoder, None, recipe, seed=7, init=ip2p.unet)
-    res.update(loss=losses["loss"], after=ip2p_judged(dataclasses.replace(ip2p, unet=unet), judge),
+    res.update(loss=losses["loss"], after=ip2p_judged(dataclasses.replace(ip2p, unet=unet), judge, guidance=guidance),
                minutes=(time.perf_counter() - start) / 60)
     save(res, a.out)
 
@@ -130,11 +135,12 @@ def ip2p_pilot(judge, a: argparse.Namespace, start: float) -> None:
 def scratch(parts: components.SDComponents, judge, a: argparse.Namespace, start: float) -> None:
     """`make world`'s text-to-image stage from scratch over the committed VAE, in the variant's UNet, `a.steps` steps."""
     recipe = dataclasses.replace(wm.WorldRecipe().text2img, steps=a.steps, lr=a.lr, text_aux_weight=a.text_aux,
-                                 object_weight=a.object_weight)
+                                 object_weight=a.object_weight, min_snr_gamma=a.min_snr)
     _, te, unet, losses = wm.train_text2img(parts.vae.float(), recipe, seed=0,
                                             unet_config={**wm.UNET_CONFIG, **VARIANTS[a.variant]})
     parts = dataclasses.replace(parts, text_encoder=te, unet=unet)
-    res = {"variant": a.variant, "from_scratch": True, "steps": a.steps, "lr": a.lr, "text_aux": a.text_aux,
+    res = {"variant": a.variant, "from_scratch": True, "steps": a.steps, "lr": a.lr, "min_snr_gamma": a.min_snr,
+           "text_aux": a.text_aux,
            "object_weight": a.object_weight, "loss": losses["loss"], "after": judged(parts, judge),
            "minutes": (time.perf_counter() - start) / 60}
     save(res, a.out)
@@ -151,6 +157,13 @@ def main() -> None:
                    help="object_weight: a latent cell's loss weighs 1 + this x the share of it the object covers")
     p.add_argument("--stage", choices=["text2img", "ip2p"], default="text2img",
                    help="ip2p: continue the committed InstructPix2Pix UNet instead (pose kept, no-op on held-out renders)")
+    p.add_argument("--min-snr", type=float, default=wm.DiffusionRecipe().min_snr_gamma,
+                   help="min_snr_gamma: eps loss x min(SNR, this) / SNR; 1e9 is the plain eps loss, which weighs the "
+                        "low-noise steps (where fine detail is drawn) fully")
+    p.add_argument("--no-op", type=float, default=None,
+                   help="ip2p: share of edit triples that are the no-op instruction (default: make world's recipe)")
+    p.add_argument("--guidance", type=float, nargs=2, default=(5.0, 5.0), metavar=("TEXT", "IMAGE"),
+                   help="ip2p: text and image guidance of the judged edits (the claims' 5 5)")
     p.add_argument("--from-scratch", action="store_true",
                    help="train a fresh text encoder and UNet (the variant's) with make world's own stage, not continue")
     p.add_argument("--threads", type=int, default=1)
@@ -166,11 +179,11 @@ def main() -> None:
         scratch(parts, judge, a, start)
         return
     parts = dataclasses.replace(parts, unet=grafted(parts.unet.float(), a.variant).eval())
-    res = {"variant": a.variant, "steps": a.steps, "lr": a.lr, "text_aux": a.text_aux, "object_weight": a.object_weight,
-           "before": judged(parts, judge)}
+    res = {"variant": a.variant, "steps": a.steps, "lr": a.lr, "min_snr_gamma": a.min_snr, "text_aux": a.text_aux,
+           "object_weight": a.object_weight, "before": judged(parts, judge)}
     print("before", res["before"], flush=True)
     recipe = wm.DiffusionRecipe(steps=a.steps, lr=a.lr, warmup=100, text_aux_weight=a.text_aux,
-                                object_weight=a.object_weight)
+                                object_weight=a.object_weight, min_snr_gamma=a.min_snr)
     # seed 7: fresh scenes and noise, not the build's (seed 0); both models are trained in place, so `parts` has them
     _, te, unet, losses = wm.train_text2img(parts.vae.float(), recipe, seed=7,
                                             init=(parts.text_encoder.float(), parts.unet))

@@ -49,6 +49,15 @@ def model_cache(tmp_path_factory) -> Path:
         os.environ["DREAMBOOTH_PL_CACHE"] = old
 
 
+@pytest.fixture
+def fresh_cache(tmp_path, monkeypatch) -> Path:
+    """A cache of the test's own (`DREAMBOOTH_PL_CACHE`): class images start from none whatever ran before in this
+    worker; the tiny model is rebuilt there, seeded, on first use."""
+    root = tmp_path / "cache"
+    monkeypatch.setenv("DREAMBOOTH_PL_CACHE", str(root))
+    return root
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(model_cache) -> Path:
     """The tiny epsilon-prediction model in diffusers layout (what `pretrained: tiny` loads)."""

@@ -131,7 +131,8 @@ def test_make_experiment_without_photos_fails_fast_and_writes_nothing(tmp_path):
     assert "Traceback" not in r.stderr and not (tmp_path / "cache").exists()  # no class image was made
 
 
-def test_an_optional_package_missing_is_said_before_any_class_image_is_made(tmp_path, monkeypatch, capsys, photos):
+def test_an_optional_package_missing_is_said_before_any_class_image_is_made(fresh_cache, monkeypatch, capsys,
+                                                                             photos):
     """The 12gb preset's 8-bit AdamW without bitsandbytes: one message with the install command, exit 1, no work."""
     try:
         import bitsandbytes  # noqa: F401
@@ -140,11 +141,10 @@ def test_an_optional_package_missing_is_said_before_any_class_image_is_made(tmp_
     except ImportError:
         pass
     monkeypatch.chdir(REPO)
-    monkeypatch.setenv("DREAMBOOTH_PL_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(components, "load_components", lambda *a, **k: pytest.fail("a model was loaded"))
     with pytest.raises(SystemExit) as e:
         cli.main(["experiment", "--config", "experiments/base.yaml", "--config", "experiments/tiny.yaml", "--config",
                   "experiments/memory/12gb.yaml", "--data.instance_dir", str(photos["instance"])])
     err = capsys.readouterr().err
     assert e.value.code == 1 and err.startswith("error: model.optim.optimizer: adamw_8bit needs bitsandbytes")
-    assert "pip install" in err and "Traceback" not in err and not (tmp_path / "cache").exists()
+    assert "pip install" in err and "Traceback" not in err and not fresh_cache.exists()

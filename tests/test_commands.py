@@ -80,12 +80,11 @@ def test_evaluate_scores_a_folder_of_generated_images(tmp_path):
 
 
 @pytest.mark.integration
-def test_priors_takes_fits_arguments_and_makes_the_class_images_fit_reuses(monkeypatch, tmp_path, tiny_dir, capsys,
+def test_priors_takes_fits_arguments_and_makes_the_class_images_fit_reuses(monkeypatch, tmp_path, fresh_cache, capsys,
                                                                            photos):
     """priors reads the class-image settings from fit's own arguments (overrides included) through the data module,
     so it makes exactly the folder (training images, then the held-out ones) that fit then reads."""
     monkeypatch.chdir(REPO)
-    monkeypatch.setenv("DREAMBOOTH_PL_CACHE", str(tmp_path / "cache"))  # a fresh cache (the tiny model is rebuilt, seeded)
     args = ["--config", "experiments/base.yaml", "--config", "experiments/tiny.yaml", "--data.class_noun", "can",
             "--data.num_class_images", "2", "--data.val_class_images", "1", "--data.prior.steps", "2",
             "--trainer.accelerator", "cpu"]
@@ -108,12 +107,11 @@ def test_priors_takes_fits_arguments_and_makes_the_class_images_fit_reuses(monke
 
 
 @pytest.mark.integration
-def test_priors_makes_each_subjects_class_images_for_a_several_subject_config(monkeypatch, tmp_path, tiny_dir, capsys,
-                                                                              photos):
+def test_priors_makes_each_subjects_class_images_for_a_several_subject_config(monkeypatch, tmp_path, fresh_cache,
+                                                                              capsys, photos):
     """`make experiment` on a `data.subjects` config: priors makes one class folder per class noun, the ones fit
     then pairs each subject with."""
     monkeypatch.chdir(REPO)
-    monkeypatch.setenv("DREAMBOOTH_PL_CACHE", str(tmp_path / "cache"))  # a fresh cache (the tiny model is rebuilt, seeded)
     spec = tmp_path / "two.yaml"
     spec.write_text(f"data:\n  subject: pair\n  subjects:\n"
                     f"    - {{subject: ball, class_noun: toy, instance_dir: {photos['instance']}, identifier: sks}}\n"

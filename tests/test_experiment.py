@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -26,9 +25,8 @@ def experiment_args(photos: dict[str, Path], out: Path, prompts: Path, *extra: s
 
 
 def test_experiment_makes_the_overridden_class_images_once_fits_on_them_reports_and_resumes(
-        tmp_path, monkeypatch, capsys, photos, tiny_dir):
+        tmp_path, monkeypatch, capsys, photos, fresh_cache):
     monkeypatch.chdir(REPO)
-    monkeypatch.setenv("DREAMBOOTH_PL_CACHE", str(tmp_path / "cache"))  # the tiny model is rebuilt there (seeded)
     prompts = tmp_path / "prompts"
     prompts.mkdir()
     (prompts / "prompts_object.txt").write_text("a {0} {1} in the snow\n")
@@ -37,7 +35,7 @@ def test_experiment_makes_the_overridden_class_images_once_fits_on_them_reports_
     cli.main([*args, "--trainer.max_steps", "2", "--trainer.val_check_interval", "2"])
     printed = capsys.readouterr()
     # One folder, made by the priors step with the override (3 trained on + 1 held out) and reused by fit as it is.
-    (folder,) = (Path(os.environ["DREAMBOOTH_PL_CACHE"]) / "priors").glob("*/manifest.jsonl")
+    (folder,) = (fresh_cache / "priors").glob("*/manifest.jsonl")
     folder = folder.parent
     assert f"4 class images in {folder} (0 reused, 4 made)" in printed.out
     assert f"Class images (a can): 4 class images in {folder} (4 reused, 0 made)" in printed.err
