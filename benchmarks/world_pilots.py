@@ -19,6 +19,8 @@ renders at --guidance (background and colour edits: pose kept, change right; the
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/world_pilots.py --from-scratch --variant attn8 --lr 1e-3 --steps 3000
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/world_pilots.py --stage ip2p --steps 2000 --no-op 0.3
+
+The ip2p pilots before 2026-12-07 judged at text / image guidance 5 / 1.5 (`--guidance 5 1.5`); since then 5 / 5.
 """
 
 from __future__ import annotations
@@ -124,8 +126,7 @@ def ip2p_pilot(judge, a: argparse.Namespace, start: float) -> None:
            "guidance": guidance,
            "before": ip2p_judged(ip2p, judge, guidance=guidance)}
     print("before", res["before"], flush=True)
-    recipe = dataclasses.replace(wm.WorldRecipe().ip2p, steps=a.steps, lr=a.lr, min_snr_gamma=a.min_snr,
-                                 **({} if a.no_op is None else {"no_op": a.no_op}))
+    recipe = dataclasses.replace(wm.WorldRecipe().ip2p, steps=a.steps, lr=a.lr, min_snr_gamma=a.min_snr, no_op=a.no_op)
     unet, losses = wm.train_ip2p(ip2p.vae, ip2p.tokenizer, ip2p.text_encoder, None, recipe, seed=7, init=ip2p.unet)
     res.update(loss=losses["loss"], after=ip2p_judged(dataclasses.replace(ip2p, unet=unet), judge, guidance=guidance),
                minutes=(time.perf_counter() - start) / 60)
@@ -157,9 +158,9 @@ def main() -> None:
                    help="object_weight: a latent cell's loss weighs 1 + this x the share of it the object covers")
     p.add_argument("--stage", choices=["text2img", "ip2p"], default="text2img",
                    help="ip2p: continue the committed InstructPix2Pix UNet instead (pose kept, no-op on held-out renders)")
-    p.add_argument("--min-snr", type=float, default=wm.DiffusionRecipe().min_snr_gamma,
-                   help="min_snr_gamma: eps loss x min(SNR, this) / SNR; 1e9 is the plain eps loss, which weighs the "
-                        "low-noise steps (where fine detail is drawn) fully")
+    p.add_argument("--min-snr", type=float, default=None,
+                   help="min_snr_gamma: eps loss x min(SNR, this) / SNR (default: make world's stage recipe); 1e9 is "
+                        "the plain eps loss, which weighs the low-noise steps (where fine detail is drawn) fully")
     p.add_argument("--no-op", type=float, default=None,
                    help="ip2p: share of edit triples that are the no-op instruction (default: make world's recipe)")
     p.add_argument("--guidance", type=float, nargs=2, default=(5.0, 5.0), metavar=("TEXT", "IMAGE"),
@@ -169,6 +170,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="outputs/world/pilot.json", help="the figures, as JSON")
     a = p.parse_args()
+    stage = wm.WorldRecipe().ip2p if a.stage == "ip2p" else wm.WorldRecipe().text2img
+    # the stage recipe's values where not given, so the JSON records what each pilot ran with
+    a.min_snr = stage.min_snr_gamma if a.min_snr is None else a.min_snr
+    a.no_op = stage.no_op if a.no_op is None else a.no_op
     torch.set_num_threads(a.threads)
     start = time.perf_counter()
     if a.stage == "ip2p":
