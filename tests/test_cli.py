@@ -118,17 +118,17 @@ def test_every_listed_command_is_implemented():
 
 
 @pytest.mark.integration
-def test_make_experiment_without_photos_fails_fast_and_writes_nothing(tmp_path):
+def test_make_experiment_without_photos_fails_fast_and_writes_nothing(fresh_cache):
     # `make experiment SUBJECT=water_bottle MODEL=tiny` runs exactly this command.
     cmd = [sys.executable, "-m", "dreambooth_pl", "experiment", "--config", "experiments/base.yaml", "--config",
            "experiments/subjects/water_bottle.yaml", "--config", "experiments/tiny.yaml", "--model.pretrained", "tiny"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DREAMBOOTH_PL_CACHE": str(tmp_path / "cache")}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # DREAMBOOTH_PL_CACHE: fresh_cache
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     if (REPO / "data" / "subjects" / "water_bottle").is_dir():
         pytest.skip("data/subjects/water_bottle exists in this checkout")
     assert r.returncode == 1
     assert r.stderr.startswith("error: instance folder data/subjects/water_bottle does not exist")
-    assert "Traceback" not in r.stderr and not (tmp_path / "cache").exists()  # no class image was made
+    assert "Traceback" not in r.stderr and not fresh_cache.exists()  # no class image was made
 
 
 def test_an_optional_package_missing_is_said_before_any_class_image_is_made(fresh_cache, monkeypatch, capsys,
