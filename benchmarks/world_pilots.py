@@ -123,8 +123,7 @@ def ip2p_pilot(judge, a: argparse.Namespace, start: float) -> None:
                                unet=ip2p.unet.float().eval())
     guidance = tuple(a.guidance)
     res = {"stage": "ip2p", "steps": a.steps, "lr": a.lr, "no_op_share": a.no_op, "min_snr_gamma": a.min_snr,
-           "guidance": guidance,
-           "before": ip2p_judged(ip2p, judge, guidance=guidance)}
+           "guidance": guidance, "before": ip2p_judged(ip2p, judge, guidance=guidance)}
     print("before", res["before"], flush=True)
     recipe = dataclasses.replace(wm.WorldRecipe().ip2p, steps=a.steps, lr=a.lr, min_snr_gamma=a.min_snr, no_op=a.no_op)
     unet, losses = wm.train_ip2p(ip2p.vae, ip2p.tokenizer, ip2p.text_encoder, None, recipe, seed=7, init=ip2p.unet)
@@ -141,8 +140,7 @@ def scratch(parts: components.SDComponents, judge, a: argparse.Namespace, start:
                                             unet_config={**wm.UNET_CONFIG, **VARIANTS[a.variant]})
     parts = dataclasses.replace(parts, text_encoder=te, unet=unet)
     res = {"variant": a.variant, "from_scratch": True, "steps": a.steps, "lr": a.lr, "min_snr_gamma": a.min_snr,
-           "text_aux": a.text_aux,
-           "object_weight": a.object_weight, "loss": losses["loss"], "after": judged(parts, judge),
+           "text_aux": a.text_aux, "object_weight": a.object_weight, "loss": losses["loss"], "after": judged(parts, judge),
            "minutes": (time.perf_counter() - start) / 60}
     save(res, a.out)
 
