@@ -93,7 +93,8 @@ def point(measured: dict) -> dict[str, float]:
 
 
 class Snapshots(pl.Callback):
-    """Calls `measure(module, step)` after the given optimizer steps of a fit (in eval mode, then back)."""
+    """Calls `measure(module, step)` after the given optimizer steps of a fit (in eval mode with the EMA weights when
+    model.optim.ema_decay is set, then back)."""
 
     def __init__(self, steps: tuple[int, ...], measure: Callable) -> None:
         self.steps, self.measure, self.done = set(steps), measure, set()
@@ -103,7 +104,8 @@ class Snapshots(pl.Callback):
         if step in self.steps and step not in self.done:
             self.done.add(step)
             pl_module.eval()
-            self.measure(pl_module, step)
+            with pl_module.averaged():
+                self.measure(pl_module, step)
             pl_module.train()
 
 

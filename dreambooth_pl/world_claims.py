@@ -202,7 +202,8 @@ def identifier_cosine(parts: components.SDComponents, class_noun: str, identifie
 def finetune(subject: str, variant: str, seed: int, s: ClaimsSettings,
              callbacks: Iterable[pl.Callback] = ()) -> tuple[DreamBoothModule, float]:
     """One DreamBooth fine-tune of the world model on `subject` with world.yaml's settings and the variant's (λ = 0,
-    class images, or the teacher prior), on the CPU without loggers or files: the module and the seconds it took."""
+    class images, or the teacher prior), on the CPU without loggers or files: the module (its EMA weights when
+    model.optim.ema_decay is set) and the seconds it took."""
     cfg = fit_config(subject, variant, seed, s)
     pl.seed_everything(seed, verbose=False)
     module, dm = config.module(cfg), config.data_module(cfg)
@@ -215,6 +216,8 @@ def finetune(subject: str, variant: str, seed: int, s: ClaimsSettings,
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode")  # the frozen parts, on purpose
         trainer.fit(module, datamodule=dm)
+    if module.ema is not None:  # the weights that evaluation and the exports use (model.optim.ema_decay)
+        module.ema.copy_to(module.trainable_parameters())
     return module.eval(), time.perf_counter() - start
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -74,11 +75,11 @@ def test_error_bars_stop_at_the_bounds_of_a_rate():
     assert low == [3.0] and high == [5.0]
 
 
-def test_snapshots_measure_once_at_each_asked_step_in_eval_mode():
+def test_snapshots_measure_once_at_each_asked_step_in_eval_mode_with_the_ema_weights():
     seen = []
 
     class Module:
-        training = True
+        training, ema_in = True, False
 
         def eval(self):
             self.training = False
@@ -86,11 +87,17 @@ def test_snapshots_measure_once_at_each_asked_step_in_eval_mode():
         def train(self):
             self.training = True
 
+        @contextmanager
+        def averaged(self):
+            self.ema_in = True
+            yield
+            self.ema_in = False
+
     m = Module()
-    cb = Snapshots((2, 4), lambda module, step: seen.append((step, module.training)))
+    cb = Snapshots((2, 4), lambda module, step: seen.append((step, module.training, module.ema_in)))
     for step in (1, 2, 2, 3, 4):  # gradient accumulation repeats a step
         cb.on_train_batch_end(type("T", (), {"global_step": step})(), m, None, None, 0)
-    assert seen == [(2, False), (4, False)] and m.training
+    assert seen == [(2, False, True), (4, False, True)] and m.training and not m.ema_in
 
 
 def test_fit_args_of_every_axis_including_the_teacher_prior():

@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from dreambooth_pl import components, world
 from dreambooth_pl.judge import load_judge
@@ -170,6 +171,13 @@ def measured(base_parts, judge, world_data) -> dict:
         module, _ = finetune("purple_star", variant, 0, world_data)
         out[variant] = measure_samples(judge, "purple_star", sample_subject(module.parts(), "purple_star", world_data, 0))
     return out
+
+
+def test_finetune_returns_the_ema_weights_when_ema_is_on(world_data):
+    s = dataclasses.replace(world_data, fit_args=("--trainer.max_steps", "3", "--model.optim.ema_decay", "0.999"))
+    module, _ = finetune("purple_star", "class_images", 0, s)
+    # After 3 steps the warmed-up decay is low but not 0: the average differs from the last weights it returns in place
+    assert all(torch.equal(p, e) for p, e in zip(module.trainable_parameters(), module.ema.shadow_params, strict=True))
 
 
 @pytest.fixture(scope="module")
