@@ -185,11 +185,15 @@ def render(scene: Scene) -> Image.Image:
 # ------------------------------------------------------------------------------------------------ captions, edits
 
 
+def marking_phrase(marking: str, color: str) -> str:
+    """A marking as captions say it: "plain" (none), "with white dots", "with a yellow band"."""
+    return "plain" if marking == "none" else f"with {color} dots" if marking == "dots" else f"with a {color} {marking}"
+
+
 def phrases(scene: Scene) -> dict[str, str]:
     """Each attribute as the words a caption uses for it; no marking is said ("plain"), so a caption that drops the
     marking leaves it to the prior instead of implying "plain"."""
-    mark = "plain" if scene.marking == "none" else (
-        f"with {scene.marking_color} dots" if scene.marking == "dots" else f"with a {scene.marking_color} {scene.marking}")
+    mark = marking_phrase(scene.marking, scene.marking_color)
     bg = f"on a {scene.background} background" if scene.background in PALETTE else scene.background
     return {"size": scene.size, "color": scene.color, "shape": scene.shape, "marking": mark, "background": bg,
             "position": f"in the {scene.position}"}

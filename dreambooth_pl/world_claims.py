@@ -38,7 +38,7 @@ from .report import mean_ci, wilson
 
 Variant = Literal["base", "no_prior", "class_images", "teacher"]
 # ASCII labels: the grids' default font has no Greek letters.
-VARIANT_LABELS = {"base": "base model", "no_prior": "DreamBooth, lambda 0", "class_images": "DreamBooth, lambda 1",
+VARIANT_LABELS = {"base": "base model", "described": "base model, subject in words", "no_prior": "DreamBooth, lambda 0", "class_images": "DreamBooth, lambda 1",
                   "teacher": "DreamBooth, teacher prior", "ip2p": "InstructPix2Pix"}
 # The fit arguments of each variant, on top of world.yaml's DreamBooth (which is "class_images").
 VARIANT_ARGS = {"no_prior": ["--data.with_prior_preservation", "false"],
@@ -49,7 +49,8 @@ PARTS = tuple(f"right_{a}" for a in IDENTITY)  # judge_reads' per-attribute outc
 CATEGORIES = ("recontextualization", "seen", "property", "pose")
 CATEGORY_LABELS = {"recontextualization": "unseen backgrounds", "seen": "backgrounds of the photos",
                    "property": "property change", "pose": "pose change"}
-METHODS = ("base", "no_prior", "class_images", "teacher", "ip2p")
+# "described": the base model with the subject spelled out instead of its identifier, the reference a fine-tune must beat
+METHODS = ("base", "described", "no_prior", "class_images", "teacher", "ip2p")
 CONFIGS = ("experiments/base.yaml", "experiments/world.yaml")
 
 
@@ -227,6 +228,19 @@ def subject_prompts(subject: str, identifier: str = "sks") -> list[tuple[dict, s
     return [(t, t["template"].format(identifier, shape)) for t in world.TEMPLATES]
 
 
+def described_prompts(subject: str) -> list[tuple[dict, str]]:
+    """(template, prompt) for every world template with the subject told in words instead of its identifier: 'a purple
+    star with a yellow band at night'; a template's colour replaces the subject's ('a blue star with a yellow band')."""
+    spec = world.ALL_SUBJECTS[subject]
+    mark = world.marking_phrase(spec["marking"], spec["marking_color"])
+    out = []
+    for t in world.TEMPLATES:
+        color = [] if "color" in t["change"] else [spec["color"]]
+        words = [mark, *color, spec["shape"]] if spec["marking"] == "none" else [*color, spec["shape"], mark]
+        out.append((t, t["template"].replace("{0} {1}", " ".join(words))))
+    return out
+
+
 def wanted(subject: str, template: dict) -> dict[str, str]:
     """The attributes a template asks of the subject: its identity, with the template's change applied."""
     spec = world.ALL_SUBJECTS[subject]
@@ -248,24 +262,36 @@ def judge_reads(reads: list[dict], want: dict[str, str], change: Iterable[str],
     return out
 
 
+def sample_templates(parts: components.SDComponents, prompts: list[tuple[dict, str]], s: ClaimsSettings, seed: int,
+                     proto: Protocol) -> dict[str, list[Image.Image]]:
+    """`s.images_per_prompt` images of each (template, prompt), from seeded noise shared by every method."""
+    seeds = [seed * 1000 + k for k in range(s.images_per_prompt)]
+    images = sample(parts, [p for _, p in prompts for _ in seeds], seeds * len(prompts), proto, batch_size=52)
+    k = s.images_per_prompt
+    return {t["template"]: images[i * k : (i + 1) * k] for i, (t, _) in enumerate(prompts)}
+
+
 def sample_subject(parts: components.SDComponents, subject: str, s: ClaimsSettings, seed: int,
                    proto: Protocol | None = None) -> dict:
     """Images of every template (identifier + class noun) and of the plain class prompt, from seeded noise."""
     proto = proto or protocol(s)
-    prompts = subject_prompts(subject)
-    seeds = [seed * 1000 + k for k in range(s.images_per_prompt)]
-    images = sample(parts, [p for _, p in prompts for _ in seeds], seeds * len(prompts), proto, batch_size=52)
-    k = s.images_per_prompt
     shape = world.ALL_SUBJECTS[subject]["shape"]
     cls = sample(parts, [f"a {shape}"] * s.class_prompt_images,
                  [seed * 1000 + 500 + j for j in range(s.class_prompt_images)], proto, batch_size=52)
-    return {"templates": {t["template"]: images[i * k : (i + 1) * k] for i, (t, _) in enumerate(prompts)}, "class": cls}
+    return {"templates": sample_templates(parts, subject_prompts(subject), s, seed, proto), "class": cls}
+
+
+def sample_described(parts: components.SDComponents, subject: str, s: ClaimsSettings, seed: int) -> dict:
+    """Images of every template with the subject told in words (`described_prompts`), from sample_subject's noise."""
+    return {"templates": sample_templates(parts, described_prompts(subject), s, seed, protocol(s))}
 
 
 def measure_samples(judge: Judge, subject: str, samples: dict) -> dict:
-    """Judge every template's images and the class-prompt images of one model: per-image outcomes."""
+    """Judge every template's images and the class-prompt images (when sampled) of one model: per-image outcomes."""
     rows = {t["template"]: judge_reads(judge.read(samples["templates"][t["template"]]), wanted(subject, t), t["change"])
             for t in world.TEMPLATES}
+    if "class" not in samples:  # the base model told the subject in words: no class prompt
+        return {"subject": subject, "templates": rows}
     spec = world.ALL_SUBJECTS[subject]
     cls = judge.read(samples["class"])
     return {"subject": subject, "templates": rows,
@@ -368,13 +394,15 @@ def subject_grid(subject: str, samples: dict, ip2p_images: dict, path: Path, tem
     rows = [("photos", [load_image(p) for p in list_images(Path(data_root) / "dataset" / subject)][:4])]
     rows += [(VARIANT_LABELS[v], smp["templates"][template]) for v, smp in samples.items()]
     rows.append((VARIANT_LABELS["ip2p"], ip2p_images[template]))
-    rows += [(f"{VARIANT_LABELS[v]}: a {shape}", smp["class"][:4]) for v, smp in samples.items()]
+    rows += [(f"{VARIANT_LABELS[v]}: a {shape}", smp["class"][:4]) for v, smp in samples.items() if "class" in smp]
     return labelled_grid(rows, f"{subject}: {template.format('sks', shape)}", path, size=64, label_w=260)
 
 
 def run_subject(subject: str, seed: int, s: ClaimsSettings, base_parts, ip2p, judge: Judge, out: Path) -> dict:
     """Every method on one (subject, seed): judged samples, wall times, and the images of the grid."""
-    samples, seconds = {"base": sample_subject(base_parts, subject, s, seed)}, {}
+    samples = {"base": sample_subject(base_parts, subject, s, seed),
+               "described": sample_described(base_parts, subject, s, seed)}
+    seconds = {}
     for v in ("no_prior", "class_images", "teacher"):
         module, fit_s = finetune(subject, v, seed, s)
         start = time.perf_counter()
@@ -402,7 +430,7 @@ def run_claims(s: ClaimsSettings = ClaimsSettings(), out: str | Path = "outputs/
     base["identifier_cosine"] = {sub: identifier_cosine(base_parts, world.ALL_SUBJECTS[sub]["shape"]) for sub in s.subjects}
     ip2p = load_ip2p(s.ip2p_model)
     runs: dict[str, list[dict]] = {m: [] for m in METHODS}
-    seconds: dict[str, list[float]] = {m: [] for m in METHODS if m != "base"}
+    seconds: dict[str, list[float]] = {m: [] for m in METHODS if m not in ("base", "described")}
     grids = []
     bar = tqdm(total=len(s.subjects) * len(s.seeds), desc="claims (subject x seed)", unit="run")
     for subject in s.subjects:
@@ -492,7 +520,9 @@ def _claims_dreambooth(p: dict) -> list[str]:
     sm = p["summary"]
     lines = ["## 3. DreamBooth learns the subject (targets on unseen backgrounds: base <= 5% -> fine-tuned >= 70% judged "
              "to be the subject, the background right in >= 70% of those)\n\nEach cell: mean ± 95% CI over subjects "
-             "(seeds averaged within a subject), then the rate pooled over all images [Wilson 95% interval].\n\n"]
+             "(seeds averaged within a subject), then the rate pooled over all images [Wilson 95% interval]. The base model "
+             "with the subject in words (\"a purple star with a yellow band at night\", no fine-tune) is the reference "
+             "a fine-tune has to beat: the subjects are combinations its pretraining never showed.\n\n"]
     for c in ("recontextualization", "seen"):
         lines.append(f"**{CATEGORY_LABELS[c]}**\n\n| method | judged the subject | context right | context right, subject "
                      f"images |\n|---|---:|---:|---:|\n")

@@ -20,6 +20,7 @@ from dreambooth_pl.world_claims import (
     base_follows_prompts,
     confusion,
     counts,
+    described_prompts,
     finetune,
     fit_config,
     judge_reads,
@@ -48,6 +49,29 @@ def test_wanted_applies_the_template_change_to_the_subject():
     assert wanted("purple_star", BLUE)["color"] == "blue" and wanted("purple_star", BLUE)["marking"] == "band"
     assert subject_prompts("red_ball")[0] == (world.TEMPLATES[0], "a sks ball at night")
     assert subject_prompts("black_ring")[0][1] == "a sks ring at night"  # validation subjects too
+
+
+def test_described_prompts_spell_out_the_subject_and_take_the_templates_colour():
+    prompts = dict((t["template"], p) for t, p in described_prompts("purple_star"))
+    assert prompts[NIGHT["template"]] == "a purple star with a yellow band at night"
+    assert prompts[BLUE["template"]] == "a blue star with a yellow band"  # the asked colour, not purple
+    assert prompts["a small {0} {1} in the top left"] == "a small purple star with a yellow band in the top left"
+    assert dict((t["template"], p) for t, p in described_prompts("red_ball"))[NIGHT["template"]] == \
+        "a red ball with white dots at night"
+    assert len(prompts) == len(world.TEMPLATES)
+
+
+def test_the_base_model_told_in_words_is_judged_without_a_class_prompt(judge):
+    # Templates judged as for a fine-tune; no class-prompt images, so no drift row, but its own row in the tables.
+    images = [world.render(world.subject_scene("purple_star", np.random.default_rng(k), background="at night"))
+              for k in range(2)]
+    m = measure_samples(judge, "purple_star", {"templates": {t["template"]: images for t in world.TEMPLATES}})
+    assert "class" not in m and m["templates"][NIGHT["template"]]["subject"] == [True, True]
+    sm = summarize({"base": [run_with("a", 0)], "described": [m], "class_images": [run_with("a", 2, class_hits=1)],
+                    "no_prior": [run_with("a", 2)]})
+    assert "class_is_subject" not in sm["described"]
+    text = "".join(_claims_dreambooth({"summary": sm}))
+    assert "| base model, subject in words | 1.00 ± " in text
 
 
 def test_judge_reads_gives_each_images_subject_context_and_pose():
