@@ -132,6 +132,12 @@ def ip2p_pilot(judge, a: argparse.Namespace, start: float) -> None:
     save(res, a.out)
 
 
+def continuation_recipe(a: argparse.Namespace) -> wm.DiffusionRecipe:
+    """`make world`'s text-to-image stage, `a.steps` more steps from `a.lr` with a short warm-up (it starts trained)."""
+    return dataclasses.replace(wm.WorldRecipe().text2img, steps=a.steps, lr=a.lr, warmup=100, text_aux_weight=a.text_aux,
+                               object_weight=a.object_weight, min_snr_gamma=a.min_snr)
+
+
 def scratch(parts: components.SDComponents, judge, a: argparse.Namespace, start: float) -> None:
     """`make world`'s text-to-image stage from scratch over the committed VAE, in the variant's UNet, `a.steps` steps."""
     recipe = dataclasses.replace(wm.WorldRecipe().text2img, steps=a.steps, lr=a.lr, text_aux_weight=a.text_aux,
@@ -145,7 +151,12 @@ def scratch(parts: components.SDComponents, judge, a: argparse.Namespace, start:
     save(res, a.out)
 
 
-def main() -> None:
+TEXT2IMG_ONLY = {"variant": "plain", "text_aux": 0.0, "object_weight": 0.0, "from_scratch": False}  # option: default
+IP2P_ONLY = {"no_op": None, "guidance": (5.0, 5.0)}
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """The options, the stage recipe's values filled in where not given; one error for an option the stage ignores."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--variant", choices=list(VARIANTS), default="plain")
     p.add_argument("--steps", type=int, default=4000, help="more training steps")
@@ -167,11 +178,21 @@ def main() -> None:
                    help="train a fresh text encoder and UNet (the variant's) with make world's own stage, not continue")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="outputs/world/pilot.json", help="the figures, as JSON")
-    a = p.parse_args()
+    a = p.parse_args(argv)
+    a.guidance = tuple(a.guidance)
+    ignored = IP2P_ONLY if a.stage == "text2img" else TEXT2IMG_ONLY
+    given = [k for k, default in ignored.items() if getattr(a, k) != default]
+    if given:
+        p.error(f"--{given[0].replace('_', '-')} does not apply to --stage {a.stage}: drop it, or choose the other stage")
     stage = wm.WorldRecipe().ip2p if a.stage == "ip2p" else wm.WorldRecipe().text2img
     # the stage recipe's values where not given, so the JSON records what each pilot ran with
     a.min_snr = stage.min_snr_gamma if a.min_snr is None else a.min_snr
     a.no_op = stage.no_op if a.no_op is None else a.no_op
+    return a
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = parse(argv)
     torch.set_num_threads(a.threads)
     start = time.perf_counter()
     if a.stage == "ip2p":
@@ -185,8 +206,7 @@ def main() -> None:
     res = {"variant": a.variant, "steps": a.steps, "lr": a.lr, "min_snr_gamma": a.min_snr, "text_aux": a.text_aux,
            "object_weight": a.object_weight, "before": judged(parts, judge)}
     print("before", res["before"], flush=True)
-    recipe = wm.DiffusionRecipe(steps=a.steps, lr=a.lr, warmup=100, text_aux_weight=a.text_aux,
-                                object_weight=a.object_weight, min_snr_gamma=a.min_snr)
+    recipe = continuation_recipe(a)
     # seed 7: fresh scenes and noise, not the build's (seed 0); both models are trained in place, so `parts` has them
     _, te, unet, losses = wm.train_text2img(parts.vae.float(), recipe, seed=7,
                                             init=(parts.text_encoder.float(), parts.unet))

@@ -1,0 +1,46 @@
+"""benchmarks/world_pilots.py: its options (the stage recipe's values where not given, one error for a misplaced one)
+and the continuation's recipe."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from dreambooth_pl import world_models as wm
+
+
+@pytest.fixture(scope="module")
+def pilots():
+    """The script as a module (benchmarks/ is not a package)."""
+    path = Path(__file__).parents[1] / "benchmarks" / "world_pilots.py"
+    spec = importlib.util.spec_from_file_location("world_pilots", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_options_left_out_take_the_stage_recipes_values(pilots):
+    a = pilots.parse(["--stage", "ip2p"])
+    assert (a.no_op, a.min_snr, a.guidance) == (wm.WorldRecipe().ip2p.no_op, wm.WorldRecipe().ip2p.min_snr_gamma, (5.0, 5.0))
+    a = pilots.parse(["--stage", "ip2p", "--no-op", "0.3", "--min-snr", "1e9", "--guidance", "5", "1.5"])
+    assert (a.no_op, a.min_snr, a.guidance) == (0.3, 1e9, (5.0, 1.5))
+    assert pilots.parse([]).min_snr == wm.WorldRecipe().text2img.min_snr_gamma
+
+
+@pytest.mark.parametrize(("argv", "named"), [(["--no-op", "0.3"], "--no-op"), (["--guidance", "5", "1.5"], "--guidance"),
+                                             (["--stage", "ip2p", "--variant", "attn8"], "--variant"),
+                                             (["--stage", "ip2p", "--from-scratch"], "--from-scratch")])
+def test_an_option_the_stage_ignores_is_one_clear_error(pilots, argv, named, capsys):
+    with pytest.raises(SystemExit) as e:
+        pilots.parse(argv)
+    assert e.value.code == 2 and f"{named} does not apply to --stage" in capsys.readouterr().err
+
+
+def test_the_continuation_is_make_worlds_stage_with_the_pilots_steps_rate_and_a_short_warm_up(pilots):
+    r = pilots.continuation_recipe(pilots.parse(["--steps", "10", "--lr", "1e-4", "--object-weight", "2"]))
+    assert (r.steps, r.lr, r.warmup, r.object_weight) == (10, 1e-4, 100, 2.0)
+    assert dataclasses.replace(r, steps=0, lr=0, warmup=0, object_weight=0) == dataclasses.replace(
+        wm.WorldRecipe().text2img, steps=0, lr=0, warmup=0, object_weight=0)  # every other field the build's
