@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import struct
 import time
@@ -98,6 +99,14 @@ def tiny_flux_dir(model_cache) -> Path:
 def tiny_xl_parts(tiny_xl_dir):
     """The tiny SDXL model's parts, loaded once; tests only read them."""
     return components.load_components(str(tiny_xl_dir))
+
+
+def load_benchmark(name: str):
+    """A script of benchmarks/ as a module (benchmarks/ is not a package), to call its functions and `main`."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def make_photos(folder: Path, n: int, size: tuple[int, int] = (80, 96), seed: int = 0, kind: str = "pattern") -> Path:

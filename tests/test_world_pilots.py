@@ -4,22 +4,17 @@ and the continuation's recipe."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-from pathlib import Path
 
 import pytest
 
 from dreambooth_pl import world_models as wm
 
+from .conftest import load_benchmark
+
 
 @pytest.fixture(scope="module")
 def pilots():
-    """The script as a module (benchmarks/ is not a package)."""
-    path = Path(__file__).parents[1] / "benchmarks" / "world_pilots.py"
-    spec = importlib.util.spec_from_file_location("world_pilots", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("world_pilots")
 
 
 def test_options_left_out_take_the_stage_recipes_values(pilots):
