@@ -20,6 +20,12 @@ renders at --guidance (background and colour edits: pose kept, change right; the
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/world_pilots.py --from-scratch --variant attn8 --lr 1e-3 --steps 3000
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/world_pilots.py --stage ip2p --steps 2000 --no-op 0.3
 
+--cell 4 --from-scratch is the finer world: an f4 VAE (16x16x4 latents; trained once into --vae-dir and judged on its
+round trips), then the text-to-image stage from scratch in the f4 UNet (world_models.unet_architecture(4)):
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/world_pilots.py --from-scratch --cell 4 --steps 7000 --lr 1e-3 \
+        --threads 2 --save outputs/world/pilot_f4_sd --out outputs/world/pilot_f4.json
+
 The ip2p pilots before 2026-12-07 judged at text / image guidance 5 / 1.5 (`--guidance 5 1.5`); since then 5 / 5.
 """
 
@@ -33,12 +39,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import UNet2DConditionModel
+from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from dreambooth_pl import components, world
 from dreambooth_pl import world_models as wm
+from dreambooth_pl.files import atomic_path
 from dreambooth_pl.judge import load_judge
-from dreambooth_pl.world_claims import ClaimsSettings, base_follows_prompts
+from dreambooth_pl.world_claims import (
+    ClaimsSettings,
+    base_follows_prompts,
+    marking_cells,
+    read_rates,
+    round_trip_reads,
+    subject_photo_reads,
+)
 
 VARIANTS = {
     "plain": {},
@@ -138,20 +152,64 @@ def continuation_recipe(a: argparse.Namespace) -> wm.DiffusionRecipe:
                                object_weight=a.object_weight, min_snr_gamma=a.min_snr)
 
 
+def vae_judged(vae, judge) -> dict:
+    """The judge on VAE round trips of 1,000 held-out renders (per attribute, marking x size) and of every world
+    subject's photos: what any image the VAE decodes can show."""
+    scenes, reads = round_trip_reads(judge, vae)
+    subjects = [*world.SUBJECTS, *world.VALIDATION_SUBJECTS]
+    return {"per_attribute": read_rates(reads, scenes), "marking_cells": marking_cells(reads, scenes),
+            "subject_photos": subject_photo_reads(judge, vae, subjects, world_data_root())}
+
+
+def world_data_root() -> Path:
+    """The world subjects' photos (make world-data), written here first when missing."""
+    root = Path("data/world")
+    if not (root / "dataset").is_dir():
+        world.write_dataset(root)
+    return root
+
+
+def f4_vae(a: argparse.Namespace, judge) -> tuple[AutoencoderKL, dict | None]:
+    """`make world`'s VAE stage at `a.cell` px per latent cell, trained once into `a.vae_dir` (then loaded) and judged
+    on its round trips when trained."""
+    folder = Path(a.vae_dir)
+    if (folder / "config.json").is_file():
+        vae = AutoencoderKL.from_pretrained(folder, torch_dtype=torch.float32).eval()
+        if list(vae.config.block_out_channels) != list(wm.vae_architecture(a.cell)["block_out_channels"]):
+            raise SystemExit(f"world_pilots: {folder} holds a VAE of another latent cell than --cell {a.cell}; "
+                             f"give another --vae-dir")
+        return vae, None
+    t = time.perf_counter()
+    vae, losses = wm.train_vae(dataclasses.replace(wm.VAERecipe(), cell=a.cell), seed=0)
+    with atomic_path(folder, folder=True) as tmp:
+        wm.save_fp16(vae, tmp)
+    res = {"cell": a.cell, "losses": losses, "minutes": (time.perf_counter() - t) / 60, "judged": vae_judged(vae, judge)}
+    print("vae", json.dumps(res["judged"]["per_attribute"]), flush=True)
+    return vae, res
+
+
 def scratch(parts: components.SDComponents, judge, a: argparse.Namespace, start: float) -> None:
-    """`make world`'s text-to-image stage from scratch over the committed VAE, in the variant's UNet, `a.steps` steps."""
+    """`make world`'s text-to-image stage from scratch, `a.steps` steps, in the variant's UNet over the committed
+    VAE, or with --cell 4 over an f4 VAE (trained first) in the f4 UNet; with --save, the model in diffusers layout."""
     recipe = dataclasses.replace(wm.WorldRecipe().text2img, steps=a.steps, lr=a.lr, text_aux_weight=a.text_aux,
                                  object_weight=a.object_weight, min_snr_gamma=a.min_snr)
-    _, te, unet, losses = wm.train_text2img(parts.vae.float(), recipe, seed=0,
-                                            unet_config={**wm.UNET_CONFIG, **VARIANTS[a.variant]})
-    parts = dataclasses.replace(parts, text_encoder=te, unet=unet)
-    res = {"variant": a.variant, "from_scratch": True, "steps": a.steps, "lr": a.lr, "min_snr_gamma": a.min_snr,
-           "text_aux": a.text_aux, "object_weight": a.object_weight, "loss": losses["loss"], "after": judged(parts, judge),
+    vae, vae_res = (parts.vae.float(), None) if a.cell == 8 else f4_vae(a, judge)
+    t = time.perf_counter()
+    tok, te, unet, losses = wm.train_text2img(vae, recipe, seed=0,
+                                              unet_config={**wm.unet_architecture(a.cell), **VARIANTS[a.variant]})
+    text2img_minutes = (time.perf_counter() - t) / 60
+    if a.save:
+        wm.save_sd(a.save, tok, te, vae, unet)
+    parts = dataclasses.replace(parts, vae=vae, text_encoder=te, unet=unet)
+    res = {"variant": a.variant, "from_scratch": True, "cell": a.cell, "steps": a.steps, "lr": a.lr,
+           "min_snr_gamma": a.min_snr, "text_aux": a.text_aux, "object_weight": a.object_weight, "vae": vae_res,
+           "loss": losses["loss"], "text2img_minutes": text2img_minutes, "after": judged(parts, judge),
            "minutes": (time.perf_counter() - start) / 60}
     save(res, a.out)
 
 
-TEXT2IMG_ONLY = {"variant": "plain", "text_aux": 0.0, "object_weight": 0.0, "from_scratch": False}  # option: default
+TEXT2IMG_ONLY = {"variant": "plain", "text_aux": 0.0, "object_weight": 0.0, "from_scratch": False,  # option: default
+                 "cell": 8, "save": None}
 IP2P_ONLY = {"no_op": None, "guidance": (5.0, 5.0)}
 
 
@@ -176,6 +234,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help="ip2p: text and image guidance of the judged edits (the claims' 5 5)")
     p.add_argument("--from-scratch", action="store_true",
                    help="train a fresh text encoder and UNet (the variant's) with make world's own stage, not continue")
+    p.add_argument("--cell", type=int, choices=[8, 4], default=8,
+                   help="px per latent cell; 4 (with --from-scratch) trains an f4 VAE into --vae-dir first, then the "
+                        "f4 text-to-image model (16x16 latents) over it")
+    p.add_argument("--vae-dir", default="outputs/world/pilot_vae_f4",
+                   help="--cell 4: the f4 VAE's folder (trained there once, loaded after)")
+    p.add_argument("--save", default=None, help="--from-scratch: write the trained model here (diffusers layout)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="outputs/world/pilot.json", help="the figures, as JSON")
     a = p.parse_args(argv)
@@ -184,6 +248,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     given = [k for k, default in ignored.items() if getattr(a, k) != default]
     if given:
         p.error(f"--{given[0].replace('_', '-')} does not apply to --stage {a.stage}: drop it, or choose the other stage")
+    if (a.cell != 8 or a.save) and not a.from_scratch:
+        p.error("--cell 4 and --save train a new text-to-image model: add --from-scratch")
+    if a.cell != 8 and a.variant != "plain":
+        p.error(f"--variant {a.variant} grafts onto the f8 UNet; --cell 4 has its own (world_models.unet_architecture)")
     stage = wm.WorldRecipe().ip2p if a.stage == "ip2p" else wm.WorldRecipe().text2img
     # the stage recipe's values where not given, so the JSON records what each pilot ran with
     a.min_snr = stage.min_snr_gamma if a.min_snr is None else a.min_snr

@@ -1,9 +1,10 @@
 """The toy world's pretrained models, trained from scratch on its renders (`make world`).
 
-Three stages, each seeded and deterministic: `train_vae` (64 px RGB <-> 8x8x4 latents), `train_text2img` (a CLIP
-text encoder with the real BPE tokenizer, trained end to end with a UNet through the diffusion loss, captions from
-`world.caption` with caption dropout) and `train_ip2p` (an InstructPix2Pix UNet with 8 input channels on the
-renderer's exact edit triples, text and image conditions dropped for both guidances). `build_world` runs them, then
+Three stages, each seeded and deterministic: `train_vae` (64 px RGB <-> 8x8x4 latents; 16x16x4 with
+`VAERecipe.cell = 4`), `train_text2img` (a CLIP text encoder with the real BPE tokenizer, trained end to end with a
+UNet through the diffusion loss, captions from `world.caption` with caption dropout) and `train_ip2p` (an
+InstructPix2Pix UNet with 8 input channels on the renderer's exact edit triples, text and image conditions dropped
+for both guidances). `build_world` runs them, then
 the judge, and writes models/world/: sd/ and ip2p/ in diffusers layout (fp16 safetensors; ip2p/ links sd/'s
 tokenizer, text encoder and VAE) and manifest.json.
 """
@@ -20,6 +21,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import diffusers
 import numpy as np
@@ -46,13 +48,22 @@ SHARED = ("tokenizer", "text_encoder", "vae")  # ip2p/ links these to sd/'s: one
 MAX_BYTES = 12 * 2**20  # all world weights together (sd, ip2p, judge), fp16
 
 LATENT_CHANNELS = 4
-# 64 px -> 8x8xLATENT_CHANNELS: four encoder blocks, three 2x downsamples, as SD's VAE.
-# No attention in the middle: the VAE is all convolutions, so it trains on 32 px crops (4x cheaper) and runs on 64 px.
-VAE_CONFIG = dict(
-    sample_size=64, in_channels=3, out_channels=3, latent_channels=LATENT_CHANNELS, layers_per_block=1,
-    block_out_channels=(16, 32, 64, 64), down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=8, mid_block_add_attention=False,
-)
+Cell = Literal[8, 4]  # px per latent cell: 8 is SD's f8 (64 px -> 8x8 latents), 4 a finer grid (16x16)
+
+
+def vae_architecture(cell: Cell = 8) -> dict:
+    """The VAE for `cell` px per latent cell: f8 has four encoder blocks (three 2x downsamples, as SD's VAE), f4
+    drops the last. No attention in the middle: the VAE is all convolutions, so it trains on 32 px crops (4x
+    cheaper) and runs on 64 px."""
+    if cell not in (8, 4):
+        raise ValueError(f"VAERecipe.cell is {cell}: the world's VAE has latent cells of 8 or 4 px")
+    blocks = {8: (16, 32, 64, 64), 4: (16, 32, 64)}[cell]
+    return dict(sample_size=64, in_channels=3, out_channels=3, latent_channels=LATENT_CHANNELS, layers_per_block=1,
+                block_out_channels=blocks, down_block_types=("DownEncoderBlock2D",) * len(blocks),
+                up_block_types=("UpDecoderBlock2D",) * len(blocks), norm_num_groups=8, mid_block_add_attention=False)
+
+
+VAE_CONFIG = vae_architecture(8)
 # Prompts are padded to 32 tokens, not CLIP's 77 (the world's longest prompt is 17): the text encoder and the
 # cross-attention cost 2.4x less, and the pipelines pad to `tokenizer.model_max_length` whatever it is.
 TEXT_LENGTH = 32
@@ -68,7 +79,26 @@ UNET_CONFIG = dict(
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
     cross_attention_dim=32, attention_head_dim=16, norm_num_groups=16, time_embedding_dim=128,
 )
-IP2P_UNET_CONFIG = {**UNET_CONFIG, "in_channels": 2 * LATENT_CHANNELS}  # noisy latents ++ input-image latents
+# 16x16 -> 8x8 -> 4x4 over f4 latents: resnets at 16x16, cross-attention at 8x8 and 4x4 (so the text reaches the
+# grid at the f8 UNet's finest level and one finer). 0.49 s per step at batch 128 on 2 threads, 2.7x the f8 UNet's.
+UNET_F4_CONFIG = {**UNET_CONFIG, "sample_size": 16, "block_out_channels": (32, 48, 64),
+                  "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                  "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")}
+
+
+def unet_architecture(cell: Cell = 8) -> dict:
+    """The text-to-image UNet over `cell`-px latents."""
+    if cell not in (8, 4):
+        raise ValueError(f"no world UNet for latent cells of {cell} px (a VAE with another downsampling); use 8 or 4")
+    return {8: UNET_CONFIG, 4: UNET_F4_CONFIG}[cell]
+
+
+def ip2p_unet_architecture(cell: Cell = 8) -> dict:
+    """The InstructPix2Pix UNet: the text-to-image one with noisy latents ++ input-image latents in."""
+    return {**unet_architecture(cell), "in_channels": 2 * LATENT_CHANNELS}
+
+
+IP2P_UNET_CONFIG = ip2p_unet_architecture(8)
 # SD's training schedule; DPM++ (2M) samples by default, DDPMScheduler.from_config gives training its schedule.
 SCHEDULER_CONFIG = dict(
     num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -86,9 +116,11 @@ class VAERecipe:
     """The VAE stage: L1 + MSE reconstruction of crops of fresh renders, a small KL term, and a thumbnail term
     (latent channels 0-2 ~ the 8x8 mean colour) that makes the code easy to find (3x faster early on)."""
 
+    cell: Cell = 8  # px per latent cell (vae_architecture); 4 keeps small dots and thin stripes the f8 grid loses (README),
+    # and the text-to-image and InstructPix2Pix UNets then run at 16x16 (unet_architecture)
     steps: int = 6000
     batch_size: int = 32
-    crop: int = 32  # px, on the 8 px latent grid
+    crop: int = 32  # px, on the 8 px grid (so on the latent grid of either cell)
     lr: float = 1e-3
     warmup: int = 100
     ema_decay: float = 0.999
@@ -245,7 +277,7 @@ def train_vae(recipe: VAERecipe = VAERecipe(), seed: int = 0, device: str = "cpu
     """A VAE on fresh renders; its `scaling_factor` makes the latents unit std. Returns it (fp16-rounded) and its
     final losses."""
     dev = torch.device(device)
-    vae = seeded(lambda: AutoencoderKL(**VAE_CONFIG), seed).to(dev).train()
+    vae = seeded(lambda: AutoencoderKL(**vae_architecture(recipe.cell)), seed).to(dev).train()
     rng, gen = np.random.default_rng([seed, 0]), torch.Generator().manual_seed(seed)
     parts: dict[str, list[float]] = {"reconstruction": [], "kl": [], "thumbnail": []}
     size, batch = recipe.crop, recipe.batch_size  # the fine-tune phase switches to 64 px, finetune_batch_size
@@ -254,7 +286,7 @@ def train_vae(recipe: VAERecipe = VAERecipe(), seed: int = 0, device: str = "cpu
         scenes = [world.random_scene(rng) for _ in range(batch)]
         x = crops(render_batch(scenes), scenes, size, rng).to(dev)
         post = vae.encode(x).latent_dist
-        z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen).to(dev)  # (B, 4, c/8, c/8)
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen).to(dev)  # (B, 4, c/cell, c/cell)
         y = vae.decode(z).sample
         w = edge_weights(x, recipe.edge_weight)  # (B, 1, c, c)
         rec = (w * ((y - x).abs() + (y - x).pow(2))).mean() / w.mean()
@@ -282,7 +314,7 @@ def train_vae(recipe: VAERecipe = VAERecipe(), seed: int = 0, device: str = "cpu
 
 
 def crops(x: Tensor, scenes: Sequence[world.Scene], size: int, rng: np.random.Generator) -> Tensor:
-    """(B, 3, 64, 64) -> (B, 3, size, size): one crop per image on the 8 px latent grid, overlapping its object
+    """(B, 3, 64, 64) -> (B, 3, size, size): one crop per image on the 8 px grid (f8's and f4's latent grid), overlapping its object
     (a crop of background alone teaches the VAE nothing new)."""
     if size >= x.shape[-1]:
         return x
@@ -305,7 +337,7 @@ def edge_weights(x: Tensor, weight: float) -> Tensor:
 @torch.no_grad()
 def encode(vae: AutoencoderKL, scenes: Sequence[world.Scene], batch_size: int = 256,
            progress: bool = False) -> tuple[Tensor, Tensor]:
-    """Scenes -> their renders' posterior mean and std, each (N, 4, 8, 8), unscaled, on the CPU."""
+    """Scenes -> their renders' posterior mean and std, each (N, 4, 64/cell, 64/cell), unscaled, on the CPU."""
     dev = next(vae.parameters()).device
     means, stds = [], []
     for i in tqdm(range(0, len(scenes), batch_size), desc="encoding", disable=not progress, mininterval=2):
@@ -341,8 +373,8 @@ def object_cover(scenes: Sequence[world.Scene], cells: int = 8) -> Tensor:
 
 def diffusion_loss(unet: UNet2DConditionModel, sched: DDPMScheduler, z0: Tensor, text: Tensor, gen: torch.Generator,
                    gamma: float, image: Tensor | None = None, cell_weight: Tensor | None = None) -> Tensor:
-    """Min-SNR-weighted epsilon loss on (B, 4, 8, 8) scaled latents; `image` (B, 4, 8, 8) is concatenated to the
-    noisy latents (InstructPix2Pix), `text` (B, TEXT_LENGTH, D) is cross-attended, `cell_weight` (B, 1, 8, 8)
+    """Min-SNR-weighted epsilon loss on (B, 4, h, w) scaled latents; `image` (B, 4, h, w) is concatenated to the
+    noisy latents (InstructPix2Pix), `text` (B, TEXT_LENGTH, D) is cross-attended, `cell_weight` (B, 1, h, w)
     weighs each latent cell's squared error."""
     dev = z0.device
     noise = torch.randn(z0.shape, generator=gen).to(dev)
@@ -352,14 +384,14 @@ def diffusion_loss(unet: UNet2DConditionModel, sched: DDPMScheduler, z0: Tensor,
     abar = sched.alphas_cumprod.to(dev)[t]
     snr = abar / (1 - abar)
     weight = snr.clamp(max=gamma) / snr  # min-SNR-gamma: the easy low-noise steps stop dominating
-    err = (pred - noise).pow(2)  # (B, 4, 8, 8)
+    err = (pred - noise).pow(2)  # (B, 4, h, w)
     if cell_weight is not None:
         err = err * cell_weight.to(dev)
     return (weight * err.mean(dim=(1, 2, 3))).mean()
 
 
 def draw_latents(mean: Tensor, std: Tensor, scale: float, gen: torch.Generator) -> Tensor:
-    """A posterior sample of each latent, times the VAE's scaling factor: (B, 4, 8, 8)."""
+    """A posterior sample of each latent, times the VAE's scaling factor: (B, 4, h, w)."""
     return (mean + std * torch.randn(mean.shape, generator=gen)) * scale
 
 
@@ -375,19 +407,20 @@ def train_text2img(vae: AutoencoderKL, recipe: DiffusionRecipe = DiffusionRecipe
                    progress: bool = True, unet_config: dict | None = None,
                    init: tuple[CLIPTextModel, UNet2DConditionModel] | None = None,
                    ) -> tuple[CLIPTokenizer, CLIPTextModel, UNet2DConditionModel, dict]:
-    """The text encoder and UNet (`unet_config`, default UNET_CONFIG), trained together from scratch (or continuing
+    """The text encoder and UNet (`unet_config`, default the one for `vae`'s latent grid), trained together from scratch (or continuing
     `init`, both trained in place) on captioned renders encoded by `vae`. Returns the tokenizer, both models (EMA
     weights, fp16-rounded) and the final losses."""
     dev = torch.device(device)
     tokenizer = world_tokenizer()
     rng, gen = np.random.default_rng([seed, 2]), torch.Generator().manual_seed(seed + 2)
     scenes = [world.random_scene(rng) for _ in range(recipe.examples)]
-    mean, std = encode(vae, scenes, progress=progress)  # (N, 4, 8, 8) each
+    mean, std = encode(vae, scenes, progress=progress)  # (N, 4, h, w) each: 8x8 (f8) or 16x16 (f4)
     scale = vae.config.scaling_factor
-    cover = object_cover(scenes, mean.shape[-1]) if recipe.object_weight else None  # (N, 1, 8, 8)
+    cover = object_cover(scenes, mean.shape[-1]) if recipe.object_weight else None  # (N, 1, h, w)
+    unet_config = unet_config or unet_architecture(world.SIZE // mean.shape[-1])
     if init is None:
         init = (seeded(lambda: CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG)), seed + 1),
-                seeded(lambda: UNet2DConditionModel(**(unet_config or UNET_CONFIG)), seed + 2))
+                seeded(lambda: UNet2DConditionModel(**unet_config), seed + 2))
     text_encoder, unet = (m.to(dev).train().requires_grad_(True) for m in init)
     # One head per attribute on the pooled text state: its classes, then "not named" (the last index).
     heads = seeded(lambda: nn.ModuleDict({k: nn.Linear(TEXT_CONFIG["hidden_size"], len(v) + 1)
@@ -438,7 +471,7 @@ def ip2p_unet_from(unet: UNet2DConditionModel) -> UNet2DConditionModel:
     state = dict(unet.state_dict())
     w = state["conv_in.weight"]  # (C, 4, 3, 3)
     state["conv_in.weight"] = torch.cat([w, torch.zeros_like(w)], dim=1)  # (C, 8, 3, 3)
-    new = UNet2DConditionModel(**IP2P_UNET_CONFIG)
+    new = UNet2DConditionModel(**ip2p_unet_architecture(world.SIZE // unet.config.sample_size))  # its latent cell
     new.load_state_dict(state)
     return new.to(w.device)
 
@@ -468,7 +501,7 @@ def train_ip2p(vae: AutoencoderKL, tokenizer: CLIPTokenizer, text_encoder: CLIPT
     dev = torch.device(device)
     rng, gen = np.random.default_rng([seed, 3]), torch.Generator().manual_seed(seed + 3)
     pairs = edit_pairs(recipe.examples, rng, recipe.no_op)
-    source, _ = encode(vae, [p[0] for p in pairs], progress=progress)  # (N, 4, 8, 8) posterior modes
+    source, _ = encode(vae, [p[0] for p in pairs], progress=progress)  # (N, 4, h, w) posterior modes
     mean, std = encode(vae, [p[2] for p in pairs], progress=progress)
     instructions = sorted({p[1] for p in pairs})
     which = torch.tensor([1 + instructions.index(p[1]) for p in pairs])  # row of `states`; row 0 is ""
@@ -714,8 +747,9 @@ def build_world(out: str | Path = WORLD_DIR, device: str = "cpu", recipe: WorldR
                    "ip2p": "InstructPix2Pix (StableDiffusionInstructPix2PixPipeline; links sd's text encoder, VAE)",
                    "judge": "attribute reader (dreambooth_pl.judge)"},
         "recipe": dataclasses.asdict(recipe),
-        "architectures": {"vae": VAE_CONFIG, "text_encoder": TEXT_CONFIG, "unet": UNET_CONFIG,
-                          "ip2p_unet": IP2P_UNET_CONFIG, "scheduler": {"_class_name": SAMPLER, **SCHEDULER_CONFIG}},
+        "architectures": {"vae": vae_architecture(recipe.vae.cell), "text_encoder": TEXT_CONFIG,
+                          "unet": unet_architecture(recipe.vae.cell), "ip2p_unet": ip2p_unet_architecture(recipe.vae.cell),
+                          "scheduler": {"_class_name": SAMPLER, **SCHEDULER_CONFIG}},
         "seeds": {"vae": [recipe.seed, 0], "scaling_factor": [recipe.seed, 1], "text2img": [recipe.seed, 2],
                   "ip2p": [recipe.seed, 3], "init": {"vae": recipe.seed, "text_encoder": recipe.seed + 1,
                                                      "unet": recipe.seed + 2}},

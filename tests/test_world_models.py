@@ -172,6 +172,27 @@ def test_a_rebuild_reuses_only_stages_whose_recipe_is_unchanged(tmp_path, monkey
         assert a == b, part
 
 
+@pytest.mark.integration
+def test_a_world_on_f4_latents_builds_loads_and_samples_64px_with_diffusers_defaults(tmp_path):
+    f4 = dataclasses.replace(wm.tiny_recipe(), vae=dataclasses.replace(wm.tiny_recipe().vae, cell=4))
+    manifest = wm.build_world(tmp_path, recipe=f4, progress=False)
+    assert manifest["architectures"]["unet"]["sample_size"] == 16 and manifest["recipe"]["vae"]["cell"] == 4
+    pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "sd"), safety_checker=None)
+    assert pipe.vae_scale_factor == 4 and pipe.unet.config.sample_size == 16
+    with torch.no_grad():
+        z = pipe.vae.encode(wm.render_batch([world.random_scene(np.random.default_rng(0))])).latent_dist.mean
+    assert z.shape == (1, 4, 16, 16)
+    image = pipe("a red star", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (64, 64)
+    edit = instructpix2pix.load(str(tmp_path / "ip2p"))
+    assert edit.unet.config.in_channels == 8 and edit.unet.config.sample_size == 16
+    assert edit(prompt="make it blue", image=image, num_inference_steps=2).images[0].size == (64, 64)
+    with pytest.raises(wm.ReuseError, match="vae"):  # an f8 VAE is not the stage an f4 build would train
+        wm.build_world(tmp_path, recipe=wm.tiny_recipe(), progress=False, reuse=["vae"])
+    with pytest.raises(ValueError, match="8 or 4"):
+        wm.vae_architecture(2)
+
+
 def test_the_tokenizer_is_saved_compactly_and_loads_the_same(tmp_path):
     tok = wm.world_tokenizer()
     wm.save_tokenizer(tok, tmp_path)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import torch
 
 from dreambooth_pl import world_models as wm
 
@@ -39,3 +40,29 @@ def test_the_continuation_is_make_worlds_stage_with_the_pilots_steps_rate_and_a_
     assert (r.steps, r.lr, r.warmup, r.object_weight) == (10, 1e-4, 100, 2.0)
     assert dataclasses.replace(r, steps=0, lr=0, warmup=0, object_weight=0) == dataclasses.replace(
         wm.WorldRecipe().text2img, steps=0, lr=0, warmup=0, object_weight=0)  # every other field the build's
+
+
+@pytest.mark.parametrize(("argv", "says"), [(["--cell", "4"], "add --from-scratch"),
+                                            (["--save", "x"], "add --from-scratch"),
+                                            (["--from-scratch", "--cell", "4", "--variant", "attn8"], "grafts onto the f8")])
+def test_the_f4_world_is_trained_from_scratch_in_its_own_unet(pilots, argv, says, capsys):
+    with pytest.raises(SystemExit) as e:
+        pilots.parse(argv)
+    assert e.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_the_f4_vae_is_trained_once_judged_then_loaded_and_a_vae_of_another_cell_is_refused(pilots, tmp_path,
+                                                                                             monkeypatch):
+    tiny = wm.tiny_recipe().vae
+    monkeypatch.setattr(pilots.wm, "VAERecipe", lambda: tiny)
+    judged = []
+    monkeypatch.setattr(pilots, "vae_judged", lambda vae, judge: judged.append(vae) or {"per_attribute": {}})
+    a = pilots.parse(["--from-scratch", "--cell", "4", "--vae-dir", str(tmp_path / "vae")])
+    vae, res = pilots.f4_vae(a, judge=None)
+    assert list(vae.config.block_out_channels) == [16, 32, 64] and res["judged"] == {"per_attribute": {}} and res["cell"] == 4
+    again, res_again = pilots.f4_vae(a, judge=None)
+    assert res_again is None and len(judged) == 1  # loaded, not trained (nor judged) again
+    assert all(torch.equal(p, q) for p, q in zip(vae.state_dict().values(), again.state_dict().values(), strict=True))
+    a.cell = 8
+    with pytest.raises(SystemExit, match="another latent cell"):
+        pilots.f4_vae(a, judge=None)
