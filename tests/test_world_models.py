@@ -19,6 +19,9 @@ from transformers import CLIPTokenizer
 
 from dreambooth_pl import components, instructpix2pix, world
 from dreambooth_pl import world_models as wm
+from dreambooth_pl.module import DreamBoothModule
+
+from .conftest import make_datamodule, make_trainer
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +176,7 @@ def test_a_rebuild_reuses_only_stages_whose_recipe_is_unchanged(tmp_path, monkey
 
 
 @pytest.mark.integration
-def test_a_world_on_f4_latents_builds_loads_and_samples_64px_with_diffusers_defaults(tmp_path):
+def test_a_world_on_f4_latents_builds_loads_samples_64px_with_diffusers_defaults_and_fine_tunes(tmp_path, photos):
     f4 = dataclasses.replace(wm.tiny_recipe(), vae=dataclasses.replace(wm.tiny_recipe().vae, cell=4))
     manifest = wm.build_world(tmp_path, recipe=f4, progress=False)
     assert manifest["architectures"]["unet"]["sample_size"] == 16 and manifest["recipe"]["vae"]["cell"] == 4
@@ -187,6 +190,11 @@ def test_a_world_on_f4_latents_builds_loads_and_samples_64px_with_diffusers_defa
     edit = instructpix2pix.load(str(tmp_path / "ip2p"))
     assert edit.unet.config.in_channels == 8 and edit.unet.config.sample_size == 16
     assert edit(prompt="make it blue", image=image, num_inference_steps=2).images[0].size == (64, 64)
+    module = DreamBoothModule(pretrained=str(tmp_path / "sd"))  # DreamBooth on it, as --model.pretrained <folder>
+    before = module.unet.conv_in.weight.detach().clone()
+    make_trainer(tmp_path, 2).fit(module, datamodule=make_datamodule(photos))
+    assert module.encode_images(wm.render_batch([world.random_scene(np.random.default_rng(1))])).shape == (1, 4, 16, 16)
+    assert not torch.equal(module.unet.conv_in.weight, before)
     with pytest.raises(wm.ReuseError, match="vae"):  # an f8 VAE is not the stage an f4 build would train
         wm.build_world(tmp_path, recipe=wm.tiny_recipe(), progress=False, reuse=["vae"])
     with pytest.raises(ValueError, match="8 or 4"):
